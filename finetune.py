@@ -1,0 +1,43 @@
+"""Full fine-tuning: every parameter of the model trains.
+
+    python finetune.py                          # distilgpt2 from the Hub
+    python finetune.py --model smollm2-135m     # offline, a real pretrained model
+    python finetune.py --max-steps 20 --model tiny-gpt2   # a smoke run in seconds
+
+Reads data/train.jsonl and data/eval.jsonl (run the data stage first) and
+writes outputs/full/: the model (loads with AutoModelForCausalLM), metrics.json
+and training_metrics.png.  The most thorough method and the most expensive:
+gradients and two AdamW moments for every weight (about 16 bytes a parameter).
+"""
+
+import common
+
+# Full fine-tuning updates pretrained weights directly, so it wants a small rate:
+# 5e-5 is the Hugging Face Trainer's default and the scale used for GPT-2
+# fine-tuning (Radford et al. 2019 fine-tune at 1e-5 to 1e-4).
+DEFAULT_LR = 5e-5
+
+
+def parse_args(argv=None):
+    """Command-line options: the shared ones (see common.training_parser)."""
+    parser = common.training_parser(__doc__, DEFAULT_LR,
+                                    "learning rate (default 5e-5, the usual rate for updating "
+                                    "every pretrained weight)")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    """Load, make every parameter trainable, train, save."""
+    # Check the data and pick the device before the slow model load
+    run = common.start_run(args, "full")
+    model, tokenizer, base_path = common.load_model(args.model, run.device,
+                                                    trust_remote_code=args.trust_remote_code)
+
+    # Full fine-tuning: every weight trains
+    model.requires_grad_(True)
+
+    common.train_and_save(run, model, tokenizer, base_path)
+
+
+if __name__ == "__main__":
+    common.run_main(main, parse_args())

@@ -1,0 +1,66 @@
+"""LoRA: the pretrained weights stay frozen; small low-rank adapters train.
+
+    python finetune_lora.py                          # distilgpt2 from the Hub
+    python finetune_lora.py --model smollm2-135m     # offline, a real pretrained model
+    python finetune_lora.py --rank 8 --target-modules c_attn   # the original project's setting
+
+Each adapted layer W gains a trainable update B·A of rank r (Hu et al. 2021),
+scaled by alpha/r; W itself never changes.  Writes outputs/lora/: the adapter
+(loads with peft.AutoPeftModelForCausalLM), metrics.json, training_metrics.png.
+"""
+
+from peft import LoraConfig, get_peft_model
+
+import common
+
+# Adapters start at zero and move only a few parameters, so they need a rate
+# far above full fine-tuning's: 2e-4 is the LoRA/QLoRA papers' rate for
+# models of this family (Hu et al. 2021 GPT-2 runs; Dettmers et al. 2023).
+DEFAULT_LR = 2e-4
+
+
+def build_parser(description: str = __doc__):
+    """The shared options plus the adapter's shape (finetune_qlora.py uses these too)."""
+    parser = common.training_parser(description, DEFAULT_LR,
+                                    "learning rate (default 2e-4, the LoRA and QLoRA papers' "
+                                    "rate: adapters start at zero and need a large rate)")
+    parser.add_argument("--rank", type=common.positive_int, default=16,
+                        help="adapter rank r (default 16: QLoRA found quality flat in r once "
+                             "every linear layer is adapted)")
+    parser.add_argument("--alpha", type=common.positive_float, default=32,
+                        help="scaling alpha; updates are scaled by alpha/r (default 2r)")
+    parser.add_argument("--dropout", type=float, default=0.05,
+                        help="dropout on the adapter input (default 0.05, QLoRA's for small models)")
+    parser.add_argument("--target-modules", default="all-linear",
+                        help="comma-separated module names, or all-linear (default): every "
+                             "linear layer but the LM head, which QLoRA (Dettmers et al. 2023) "
+                             "found necessary to match full fine-tuning; for GPT-2 that is "
+                             "c_attn,c_proj,c_fc, for Llama q/k/v/o_proj and gate/up/down_proj")
+    return parser
+
+
+def parse_args(argv=None):
+    """Command-line options (see build_parser)."""
+    return build_parser().parse_args(argv)
+
+
+def main(args):
+    """Load, wrap the linear layers with adapters, train, save."""
+    # Check the data and pick the device before the slow model load
+    run = common.start_run(args, "lora")
+    model, tokenizer, base_path = common.load_model(args.model, run.device,
+                                                    trust_remote_code=args.trust_remote_code)
+
+    # LoRA: freeze the base, add a trainable low-rank update to each target layer
+    config = LoraConfig(
+        r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, task_type="CAUSAL_LM",
+        target_modules=common.target_modules(args.target_modules),
+        fan_in_fan_out=common.uses_conv1d(model))  # GPT-2's Conv1D stores weights transposed
+    model = get_peft_model(model, config)
+
+    common.train_and_save(run, model, tokenizer, base_path,
+                          details=common.lora_details(model, args))
+
+
+if __name__ == "__main__":
+    common.run_main(main, parse_args())

@@ -1,0 +1,52 @@
+"""QLoRA: LoRA on a base model held in 4-bit NormalFloat (NF4) with double quantisation.
+
+    python finetune_qlora.py                          # distilgpt2 from the Hub
+    python finetune_qlora.py --model smollm2-135m     # offline, a real pretrained model
+
+The frozen base weights are stored as 4-bit NF4 codes (bitsandbytes), with the
+quantisation constants themselves quantised (Dettmers et al. 2023); they are
+dequantised on the fly for each matrix multiply.  The adapters train in full
+precision, exactly as in finetune_lora.py.  Runs on CUDA and, with
+bitsandbytes >= 0.48, on the CPU.  Writes outputs/qlora/: the adapter (load it
+with peft.AutoPeftModelForCausalLM on the same 4-bit base; evaluate.py does),
+metrics.json, training_metrics.png.
+"""
+
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+import common
+import finetune_lora
+
+def parse_args(argv=None):
+    """Command-line options: finetune_lora.py's (same adapter, same defaults) plus checkpointing."""
+    parser = finetune_lora.build_parser(__doc__)
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: less memory, about "
+                             "30%% slower (QLoRA's setting for large models; off by default "
+                             "because a small model's activations are small)")
+    return parser.parse_args(argv)
+
+
+def main(args):
+    """Load the base in 4-bit, wrap the linear layers with adapters, train, save."""
+    # Check the data and pick the device before the slow model load
+    run = common.start_run(args, "qlora")
+    model, tokenizer, base_path = common.load_model(args.model, run.device, quantize_4bit=True,
+                                                    trust_remote_code=args.trust_remote_code)
+    # Cast norms to fp32 and let gradients flow through the frozen 4-bit layers
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=args.gradient_checkpointing)
+
+    # LoRA: freeze the base, add a trainable low-rank update to each target layer
+    config = LoraConfig(
+        r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, task_type="CAUSAL_LM",
+        target_modules=common.target_modules(args.target_modules),
+        fan_in_fan_out=common.uses_conv1d(model))  # False: 4-bit layers are plain Linear4bit
+    model = get_peft_model(model, config)
+
+    common.train_and_save(run, model, tokenizer, base_path,
+                          details=common.lora_details(model, args, quantization="nf4"))
+
+
+if __name__ == "__main__":
+    common.run_main(main, parse_args())
