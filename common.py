@@ -795,14 +795,20 @@ def dist_info() -> tuple[int, int]:
 
 
 def start_run(args, method: str):
-    """Check the inputs, seed everything and pick the device, before any slow model load."""
+    """Check the inputs, seed everything, pick the device and resolve the model, before loading it.
+
+    Under torchrun / accelerate launch this also joins the process group; rank 0
+    resolves (builds or converts) the model first so processes never race on
+    the cache.
+    """
     import argparse
 
-    if args.resume and not checkpoints(Path(args.output_dir), method):
-        raise PipelineError(f"--resume: no checkpoint in {Path(args.output_dir) / 'checkpoints' / method}")
-    template = load_template(args.data_dir)
     train_rows = load_split(args.data_dir, "train")
     eval_rows = load_split(args.data_dir, "eval")
+    template = load_template(args.data_dir)
+    if args.resume and not checkpoints(Path(args.output_dir), method):
+        raise PipelineError("--resume: no checkpoint in "
+                            f"{Path(args.output_dir) / 'checkpoints' / method}")
     rank, world = dist_info()
     device = pick_device(args.device)
     if world > 1:
@@ -813,6 +819,11 @@ def start_run(args, method: str):
             torch.cuda.set_device(device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if rank != 0:
+            dist.barrier()
+        resolve_model(args.model)
+        if rank == 0:
+            dist.barrier()
     torch.manual_seed(args.seed)
     return argparse.Namespace(method=method, args=args, device=device, rank=rank, world=world,
                               template=template, train_rows=train_rows, eval_rows=eval_rows)
@@ -825,11 +836,17 @@ def checkpoints(output_dir: Path, method: str) -> list[Path]:
 
 
 def save_checkpoint(run, model, optimizer, scheduler, state: dict) -> Path:
-    """Write a checkpoint (trainable weights, optimiser, RNG, progress) and prune old ones."""
+    """Write a checkpoint (trainable weights, optimiser, RNG, progress) and prune old ones.
+
+    One process writes; under DDP the others wait for it.
+    """
     from safetensors.torch import save_file
 
     folder = Path(run.args.output_dir) / "checkpoints" / run.method
     final = folder / f"step-{state['step']:07d}"
+    if run.rank != 0:
+        torch.distributed.barrier()
+        return final
     with staged_dir(final) as tmp:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -837,6 +854,8 @@ def save_checkpoint(run, model, optimizer, scheduler, state: dict) -> Path:
         write_json(tmp / "state.json", state)
     for old in checkpoints(run.args.output_dir, run.method)[:-run.args.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
+    if run.world > 1:
+        torch.distributed.barrier()
     return final
 
 
@@ -896,6 +915,11 @@ def _eval_loss(run, model, eval_examples, pad_id) -> float:
     return nll / max(count, 1)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an error is the device (CUDA) or the host (CPU allocator) running out of memory."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
 def _install_stop_handlers() -> dict:
     """Make Ctrl-C and SIGTERM finish the current step, checkpoint and stop."""
     import signal
@@ -933,136 +957,153 @@ def folder_size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 1e6
 
 
-def train_and_save(run, model, tokenizer, base_path: str, details: dict | None = None) -> dict:
-    """Train the parameters that require grad; write the model, metrics.json and the plot.
+def plan_training(run, model, tokenizer):
+    """Tokenised train/eval examples and the step counts of this run."""
+    import argparse
 
-    details: what the method did (adapter settings, added biases, quantisation),
-    recorded in metrics.json.  Returns the metrics.
+    args = run.args
+    max_len = min(args.max_length or context_length(model), context_length(model))
+    data_dir = Path(args.data_dir)
+    train = tokenize_rows(tokenizer, run.train_rows, max_len, args.train_on_prompt,
+                          source=str(data_dir / "train.jsonl"))
+    evals = tokenize_rows(tokenizer, run.eval_rows, max_len, source=str(data_dir / "eval.jsonl"))
+    lengths = [len(ex["input_ids"]) for ex in train]
+    per_rank = len(length_grouped_batches(lengths, args.batch_size, args.seed, 0)) // run.world
+    steps_per_epoch = per_rank // args.grad_accum
+    if steps_per_epoch < 1:
+        raise PipelineError(f"{len(train)} training examples make no full step at batch size "
+                            f"{args.batch_size} x {args.grad_accum} accumulation x {run.world} "
+                            "processes; lower --batch-size", data_dir / "train.jsonl")
+    return argparse.Namespace(
+        train=train, evals=evals, lengths=lengths, pad_id=tokenizer.pad_token_id,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=args.max_steps or args.epochs * steps_per_epoch,
+        effective_batch=args.batch_size * args.grad_accum * run.world)
+
+
+def epoch_batches(run, plan, epoch: int) -> list[list[int]]:
+    """This process's batches (lists of example indices) for one epoch."""
+    args = run.args
+    batches = length_grouped_batches(plan.lengths, args.batch_size, args.seed, epoch)
+    return batches[run.rank::run.world]
+
+
+def train_step(run, loss_module, micro: list[dict], params, optimizer, scheduler) -> dict:
+    """One optimiser step over micro-batches; returns loss, lr, grad norm and token counts."""
+    dtype = autocast_dtype(run.device)
+    n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    step_nll = 0.0
+    for i, batch in enumerate(micro):
+        # Under DDP, synchronise gradients only on the last micro-batch.
+        sync = (contextlib.nullcontext() if run.world == 1 or i == len(micro) - 1
+                else loss_module.no_sync())
+        with sync, torch.autocast(run.device.type, dtype=dtype, enabled=dtype is not None):
+            nll, _ = loss_module(**batch)
+            (nll / n_labels).backward()
+        step_nll += nll.item()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.args.max_grad_norm))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    step_nll, n_labels, tokens = _all_reduce_sum(run, step_nll, n_labels, tokens)
+    return {"loss": step_nll / n_labels, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens)}
+
+
+def oom_advice(run) -> PipelineError:
+    """The error for running out of memory, with what to try instead."""
+    args = run.args
+    return PipelineError(
+        f"out of {run.device.type.upper()} memory at batch size {args.batch_size}; try "
+        f"--batch-size {max(1, args.batch_size // 2)} --grad-accum {args.grad_accum * 2} "
+        "(the same effective batch), --max-length, or finetune_qlora.py (4-bit base weights)")
+
+
+def run_steps(run, model, optimizer, scheduler, plan, state: dict) -> PeakMemory:
+    """The training loop: steps, eval loss at each epoch's end, checkpoints, Ctrl-C handling.
+
+    Updates state in place (it is what a checkpoint holds) and returns the peak
+    memory measured while training.
     """
     import time
 
     from tqdm.auto import tqdm
 
     args, device = run.args, run.device
-    # --- Tokenise: prompt + answer + EOS, loss on the answer ------------------
-    max_len = min(args.max_length or context_length(model), context_length(model))
-    data_dir = Path(args.data_dir)
-    train_ex = tokenize_rows(tokenizer, run.train_rows, max_len, args.train_on_prompt,
-                             source=str(data_dir / "train.jsonl"))
-    eval_ex = tokenize_rows(tokenizer, run.eval_rows, max_len, source=str(data_dir / "eval.jsonl"))
-    pad_id = tokenizer.pad_token_id
-    lengths = [len(ex["input_ids"]) for ex in train_ex]
-    per_rank = len(length_grouped_batches(lengths, args.batch_size, args.seed, 0)) // run.world
-    steps_per_epoch = per_rank // args.grad_accum
-    if steps_per_epoch < 1:
-        raise PipelineError(f"{len(train_ex)} training examples make no full step at batch size "
-                            f"{args.batch_size} x {args.grad_accum} accumulation x {run.world} "
-                            "processes; lower --batch-size", data_dir / "train.jsonl")
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-
-    # --- Optimiser ----------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise PipelineError(f"{run.method}: the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    scheduler = linear_schedule(optimizer, total_steps, args.warmup_ratio)
-    trainable, total = count_parameters(model)
-    effective_batch = args.batch_size * args.grad_accum * run.world
-    run.config = {"model": args.model, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-                  "lr": args.lr, "seed": args.seed, "total_steps": total_steps}
     loss_module = AnswerLoss(model)
     if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         loss_module = DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None)
-    print(f"{run.method}: {trainable:,} of {total:,} parameters train "
-          f"({100 * trainable / total:.3f}%); {len(train_ex)} examples, {total_steps} steps "
-          f"of {effective_batch} examples, lr {args.lr:g}, on {device}"
-          + (f" x {run.world} processes" if run.world > 1 else ""))
-
-    state = {"step": 0, "history": [], "eval_loss": [], "train_seconds": 0.0,
-             "train_tokens": 0, "train_examples": 0, "config": run.config}
-    ckpt_dir = Path(args.output_dir) / "checkpoints" / run.method
-    if args.resume:
-        state = load_checkpoint(run, model, optimizer, scheduler)
-    elif run.rank == 0 and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # a fresh run must never resume from stale state later
-
-    # --- Train --------------------------------------------------------------
-    dtype = autocast_dtype(device)
-    epoch_cache: dict[int, list] = {}
+    batches: dict[int, list] = {}
     previous_handlers = _install_stop_handlers()
     model.train()
-    progress = tqdm(total=total_steps, initial=state["step"], desc=f"train {run.method}",
+    progress = tqdm(total=plan.total_steps, initial=state["step"], desc=f"train {run.method}",
                     disable=run.rank != 0, dynamic_ncols=True)
     try:
         with PeakMemory(device) as peak:
-            while state["step"] < total_steps:
-                step = state["step"]
-                epoch, within = divmod(step, steps_per_epoch)
-                if epoch not in epoch_cache:
-                    epoch_cache = {epoch: length_grouped_batches(
-                        lengths, args.batch_size, args.seed, epoch)[run.rank::run.world]}
-                micro = epoch_cache[epoch][within * args.grad_accum:(within + 1) * args.grad_accum]
+            while state["step"] < plan.total_steps:
+                epoch, within = divmod(state["step"], plan.steps_per_epoch)
+                if epoch not in batches:
+                    batches = {epoch: epoch_batches(run, plan, epoch)}
+                indices = batches[epoch][within * args.grad_accum:(within + 1) * args.grad_accum]
                 started = time.perf_counter()
-                batches = [{k: v.to(device) for k, v in
-                            collate([train_ex[i] for i in idx], pad_id).items()} for idx in micro]
-                n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-                step_nll = 0.0
-                for i, batch in enumerate(batches):
-                    sync = (contextlib.nullcontext() if run.world == 1 or i == len(batches) - 1
-                            else loss_module.no_sync())
-                    with sync, torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        nll, _ = loss_module(**batch)
-                        (nll / n_labels).backward()
-                    step_nll += nll.item()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-                step_nll, n_labels, tokens = _all_reduce_sum(run, step_nll, n_labels, tokens)
+                micro = [{k: v.to(device) for k, v in
+                          collate([plan.train[i] for i in idx], plan.pad_id).items()}
+                         for idx in indices]
+                result = train_step(run, loss_module, micro, params, optimizer, scheduler)
                 state["train_seconds"] += time.perf_counter() - started
-                state["train_tokens"] += int(tokens)
-                state["train_examples"] += sum(len(idx) for idx in micro) * run.world
-                state["step"] = step + 1
-                loss = step_nll / n_labels
-                state["history"].append({"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 4),
-                                         "loss": loss, "lr": lr, "grad_norm": grad_norm})
+                state["train_tokens"] += result["tokens"]
+                state["train_examples"] += sum(len(idx) for idx in indices) * run.world
+                state["step"] += 1
+                step = state["step"]
+                state["history"].append({"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
+                                         "loss": result["loss"], "lr": result["lr"],
+                                         "grad_norm": result["grad_norm"]})
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.3f}", epoch=epoch + 1)
-                epoch_end = state["step"] % steps_per_epoch == 0
-                if epoch_end or state["step"] == total_steps:
-                    eval_loss = _eval_loss(run, model, eval_ex, pad_id)
-                    state["eval_loss"].append({"step": state["step"],
-                                               "epoch": round(state["step"] / steps_per_epoch, 4),
-                                               "loss": eval_loss})
-                    progress.write(f"step {state['step']}: eval loss {eval_loss:.4f}")
+                progress.set_postfix(loss=f"{result['loss']:.3f}", epoch=epoch + 1)
+                epoch_end = step % plan.steps_per_epoch == 0
+                if epoch_end or step == plan.total_steps:
+                    eval_loss = _eval_loss(run, model, plan.evals, plan.pad_id)
+                    state["eval_loss"].append({"step": step, "loss": eval_loss,
+                                               "epoch": round(step / plan.steps_per_epoch, 4)})
+                    progress.write(f"step {step}: eval loss {eval_loss:.4f}")
                     model.train()
                 for hook in STEP_HOOKS:
-                    hook(state["step"])
-                if state["step"] < total_steps and (
-                        _STOP_REQUESTED or epoch_end or state["step"] % args.save_every == 0):
-                    if run.rank == 0:
-                        saved = save_checkpoint(run, model, optimizer, scheduler, state)
-                    if run.world > 1:
-                        torch.distributed.barrier()
-                if _STOP_REQUESTED and state["step"] < total_steps:
+                    hook(step)
+                if step == plan.total_steps:
+                    break
+                if _STOP_REQUESTED or epoch_end or step % args.save_every == 0:
+                    saved = save_checkpoint(run, model, optimizer, scheduler, state)
+                if _STOP_REQUESTED:
                     progress.close()
                     if run.rank == 0:
-                        print(f"stopped at step {state['step']}; checkpoint {saved}; continue with "
-                              f"the same command plus --resume", file=sys.stderr)
+                        print(f"stopped at step {step}; checkpoint {saved}; continue with the "
+                              "same command plus --resume", file=sys.stderr)
                     raise KeyboardInterrupt
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise oom_advice(run) from None
     finally:
         progress.close()
         _restore_handlers(previous_handlers)
+    return peak
 
-    # --- Save ---------------------------------------------------------------
+
+def run_metrics(run, model, plan, state: dict, peak: PeakMemory, base_path: str,
+                details: dict | None) -> dict:
+    """Everything metrics.json records about a finished run."""
+    args = run.args
+    trainable, total = count_parameters(model)
     history = state["history"]
     recent = history[-10:]
-    metrics = {
+    dtype = autocast_dtype(run.device)
+    data_dir = Path(args.data_dir)
+    return {
         "method": run.method, "model": args.model, "base_model_path": base_path,
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100 * trainable / total,
@@ -1072,25 +1113,77 @@ def train_and_save(run, model, tokenizer, base_path: str, details: dict | None =
         "peak_memory_mb": peak.peak_bytes / 1e6, "peak_memory_kind": peak.kind,
         "train_loss": sum(h["loss"] for h in recent) / len(recent),
         "train_loss_note": f"mean of the last {len(recent)} steps",
-        "eval_loss": state["eval_loss"], "steps": total_steps, "epochs": total_steps / steps_per_epoch,
-        "effective_batch_size": effective_batch, "processes": run.world,
-        "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-        "device": str(device), "autocast": str(dtype).replace("torch.", "") if dtype else "none",
+        "eval_loss": state["eval_loss"], "steps": plan.total_steps,
+        "epochs": plan.total_steps / plan.steps_per_epoch,
+        "effective_batch_size": plan.effective_batch, "processes": run.world,
+        "train_examples": len(plan.train), "eval_examples": len(plan.evals),
+        "device": str(run.device),
+        "autocast": str(dtype).replace("torch.", "") if dtype else "none",
         "details": details or {}, "args": vars(args), "versions": _versions(),
         "data_sha256": {name: file_sha256(data_dir / name)
                         for name in ("train.jsonl", "eval.jsonl", "template.json")},
         "history": history,
     }
+
+
+def save_outputs(run, model, tokenizer, metrics: dict) -> Path:
+    """Write outputs/<method>/ in a temporary folder and move it into place when complete."""
+    import time
+
+    final = Path(run.args.output_dir) / run.method
+    with staged_dir(final) as tmp:
+        getattr(model, "module", model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        metrics["size_on_disk_mb"] = folder_size_mb(tmp)
+        write_json(tmp / "metrics.json", metrics)
+        plot_training(metrics, tmp / "training_metrics.png")
+        # Written last: evaluate.py takes a folder without it for an unfinished run.
+        write_text_atomic(tmp / "COMPLETED", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    return final
+
+
+def train_and_save(run, model, tokenizer, base_path: str, details: dict | None = None) -> dict:
+    """Train the parameters that require grad; write the model, metrics.json and the plot.
+
+    details: what the method did (adapter settings, added biases, quantisation),
+    recorded in metrics.json.  Returns the metrics.
+    """
+    args = run.args
+    # Tokenise: prompt + answer + EOS, loss on the answer
+    plan = plan_training(run, model, tokenizer)
+
+    # Optimiser over the parameters the method left trainable
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PipelineError(f"{run.method}: the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    scheduler = linear_schedule(optimizer, plan.total_steps, args.warmup_ratio)
+    trainable, total = count_parameters(model)
     if run.rank == 0:
-        final = Path(args.output_dir) / run.method
-        with staged_dir(final) as tmp:
-            getattr(model, "module", model).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            metrics["size_on_disk_mb"] = folder_size_mb(tmp)
-            write_json(tmp / "metrics.json", metrics)
-            plot_training(metrics, tmp / "training_metrics.png")
-            write_text_atomic(tmp / "COMPLETED", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        print(f"{run.method}: {trainable:,} of {total:,} parameters train "
+              f"({100 * trainable / total:.3f}%); {len(plan.train)} examples, "
+              f"{plan.total_steps} steps of {plan.effective_batch} examples, lr {args.lr:g}, "
+              f"on {run.device}" + (f" x {run.world} processes" if run.world > 1 else ""))
+
+    # Start afresh, or from the newest checkpoint with --resume
+    run.config = {"model": args.model, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                  "lr": args.lr, "seed": args.seed, "total_steps": plan.total_steps}
+    state = {"step": 0, "history": [], "eval_loss": [], "train_seconds": 0.0,
+             "train_tokens": 0, "train_examples": 0, "config": run.config}
+    ckpt_dir = Path(args.output_dir) / "checkpoints" / run.method
+    if args.resume:
+        state = load_checkpoint(run, model, optimizer, scheduler)
+    elif run.rank == 0 and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # a fresh run must never resume from stale state later
+
+    # Train, then write the finished output (one process only)
+    peak = run_steps(run, model, optimizer, scheduler, plan, state)
+    metrics = run_metrics(run, model, plan, state, peak, base_path, details)
+    if run.rank == 0:
+        final = save_outputs(run, model, tokenizer, metrics)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # leave no empty checkpoints/ folder behind
+            ckpt_dir.parent.rmdir()
         print(f"wrote {final}/ (model, metrics.json, training_metrics.png): "
               f"{metrics['train_seconds']:.1f} s, {metrics['train_tokens_per_s']:.0f} tokens/s, "
               f"peak {metrics['peak_memory_mb']:.0f} MB, final train loss "
