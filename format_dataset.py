@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import (PipelineError, file_sha256, normalize_question, normalize_whitespace,
-                    read_records, run_main, write_json, write_jsonl)
+from common import (DEFAULT_COMPLETION_TEMPLATE, DEFAULT_PROMPT_TEMPLATE, PipelineError,
+                    file_sha256, normalize_question, normalize_whitespace, read_records,
+                    run_main, write_json, write_jsonl)
 
 # Column pairs recognised automatically, in order of preference (lower-case names).
 # user/assistant is the original project's dataset.jsonl format.
@@ -47,11 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--answer-field", default=None,
                         help="column holding the answer; by default detected like "
                              "--question-field. Give with --question-field")
-    parser.add_argument("--prompt-template", default="User: {question}\nAssistant:",
+    parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE,
                         help="text the model sees, must contain {question}; the default is "
                              "the original project's chat format (in bash, write a newline "
                              "as $'...\\n...')")
-    parser.add_argument("--completion-template", default=" {answer}",
+    parser.add_argument("--completion-template", default=DEFAULT_COMPLETION_TEMPLATE,
                         help="text the model learns to produce, must contain {answer}; the "
                              "default's leading space joins it to 'Assistant:' as one word "
                              "boundary")
@@ -146,6 +147,9 @@ def main(args: argparse.Namespace) -> None:
     check_templates(args.prompt_template, args.completion_template)
 
     # Read the file and find the question and answer columns.
+    if not source.exists():
+        raise PipelineError("file not found; run `python generate_dataset.py` first, or pass "
+                            "--input with your own question-answer file", source)
     records = read_records(source)
     if not records:
         raise PipelineError("no rows; expected question-answer rows after the header", source)
