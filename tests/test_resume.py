@@ -1,0 +1,111 @@
+"""Interruption, resume and determinism: a run stopped and resumed ends where an unbroken one does."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import evaluate
+from test_training import SCRIPTS
+
+TIMING_KEYS = {"train_seconds", "train_tokens_per_s", "seconds_per_100_examples",
+               "peak_memory_mb", "args", "size_on_disk_mb"}
+
+
+def train(method, data_dir, out, *extra):
+    """A 10-step tiny-gpt2 run with a checkpoint every 3 steps (epochs are 6 steps long)."""
+    script = SCRIPTS[method]
+    script.main(script.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data_dir),
+                                   "--output-dir", str(out), "--batch-size", "8",
+                                   "--max-steps", "10", "--save-every", "3", *extra]))
+
+
+def weights(folder):
+    """The saved tensors of a run's output folder."""
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() \
+        else "model.safetensors"
+    return load_file(folder / name)
+
+
+def stop_at(step):
+    """A step hook that asks the loop to stop exactly as Ctrl-C would."""
+    def hook(current):
+        if current == step:
+            common.request_stop()
+    return hook
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_interrupted_then_resumed_run_matches_an_unbroken_one(method, data_dir, tmp_path,
+                                                              monkeypatch):
+    train(method, data_dir, tmp_path / "unbroken")
+
+    monkeypatch.setattr(common, "STEP_HOOKS", [stop_at(4)])
+    with pytest.raises(KeyboardInterrupt):
+        train(method, data_dir, tmp_path / "broken")
+    # Interrupted: a checkpoint of its own, and no folder that looks finished.
+    assert not (tmp_path / "broken" / method).exists()
+    saved = common.checkpoints(tmp_path / "broken", method)
+    assert [p.name for p in saved] == ["step-0000003", "step-0000004"]
+    assert not [p for p in (tmp_path / "broken").iterdir() if p.name.startswith(".")]
+
+    monkeypatch.setattr(common, "STEP_HOOKS", [])
+    train(method, data_dir, tmp_path / "broken", "--resume")
+    a, b = weights(tmp_path / "unbroken" / method), weights(tmp_path / "broken" / method)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    ma = json.loads((tmp_path / "unbroken" / method / "metrics.json").read_text())
+    mb = json.loads((tmp_path / "broken" / method / "metrics.json").read_text())
+    assert [h["loss"] for h in ma["history"]] == [h["loss"] for h in mb["history"]]
+    assert ma["eval_loss"] == mb["eval_loss"]
+    assert not common.checkpoints(tmp_path / "broken", method)  # cleaned up once finished
+
+
+def test_checkpoints_keep_only_the_last_few(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "STEP_HOOKS", [stop_at(9)])
+    with pytest.raises(KeyboardInterrupt):
+        train("lora", data_dir, tmp_path, "--keep-checkpoints", "2")
+    assert [p.name for p in common.checkpoints(tmp_path, "lora")] == ["step-0000006",
+                                                                     "step-0000009"]
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_options(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "STEP_HOOKS", [stop_at(2)])
+    with pytest.raises(KeyboardInterrupt):
+        train("lora", data_dir, tmp_path)
+    monkeypatch.setattr(common, "STEP_HOOKS", [])
+    with pytest.raises(common.PipelineError, match="lr="):
+        train("lora", data_dir, tmp_path, "--resume", "--lr", "1e-3")
+
+
+def test_a_crash_leaves_the_previous_output_untouched(data_dir, tmp_path, monkeypatch):
+    train("lora", data_dir, tmp_path)
+    before = (tmp_path / "lora" / "adapter_model.safetensors").read_bytes()
+
+    def crash(step):
+        if step == 2:
+            raise RuntimeError("simulated crash")
+    monkeypatch.setattr(common, "STEP_HOOKS", [crash])
+    with pytest.raises(RuntimeError, match="simulated"):
+        train("lora", data_dir, tmp_path, "--lr", "1e-3")
+    assert (tmp_path / "lora" / "adapter_model.safetensors").read_bytes() == before
+    assert (tmp_path / "lora" / "COMPLETED").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_same_command_twice_gives_identical_metrics_and_predictions(data_dir, tmp_path):
+    runs = []
+    for name in ("one", "two"):
+        out = tmp_path / name
+        train("lora", data_dir, out)
+        evaluate.main(evaluate.parse_args(["--data-dir", str(data_dir), "--output-dir",
+                                           str(out)]))
+        metrics = json.loads((out / "lora" / "metrics.json").read_text())
+        history = [{k: v for k, v in h.items()} for h in metrics.pop("history")]
+        runs.append(({k: v for k, v in metrics.items() if k not in TIMING_KEYS}, history,
+                     (out / "lora" / "predictions.jsonl").read_text(),
+                     (out / "base" / "predictions.jsonl").read_text()))
+    assert runs[0] == runs[1]
