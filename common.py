@@ -733,6 +733,19 @@ def answer_nll(model, examples: list[dict], pad_id: int, device, batch_size: int
     return total, count
 
 
+def _release_free_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc), so RSS shows what is really in use.
+
+    Loading a model frees large temporary buffers that the C allocator would
+    otherwise keep, inflating every later RSS reading by the loading peak.
+    """
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory while a block runs: CUDA max_memory_allocated, or process RSS sampled every 10 ms."""
 
@@ -755,9 +768,11 @@ class PeakMemory:
             self.peak_bytes = max(self.peak_bytes, self._rss())
 
     def __enter__(self):
+        import gc
         import threading
 
-
+        gc.collect()
+        _release_free_heap()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
