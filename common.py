@@ -588,7 +588,7 @@ def _detach_from_checkpoint_file(model) -> None:
             for name, buffer in list(module.named_buffers(recurse=False)):
                 if buffer is not None:
                     setattr(module, name, buffer.clone())
-    _release_free_heap()
+    release_free_heap()
 
 
 def context_length(model, default: int = 1024) -> int:
@@ -754,7 +754,7 @@ def answer_nll(model, examples: list[dict], pad_id: int, device, batch_size: int
     return total, count
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """Hand freed heap memory back to the OS (glibc), so RSS shows what is really in use.
 
     Loading a model frees large temporary buffers that the C allocator would
@@ -793,7 +793,7 @@ class PeakMemory:
         import threading
 
         gc.collect()
-        _release_free_heap()
+        release_free_heap()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
