@@ -317,7 +317,7 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
             ax.annotate("n/a" if value is None else fmt(value, 1 if value < 100 else 0),
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
-        if key in ("trainable_params", "answer_perplexity"):
+        if key == "trainable_params":  # spans three orders of magnitude
             ax.set_yscale("log")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
@@ -344,8 +344,9 @@ def plot_quality_vs_cost(rows: list[dict], path: Path) -> None:
                        label=f"untuned base ({base[key]:.1f}%)")
             ax.legend(loc="lower right")
         ax.set(xlabel=xlabel, ylabel=f"{label} %",
-               title=f"{label} vs {xlabel.split(' (')[0]} (up and left is better)")
+               title=f"{label} vs {xlabel.split(' (')[0]}")
         ax.grid(alpha=0.3)
+    fig.suptitle("Quality against cost: up and to the left is better")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
