@@ -1,7 +1,7 @@
 """Shared pieces of the pipeline, in pipeline order.
 
-Sections: errors and files · prompts and tokenisation · models · training ·
-metrics and generation · plotting.  Every script imports what it needs from
+Sections: errors and files · prompts and tokenisation · models · adapters ·
+training · metrics and generation · plotting.  Every script imports what it needs from
 here.  Only torch is imported at the top; transformers, peft and matplotlib
 are imported inside the functions that need them, so the data-stage scripts
 start in two or three seconds (mostly importing torch).
@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 
 # =============================================================================
 # Errors and files
@@ -615,12 +616,42 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = total = 0
     for param in model.parameters():
         n = param.numel()
-        if param.__class__.__name__ == "Params4bit":
-            n = int(getattr(param, "quant_state").shape.numel()) if getattr(param, "quant_state", None) else n * 2
+        if param.__class__.__name__ == "Params4bit":  # packed: two 4-bit codes per byte
+            n = param.quant_state.shape.numel() if param.quant_state is not None else 2 * n
         total += n
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+# =============================================================================
+# Adapters (shared by finetune_lora.py and finetune_qlora.py)
+# =============================================================================
+
+
+def target_modules(spec: str):
+    """--target-modules: "all-linear" as PEFT's shorthand, else a list of module names."""
+    if spec.strip().lower() == "all-linear":
+        return "all-linear"
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise PipelineError("--target-modules: give module names or all-linear")
+    return names
+
+
+def uses_conv1d(model) -> bool:
+    """Whether the model has GPT-2 style Conv1D layers (weights stored transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(module, Conv1D) for module in model.modules())
+
+
+def lora_details(model, args, quantization: str | None = None) -> dict:
+    """What the adapter method did, for metrics.json."""
+    config = model.peft_config["default"]
+    return {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout,
+            "target_modules": sorted(config.target_modules),
+            "base_quantization": quantization or "none"}
 
 
 # =============================================================================
@@ -1239,76 +1270,6 @@ def train_and_save(run, model, tokenizer, base_path: str, details: dict | None =
 
 
 # =============================================================================
-# Plotting
-# =============================================================================
-
-
-def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no screen needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_training(metrics: dict, path: Path) -> None:
-    """Three panels against step: train and eval loss, learning rate, gradient norm."""
-    plt = _pyplot()
-    history = metrics["history"]
-    steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
-    axes[0].plot(steps, [h["loss"] for h in history], lw=1, alpha=0.8, label="train (per step)")
-    evals = metrics["eval_loss"]
-    axes[0].plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", color="C3",
-                 label="eval (answer tokens)")
-    axes[0].set(title="Loss", xlabel="step", ylabel="cross-entropy (nats/token)")
-    axes[0].legend()
-    axes[1].plot(steps, [h["lr"] for h in history], color="C2")
-    axes[1].set(title="Learning rate", xlabel="step")
-    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    axes[2].plot(steps, [h["grad_norm"] for h in history], color="C4", lw=1)
-    axes[2].set(title="Gradient norm (before clipping)", xlabel="step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{metrics['method']} on {metrics['model']}: {metrics['trainable_params']:,} "
-                 f"trainable parameters, {metrics['train_seconds']:.0f} s")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# =============================================================================
-# Adapters (shared by finetune_lora.py and finetune_qlora.py)
-# =============================================================================
-
-
-def target_modules(spec: str):
-    """--target-modules: "all-linear" as PEFT's shorthand, else a list of module names."""
-    if spec.strip().lower() == "all-linear":
-        return "all-linear"
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    if not names:
-        raise PipelineError("--target-modules: give module names or all-linear")
-    return names
-
-
-def uses_conv1d(model) -> bool:
-    """Whether the model has GPT-2 style Conv1D layers (weights stored transposed)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return any(isinstance(module, Conv1D) for module in model.modules())
-
-
-def lora_details(model, args, quantization: str | None = None) -> dict:
-    """What the adapter method did, for metrics.json."""
-    config = model.peft_config["default"]
-    return {"rank": args.rank, "alpha": args.alpha, "dropout": args.dropout,
-            "target_modules": sorted(config.target_modules),
-            "base_quantization": quantization or "none"}
-
-
-# =============================================================================
 # Metrics and generation
 # =============================================================================
 
@@ -1403,3 +1364,43 @@ def clean_answer(text: str, stop: str | None) -> str:
         for marker in (stop, stop.strip()):
             text = text.split(marker)[0]
     return text.strip()
+
+
+# =============================================================================
+# Plotting
+# =============================================================================
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no screen needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training(metrics: dict, path: Path) -> None:
+    """Three panels against step: train and eval loss, learning rate, gradient norm."""
+    plt = _pyplot()
+    history = metrics["history"]
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
+    axes[0].plot(steps, [h["loss"] for h in history], lw=1, alpha=0.8, label="train (per step)")
+    evals = metrics["eval_loss"]
+    axes[0].plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", color="C3",
+                 label="eval (answer tokens)")
+    axes[0].set(title="Loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    axes[0].legend()
+    axes[1].plot(steps, [h["lr"] for h in history], color="C2")
+    axes[1].set(title="Learning rate", xlabel="step")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    axes[2].plot(steps, [h["grad_norm"] for h in history], color="C4", lw=1)
+    axes[2].set(title="Gradient norm (before clipping)", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{metrics['method']} on {metrics['model']}: {metrics['trainable_params']:,} "
+                 f"trainable parameters, {metrics['train_seconds']:.0f} s")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
