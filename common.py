@@ -283,12 +283,10 @@ def tokenize_pair(tokenizer, prompt: str, completion: str, max_len: int,
     Prompt and completion are tokenised separately so the prompt's tokens are
     exactly the ones the model sees at generation time.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = prompt_ids + answer_ids
-    labels = (list(ids) if train_on_prompt else [-100] * len(prompt_ids) + answer_ids)
+    prompt = prompt_ids(tokenizer, prompt)
+    answer = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt + answer
+    labels = list(ids) if train_on_prompt else [-100] * len(prompt) + answer
     truncated = len(ids) > max_len
     return ids[:max_len], labels[:max_len], truncated
 
@@ -321,7 +319,6 @@ def tokenize_rows(tokenizer, rows: list[dict], max_len: int, train_on_prompt: bo
 
 def collate(examples: list[dict], pad_id: int, side: str = "right"):
     """Pad a batch to its longest example (never to a fixed length)."""
-
     width = max(len(ex["input_ids"]) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
