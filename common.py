@@ -536,6 +536,12 @@ def nf4_config(device):
                               bnb_4bit_compute_dtype=autocast_dtype(device) or torch.float32)
 
 
+def nf4_load_kwargs(device) -> dict:
+    """from_pretrained arguments that load a base model in NF4 on the given device."""
+    device_map = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    return {"quantization_config": nf4_config(device), "device_map": device_map}
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """Load a tokenizer and give it a pad token (the EOS token) when it has none."""
     from transformers import AutoTokenizer
@@ -552,7 +558,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def load_model(name: str, device, quantize_4bit: bool = False, trust_remote_code: bool = False):
     """Load (model, tokenizer, resolved path): fp32 weights, or NF4 4-bit ones for QLoRA."""
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening
@@ -565,8 +570,7 @@ def load_model(name: str, device, quantize_4bit: bool = False, trust_remote_code
         except Exception as exc:
             raise PipelineError(f"4-bit loading needs bitsandbytes ({exc}); "
                                 "pip install bitsandbytes==0.50.2") from None
-        kwargs["quantization_config"] = nf4_config(device)
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        kwargs.update(nf4_load_kwargs(device))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -1104,7 +1108,7 @@ def run_steps(run, model, optimizer, scheduler, plan, state: dict) -> PeakMemory
     from tqdm.auto import tqdm
 
     args, device = run.args, run.device
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_module = AnswerLoss(model)
     if run.world > 1:
         from torch.nn.parallel import DistributedDataParallel

@@ -109,8 +109,7 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
     if not (folder / "adapter_config.json").exists():
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
     if metrics["details"].get("base_quantization") == "nf4":
-        kwargs["quantization_config"] = common.nf4_config(device)
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        kwargs.update(common.nf4_load_kwargs(device))
         return AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs)
     return AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
 
