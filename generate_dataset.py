@@ -5,12 +5,16 @@ Run:
     .venv/bin/python generate_dataset.py --size 3000 --categories arithmetic,unit_conversion
     .venv/bin/python generate_dataset.py --list-categories    # what each category can give
 
-Each row is {"question", "answer", "key", "category", "fact_id"}: `answer` is a
-full sentence, `key` the short part of it that a correct reply must contain, and
-`fact_id` names the underlying fact.  Every fact that is included appears in at
-least three wordings that share fact_id, answer and key, so a later step can hold
-one wording out and test whether the model learned the fact rather than the
-sentence.  Only the standard library is used, so this runs anywhere in a second.
+Each row is {"question", "answer", "key", "category", "fact_id", "fact_group"}:
+`answer` is a full sentence, `key` the short part of it that a correct reply must
+contain, and `fact_id` names the underlying fact.  Every fact that is included
+appears in at least three wordings that share fact_id, answer and key, so a later
+step can hold one wording out and test whether the model learned the fact rather
+than the sentence.  `fact_group` joins a fact to its restatements the other way
+round ("the capital of Ethiopia is Addis Ababa" / "Addis Ababa is the capital of
+which country?", symbol / element of a symbol, 7 + 5 / 12 - 5, hot / cold), so
+that a fact held out of training is held out with every row that would state it.
+Only the standard library is used, so this runs anywhere in a second.
 """
 
 from __future__ import annotations
@@ -119,7 +123,8 @@ CURRENCIES = [
     ("South Korea", "South Korean won", "won"),
     ("Thailand", "Thai baht", "baht"),
     ("the United Kingdom", "pound sterling", "pound"),
-    ("the United States", "United States dollar", "dollar"),
+    # "US dollar", not "dollar": a key must not match "Canadian dollar".
+    ("the United States", "US dollar", "US dollar"),
     ("Canada", "Canadian dollar", "Canadian dollar"),
     ("Australia", "Australian dollar", "Australian dollar"),
     ("Switzerland", "Swiss franc", "franc"),
@@ -219,13 +224,14 @@ SCIENCE_FACTS = [
         "About how warm is the human body in Celsius?",
         "What temperature is the human body normally, in Celsius?",
         "In degrees Celsius, what is normal body temperature?"]),
-    ("plants_absorb_gas", "Plants take in carbon dioxide from the air to make their food.",
-     "carbon dioxide", [
-        "Which gas do plants absorb from the air for photosynthesis?",
-        "What gas do plants take in to make food?",
-        "Which gas from the air do plants use in photosynthesis?",
-        "What gas do plant leaves absorb from the atmosphere?",
-        "Plants absorb which gas from the air?"]),
+    # Not "plants take in carbon dioxide": its key would contain the key "carbon"
+    # (the element with symbol C), so a reply "carbon dioxide" would score as "carbon".
+    ("plants_release_gas", "Plants give off oxygen into the air.", "oxygen", [
+        "Which gas do plants release during photosynthesis?",
+        "What gas do plants give off into the air?",
+        "Which gas do plant leaves release in sunlight?",
+        "What gas is produced by plants as they make food?",
+        "Plants give off which gas?"]),
     ("humans_breathe_gas", "Humans need oxygen to breathe and stay alive.", "oxygen", [
         "Which gas do humans need to breathe?",
         "What gas do our bodies need from the air to survive?",
@@ -554,7 +560,7 @@ SMALL_TALK = [
         "How would you describe the internet?", "What does the internet do?",
         "What is meant by the internet?"]),
     ("robot", "A robot is a machine that can carry out tasks automatically, often "
-     "controlled by a computer.", "machine", [
+     "controlled by a computer.", "tasks automatically", [
         "What is a robot?", "What are robots?", "Can you explain what a robot is?",
         "How would you define a robot?", "What does the word robot mean?"]),
     ("python", "Python is a popular programming language known for its readable code.",
@@ -740,7 +746,8 @@ CATEGORIES = ("geography", "science", "arithmetic", "unit_conversion", "small_ta
 MIN_ROW_WORDINGS = 3
 MIN_POOL_WORDINGS = 5
 
-Fact = namedtuple("Fact", "fact_id category answer key questions")
+# group: the fact_group, shared with the fact's restatements (see the module docstring).
+Fact = namedtuple("Fact", "fact_id category answer key questions group")
 
 
 def capitalise(text: str) -> str:
@@ -754,32 +761,41 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name).strip("_")
 
 
-def templated(fact_id: str, kind: str, answer: str, key: str, **fields) -> Fact:
-    """One fact whose wordings are TEMPLATES[kind] filled in with fields."""
+def templated(fact_id: str, kind: str, answer: str, key: str, group: str | None = None,
+              **fields) -> Fact:
+    """One fact whose wordings are TEMPLATES[kind] filled in; group is fact_id unless given."""
     category = fact_id.split("/", 1)[0]
     questions = tuple(capitalise(t.format(**fields)) for t in TEMPLATES[kind])
-    return Fact(fact_id, category, capitalise(answer), key, questions)
+    return Fact(fact_id, category, capitalise(answer), key, questions, group or fact_id)
+
+
+def written(fact_id: str, answer: str, key: str, questions) -> Fact:
+    """One hand-written fact; it has no restatement, so it is its own group."""
+    return Fact(fact_id, fact_id.split("/", 1)[0], answer, key, tuple(questions), fact_id)
 
 
 def geography_facts() -> list[Fact]:
-    """Capitals (both ways round), continents and currencies."""
+    """Capitals (both ways round), continents and currencies; one group per country."""
     facts = []
     for country, capital, continent in COUNTRIES:
         name = country.removeprefix("the ")
+        group = f"geography/{slug(country)}"
         facts.append(templated(f"geography/capital/{slug(country)}", "capital",
                                f"The capital of {country} is {capital}.", capital,
-                               country=country))
-        facts.append(templated(f"geography/capital_of/{slug(capital)}", "capital_of",
-                               f"{capital} is the capital of {country}.", name,
-                               capital=capital))
+                               group, country=country))
+        # "Mexico City is the capital of which country?" would hold its own answer.
+        if not re.search(rf"\b{re.escape(name)}\b", capital):
+            facts.append(templated(f"geography/capital_of/{slug(capital)}", "capital_of",
+                                   f"{capital} is the capital of {country}.", name,
+                                   group, capital=capital))
         if continent:
             facts.append(templated(f"geography/continent/{slug(country)}", "continent",
                                    f"{country} is in {continent}.", continent,
-                                   country=country))
+                                   group, country=country))
     for country, currency, key in CURRENCIES:
         facts.append(templated(f"geography/currency/{slug(country)}", "currency",
                                f"The currency of {country} is the {currency}.", key,
-                               country=country))
+                               f"geography/{slug(country)}", country=country))
     return facts
 
 
@@ -787,16 +803,19 @@ def science_facts() -> list[Fact]:
     """Element symbols and numbers, planet order, SI units and hand-written facts."""
     facts = []
     for element, symbol, number in ELEMENTS:
+        # Symbol and element-of-symbol state one fact both ways round: one group per
+        # element, its atomic number included.
+        group = f"science/element/{element}"
         facts.append(templated(f"science/symbol/{element}", "symbol",
                                f"The chemical symbol for {element} is {symbol}.", symbol,
-                               element=element))
+                               group, element=element))
         facts.append(templated(f"science/element_of_symbol/{slug(symbol)}",
                                "element_of_symbol",
                                f"{symbol} is the chemical symbol for {element}.", element,
-                               symbol=symbol))
+                               group, symbol=symbol))
         facts.append(templated(f"science/atomic_number/{element}", "atomic_number",
                                f"The atomic number of {element} is {number}.", str(number),
-                               element=element))
+                               group, element=element))
     for planet, ordinal in zip(PLANETS, ORDINALS):
         facts.append(templated(f"science/planet_order/{ordinal}", "planet_order",
                                f"{planet} is the {ordinal} planet from the Sun.", planet,
@@ -805,7 +824,7 @@ def science_facts() -> list[Fact]:
         facts.append(templated(f"science/si_unit/{slug(quantity)}", "si_unit",
                                f"The SI unit of {quantity} is the {unit}.", unit,
                                quantity=quantity))
-    facts.extend(Fact(f"science/fact/{name}", "science", answer, key, tuple(questions))
+    facts.extend(written(f"science/fact/{name}", answer, key, questions)
                  for name, answer, key, questions in SCIENCE_FACTS)
     return facts
 
@@ -818,12 +837,14 @@ def arithmetic_facts() -> list[Fact]:
             if a <= b:  # 3 + 4 and 4 + 3 are one fact
                 x, y = commuted(a, b)
                 facts.append(templated(f"arithmetic/add/{a}_{b}", "add",
-                                       f"{x} plus {y} equals {a + b}.", str(a + b), x=x, y=y))
+                                       f"{x} plus {y} equals {a + b}.", str(a + b),
+                                       family(a, b), x=x, y=y))
     for a in SUBTRACT_OPERANDS:
         for b in SUBTRACT_OPERANDS:
             if b <= a:
                 facts.append(templated(f"arithmetic/subtract/{a}_{b}", "subtract",
-                                       f"{a} minus {b} equals {a - b}.", str(a - b), a=a, b=b))
+                                       f"{a} minus {b} equals {a - b}.", str(a - b),
+                                       family(b, a - b), a=a, b=b))
     for a in MULTIPLY_OPERANDS:
         for b in MULTIPLY_OPERANDS:
             if a <= b:
@@ -831,6 +852,13 @@ def arithmetic_facts() -> list[Fact]:
                 facts.append(templated(f"arithmetic/multiply/{a}_{b}", "multiply",
                                        f"{x} times {y} equals {a * b}.", str(a * b), x=x, y=y))
     return facts
+
+
+def family(x: int, y: int) -> str:
+    """Group of x + y = s with s - x = y and s - y = x: 7 + 5 = 12 and 12 - 5 = 7 are one fact."""
+    if min(x, y) < 1:  # s - s = 0 has no sum among the addition facts: its own group
+        return f"arithmetic/subtract/{x + y}_{x + y}"
+    return f"arithmetic/family/{min(x, y)}_{max(x, y)}"
 
 
 def commuted(a: int, b: int) -> tuple[int, int]:
@@ -852,7 +880,7 @@ def conversion_facts() -> list[Fact]:
 
 def small_talk_facts() -> list[Fact]:
     """The hand-written conversational answers."""
-    return [Fact(f"small_talk/{name}", "small_talk", answer, key, tuple(questions))
+    return [written(f"small_talk/{name}", answer, key, questions)
             for name, answer, key, questions in SMALL_TALK]
 
 
@@ -863,8 +891,11 @@ def language_facts() -> list[Fact]:
         facts.append(templated(f"language/plural/{word}", "plural",
                                f"The plural of {word} is {plural}.", plural, word=word))
     for word, opposite in OPPOSITES:
+        # "hot -> cold" and "cold -> hot" state one pair: one group, named by the pair.
+        pair = "_".join(sorted((word, opposite)))
         facts.append(templated(f"language/opposite/{word}", "opposite",
-                               f"The opposite of {word} is {opposite}.", opposite, word=word))
+                               f"The opposite of {word} is {opposite}.", opposite,
+                               f"language/opposite/{pair}", word=word))
     for verb, past in PAST_TENSES:
         facts.append(templated(f"language/past_tense/{verb}", "past_tense",
                                f"The past tense of {verb} is {past}.", past, word=verb))
@@ -888,9 +919,19 @@ def fact_pool() -> dict[str, tuple[Fact, ...]]:
     for fact in facts:
         assert fact.key in fact.answer, fact
         assert len(fact.questions) >= MIN_POOL_WORDINGS, fact
+        assert fact.group.startswith(fact.category + "/"), fact
+    for category in CATEGORIES:
+        assert not key_clashes(pool[category]), key_clashes(pool[category])[:5]
     # Checking the whole pool makes every subset the generator can pick unique too.
     assert_unique_questions(q for fact in facts for q in fact.questions)
     return pool
+
+
+def key_clashes(facts) -> list[tuple[str, str]]:
+    """(key, other key) pairs where one key is whole words inside a different one ("dollar")."""
+    keys = sorted({fact.key.lower() for fact in facts})
+    return [(key, other) for key in keys for other in keys
+            if key != other and re.search(rf"(?<!\w){re.escape(key)}(?!\w)", other)]
 
 
 def assert_unique_questions(questions) -> None:
@@ -939,7 +980,7 @@ def pick_rows(facts: tuple[Fact, ...], count: int, rng: random.Random) -> list[d
                 extra -= 1
         assert extra < before, "not enough wordings; the size check should have caught this"
     return [{"question": question, "answer": fact.answer, "key": fact.key,
-             "category": fact.category, "fact_id": fact.fact_id}
+             "category": fact.category, "fact_id": fact.fact_id, "fact_group": fact.group}
             for fact, n in zip(chosen, wordings)
             for question in rng.sample(fact.questions, n)]
 
@@ -953,19 +994,21 @@ def check_rows(rows: list[dict]) -> None:
         per_fact.setdefault(row["fact_id"], []).append(row)
     for fact_rows in per_fact.values():
         assert len(fact_rows) >= MIN_ROW_WORDINGS, fact_rows[0]["fact_id"]
-        assert len({(r["answer"], r["key"], r["category"]) for r in fact_rows}) == 1
+        assert len({(r["answer"], r["key"], r["category"], r["fact_group"])
+                    for r in fact_rows}) == 1
 
 
 def print_summary(rows: list[dict], path: str) -> None:
-    """Say what was written, with rows and facts per category."""
+    """Say what was written, with rows, facts and fact groups per category."""
     facts = {row["fact_id"]: row["category"] for row in rows}
+    groups = {row["fact_group"]: row["category"] for row in rows}
     row_counts = Counter(row["category"] for row in rows)
-    fact_counts = Counter(facts.values())
-    print(f"wrote {len(rows)} rows ({len(facts)} facts) to {path}")
+    fact_counts, group_counts = Counter(facts.values()), Counter(groups.values())
+    print(f"wrote {len(rows)} rows ({len(facts)} facts in {len(groups)} fact groups) to {path}")
     for category in CATEGORIES:
         if row_counts[category]:
             print(f"  {category:<16} {row_counts[category]:>5} rows  "
-                  f"{fact_counts[category]:>4} facts")
+                  f"{fact_counts[category]:>4} facts  {group_counts[category]:>4} groups")
 
 
 def print_capacities() -> None:

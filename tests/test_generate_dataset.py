@@ -11,9 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import normalize_question  # noqa: E402
-from generate_dataset import CATEGORIES, main, parse_args, row_capacity  # noqa: E402
+from generate_dataset import CATEGORIES, fact_pool, main, parse_args, row_capacity  # noqa: E402
 
-FIELDS = {"question", "answer", "key", "category", "fact_id"}
+FIELDS = {"question", "answer", "key", "category", "fact_id", "fact_group"}
 
 
 def generate(tmp_path, *argv, name="qa.jsonl"):
@@ -59,8 +59,10 @@ def test_every_fact_has_three_consistent_wordings(rows_name, request):
     rows = request.getfixturevalue(rows_name)
     for fact_id, group in by_fact(rows).items():
         assert len(group) >= 3, fact_id
-        assert len({(r["answer"], r["key"], r["category"]) for r in group}) == 1, fact_id
+        assert len({(r["answer"], r["key"], r["category"], r["fact_group"])
+                    for r in group}) == 1, fact_id
         assert fact_id.startswith(group[0]["category"] + "/")
+        assert group[0]["fact_group"].startswith(group[0]["category"] + "/")
 
 
 @pytest.mark.parametrize("rows_name", ["default_rows", "all_rows"])
@@ -170,6 +172,8 @@ def facts_by_id(rows):
     ("geography/continent/japan", "Asia"), ("geography/continent/peru", "South America"),
     ("geography/continent/kenya", "Africa"), ("geography/continent/france", "Europe"),
     ("geography/currency/japan", "yen"), ("geography/currency/germany", "euro"),
+    ("geography/currency/united_states", "US dollar"),
+    ("geography/currency/canada", "Canadian dollar"),
     ("science/symbol/gold", "Au"), ("science/symbol/iron", "Fe"),
     ("science/symbol/sodium", "Na"), ("science/symbol/potassium", "K"),
     ("science/element_of_symbol/ag", "silver"), ("science/element_of_symbol/pb", "lead"),
@@ -195,3 +199,39 @@ def test_list_categories_prints_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(c in out for c in CATEGORIES)
     assert not path.exists()
+
+
+def whole_words_in(phrase, text):
+    """phrase occurs in text as whole words, case-insensitively."""
+    return re.search(rf"(?<!\w){re.escape(phrase.lower())}(?!\w)", text.lower()) is not None
+
+
+@pytest.mark.parametrize("category", CATEGORIES)
+def test_no_key_inside_another_key(category):
+    """A reply naming another fact's key ("Canadian dollar") never matches this one ("dollar")."""
+    keys = sorted({fact.key.lower() for fact in fact_pool()[category]})
+    clashes = [(key, other) for key in keys for other in keys
+               if key != other and whole_words_in(key, other)]
+    assert clashes == []
+
+
+def test_us_dollar_key_is_specific():
+    (fact,) = [f for f in fact_pool()["geography"]
+               if f.fact_id == "geography/currency/united_states"]
+    assert fact.key == "US dollar"
+    assert fact.answer == "The currency of the United States is the US dollar."
+
+
+def test_fact_groups_join_reverse_facts_only_within_a_category(all_rows):
+    """Rows of a group are one category; capitals both ways round share the country's group."""
+    groups = defaultdict(set)
+    for row in all_rows:
+        groups[row["fact_group"]].add(row["category"])
+    assert all(len(categories) == 1 for categories in groups.values())
+    ids = {r["fact_id"]: r["fact_group"] for r in all_rows}
+    assert ids["geography/capital/ethiopia"] == ids["geography/capital_of/addis_ababa"]
+    assert ids["science/symbol/zinc"] == ids["science/element_of_symbol/zn"]
+    assert ids["language/opposite/sunrise"] == ids["language/opposite/sunset"]
+    assert ids["arithmetic/multiply/3_4"] == "arithmetic/multiply/3_4"
+    # "Mexico City is the capital of which country?" would hold its answer.
+    assert "geography/capital_of/mexico_city" not in ids

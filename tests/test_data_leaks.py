@@ -1,0 +1,157 @@
+"""No held-out fact may be stated in training: the default dataset, end to end.
+
+Builds the default dataset (generate -> format -> split, seed 42, 1200 rows) once
+and checks that no training or validation row gives away an evaluation row of kind
+"unseen_fact": neither through a shared fact group nor through an answer that
+states the same fact the other way round ("Addis Ababa is the capital of
+Ethiopia." while "What is the capital of Ethiopia?" is held out).
+
+Run from the repository root:  .venv/bin/python -m pytest tests/test_data_leaks.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import format_dataset  # noqa: E402
+import generate_dataset  # noqa: E402
+import split_dataset  # noqa: E402
+
+STOPWORDS = frozenset("the a an is are was were of in on to it its and or for that this be by "
+                      "as at with which what who where when how does do did from into than "
+                      "there their about name give tell".split())
+# A question word is part of the sentence frame, not the subject, when questions holding it
+# have this many different keys ("capital", "currency", "times", "planet", "body").
+FRAME_KEYS = 5
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words and numbers of a text."""
+    return re.findall(r"\w+", text.lower())
+
+
+def has_words(text: str, phrase: str) -> bool:
+    """phrase occurs in text as whole words, case-insensitively."""
+    return re.search(rf"(?<!\w){re.escape(phrase.lower())}(?!\w)", text.lower()) is not None
+
+
+def frame_words(rows: list[dict]) -> set[str]:
+    """Question words shared by questions with FRAME_KEYS or more different keys."""
+    keys = defaultdict(set)
+    for row in rows:
+        for word in set(words(row["question"])):
+            keys[word].add(row["key"].lower())
+    return {word for word, found in keys.items() if len(found) >= FRAME_KEYS}
+
+
+def subject_words(row: dict, frame: set[str]) -> set[str]:
+    """The eval question's content words (len >= 4, not a stopword, frame word or key word)."""
+    return {word for word in words(row["question"]) if len(word) >= 4
+            and word not in STOPWORDS | frame | set(words(row["key"]))}
+
+
+def leaks(trained: list[dict], held_out: list[dict], frame: set[str]) -> list[tuple[str, str]]:
+    """(held-out question, trained answer) pairs where the answer states the held-out fact.
+
+    A trained row gives a held-out fact away if it shares the fact's group, or if its
+    answer holds the fact's key and a subject word of its question (for a capital:
+    the capital's name and the country's).
+    """
+    found = []
+    groups = {row["group"] for row in trained}
+    for row in held_out:
+        if row["group"] in groups:
+            found.append((row["question"], f"group {row['group']} in training"))
+        subject = subject_words(row, frame)
+        for other in trained:
+            answer = other["answer"]
+            if has_words(answer, row["key"]) and subject & set(words(answer)):
+                found.append((row["question"], answer))
+    return found
+
+
+def read_lines(path: Path) -> list[dict]:
+    """Read a JSONL file written by the pipeline."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+
+
+@pytest.fixture(scope="module")
+def default_split(tmp_path_factory) -> dict[str, list[dict]]:
+    """generate -> format -> split with every default (seed 42, 1200 rows), built once."""
+    folder = tmp_path_factory.mktemp("default-split")
+    generate_dataset.main(generate_dataset.parse_args(
+        ["--output", str(folder / "qa_pairs.jsonl")]))
+    format_dataset.main(format_dataset.parse_args(
+        ["--input", str(folder / "qa_pairs.jsonl"), "--output", str(folder / "formatted.jsonl")]))
+    split_dataset.main(split_dataset.parse_args(
+        ["--input", str(folder / "formatted.jsonl"), "--output-dir", str(folder)]))
+    splits = {name: read_lines(folder / f"{name}.jsonl") for name in ("train", "valid", "eval")}
+    splits["report"] = json.loads((folder / "split_report.json").read_text(encoding="utf-8"))
+    return splits
+
+
+def test_checker_finds_a_reverse_fact():
+    """The check itself: a reverse capital fact in training is a leak, another country is not."""
+    held = [{"question": "What is the capital of Ethiopia?", "key": "Addis Ababa",
+             "answer": "The capital of Ethiopia is Addis Ababa.", "group": "capital/ethiopia"}]
+    reverse = {"question": "Addis Ababa is the capital of which country?", "key": "Ethiopia",
+               "answer": "Addis Ababa is the capital of Ethiopia.", "group": "capital_of/addis"}
+    other = {"question": "What is the capital of Kenya?", "key": "Nairobi",
+             "answer": "The capital of Kenya is Nairobi.", "group": "capital/kenya"}
+    assert leaks([reverse, other], held, frame=set()) == [
+        ("What is the capital of Ethiopia?", "Addis Ababa is the capital of Ethiopia.")]
+    assert leaks([other], held, frame=set()) == []
+
+
+@pytest.mark.parametrize("trained", [("train",), ("train", "valid")])
+def test_no_unseen_fact_is_stated_in_training(default_split, trained):
+    """No train (or valid) row shares an unseen fact's group or states it the other way round."""
+    rows = [row for name in trained for row in default_split[name]]
+    everything = [row for name in ("train", "valid", "eval") for row in default_split[name]]
+    held_out = [row for row in default_split["eval"] if row["eval_kind"] == "unseen_fact"]
+    assert len(held_out) > 50
+    assert leaks(rows, held_out, frame_words(everything)) == []
+
+
+def test_no_valid_unseen_fact_is_stated_in_training(default_split):
+    """The facts held out for validation are as unseen in training as eval's are."""
+    everything = [row for name in ("train", "valid", "eval") for row in default_split[name]]
+    held_out = [row for row in default_split["valid"] if row["eval_kind"] == "unseen_fact"]
+    assert held_out
+    assert leaks(default_split["train"], held_out, frame_words(everything)) == []
+
+
+def test_reverse_twins_share_a_group():
+    """Every fact and its restatement the other way round have one fact_group."""
+    pool = {fact.fact_id: fact for facts in generate_dataset.fact_pool().values()
+            for fact in facts}
+    twins = [("geography/capital/ethiopia", "geography/capital_of/addis_ababa"),
+             ("science/symbol/zinc", "science/element_of_symbol/zn"),
+             ("science/symbol/beryllium", "science/element_of_symbol/be"),
+             ("language/opposite/hot", "language/opposite/cold"),
+             ("arithmetic/add/5_7", "arithmetic/subtract/12_5"),
+             ("arithmetic/add/5_7", "arithmetic/subtract/12_7")]
+    for one, other in twins:
+        assert pool[one].group == pool[other].group, (one, other)
+    assert pool["geography/capital/ethiopia"].group == "geography/ethiopia"
+    assert pool["language/opposite/long"].group != pool["language/opposite/tall"].group
+
+
+def test_held_out_counts(default_split):
+    """The split report's counts match the files: whole groups held out in eval and valid."""
+    report = default_split["report"]
+    for name in ("valid", "eval"):
+        groups = {row["group"] for row in default_split[name] if row["eval_kind"] == "unseen_fact"}
+        assert report["held_out_fact_groups"][name] == len(groups) > 0
+    assert report["overlaps"] == {"questions": dict.fromkeys(
+        ("train_valid", "train_eval", "valid_eval"), 0), "groups": dict.fromkeys(
+        ("train_valid", "train_eval", "valid_eval"), 0)}
