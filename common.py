@@ -277,16 +277,19 @@ def load_split(data_dir: str | os.PathLike, split: str) -> list[dict]:
 
 
 def tokenize_pair(tokenizer, prompt: str, completion: str, max_len: int,
-                  train_on_prompt: bool = False) -> tuple[list[int], list[int], bool]:
+                  train_on_prompt: bool = False,
+                  label_eos: bool = True) -> tuple[list[int], list[int], bool]:
     """Token ids of prompt + completion + EOS, labels (-100 on the prompt), and whether it was cut.
 
     Prompt and completion are tokenised separately so the prompt's tokens are
-    exactly the ones the model sees at generation time.
+    exactly the ones the model sees at generation time.  label_eos=False leaves
+    EOS unscored (answer perplexity: the untuned base was never taught to stop).
     """
     prompt = prompt_ids(tokenizer, prompt)
-    answer = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = prompt + answer
-    labels = list(ids) if train_on_prompt else [-100] * len(prompt) + answer
+    answer = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = prompt + answer + [tokenizer.eos_token_id]
+    eos_label = [tokenizer.eos_token_id] if label_eos else [-100]
+    labels = list(ids) if train_on_prompt else [-100] * len(prompt) + answer + eos_label
     truncated = len(ids) > max_len
     return ids[:max_len], labels[:max_len], truncated
 
@@ -300,12 +303,12 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def tokenize_rows(tokenizer, rows: list[dict], max_len: int, train_on_prompt: bool = False,
-                  source: str = "data") -> list[dict]:
+                  source: str = "data", label_eos: bool = True) -> list[dict]:
     """Tokenise rows for training or scoring; print how many were cut to the context."""
     examples, truncated = [], 0
     for number, row in enumerate(rows, start=1):
         ids, labels, cut = tokenize_pair(tokenizer, row["prompt"], row["completion"], max_len,
-                                         train_on_prompt)
+                                         train_on_prompt, label_eos)
         if not any(label != -100 for label in labels[1:]):
             raise PipelineError(f"the prompt alone fills the model's context of {max_len} "
                                 "tokens, leaving no answer token to learn or score", source, number)
@@ -693,6 +696,24 @@ def positive_float(text: str) -> float:
 positive_float.__name__ = "positive number"
 
 
+def lr_grid(text: str) -> list[float]:
+    """--lr-grid: at least two distinct positive rates, ascending."""
+    try:
+        rates = sorted({float(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse_error(f"not a comma-separated list of numbers: {text!r}") from None
+    if len(rates) < 2 or rates[0] <= 0:
+        raise argparse_error(f"give at least two positive rates: {text!r}")
+    return rates
+
+
+def argparse_error(message: str):
+    """An argparse type error (printed by argparse as a usage error)."""
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
+
+
 def training_parser(description: str, lr: float, lr_help: str):
     """The options every fine-tune script shares; the method's default learning rate is its own."""
     import argparse
@@ -720,6 +741,19 @@ def training_parser(description: str, lr: float, lr_help: str):
     add("--max-grad-norm", type=positive_float, default=1.0,
         help="gradient clipping norm (1.0, the usual transformer setting)")
     add("--seed", type=int, default=42, help="seeds initialisation, dropout and batch order")
+    add("--seeds", type=positive_int, default=1,
+        help="train N runs with seeds --seed, --seed+1, ...: the first writes "
+             "<output-dir>/<method>/, the others <method>-seed<N>/; evaluate.py reports the "
+             "mean and an interval over seeds (default 1, the quick path)")
+    add("--tune-lr", action="store_true",
+        help="first search the learning rate: train --search-epochs at each rate of --lr-grid, "
+             "score each on data/valid.jsonl, then train at the best (never tuned on eval)")
+    add("--lr-grid", type=lr_grid, default=None,
+        help="comma-separated rates for --tune-lr (default: --lr x 0.3, 1, 3, 10, a 33x span "
+             "around the method's rate)")
+    add("--search-epochs", type=positive_int, default=1,
+        help="epochs per rate in the --tune-lr search (default 1: the budget that lets a "
+             "4-rate search of all four methods finish on 2 CPU cores)")
     add("--device", default="auto", choices=["auto", "cpu", "cuda"],
         help="auto: CUDA (bf16 autocast where supported) when present, else CPU fp32")
     add("--max-length", type=positive_int, default=None,
@@ -880,8 +914,9 @@ def start_run(args, method: str):
     """
     import argparse
 
+    # Training reads train and valid only: eval.jsonl is kept for evaluate.py.
     train_rows = load_split(args.data_dir, "train")
-    eval_rows = load_split(args.data_dir, "eval")
+    valid_rows = load_split(args.data_dir, "valid")
     template = load_template(args.data_dir)
     if args.resume and not checkpoints(Path(args.output_dir), method):
         raise PipelineError("--resume: no checkpoint in "
@@ -901,9 +936,13 @@ def start_run(args, method: str):
         resolve_model(args.model)
         if rank == 0:
             dist.barrier()
+    else:
+        resolve_model(args.model)
+    # After resolving: building a tiny preset seeds torch's RNG itself, and a run that built
+    # it must draw the same initialisation and dropout as every later run of the command.
     torch.manual_seed(args.seed)
     return argparse.Namespace(method=method, args=args, device=device, rank=rank, world=world,
-                              template=template, train_rows=train_rows, eval_rows=eval_rows)
+                              template=template, train_rows=train_rows, valid_rows=valid_rows)
 
 
 def checkpoints(output_dir: Path, method: str) -> list[Path]:
@@ -984,10 +1023,26 @@ def _all_reduce_sum(run, *values: float) -> list[float]:
     return tensor.tolist()
 
 
-def _eval_loss(run, model, eval_examples, pad_id) -> float:
-    """Mean answer-token loss on the eval set, summed across processes."""
-    shard = eval_examples[run.rank::run.world]
-    nll, count = answer_nll(model, shard, pad_id, run.device, batch_size=run.args.batch_size * 2)
+def _eval_loss(run, model, examples, pad_id) -> float:
+    """Mean answer-token loss on held-out examples (the validation split), over all processes.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights in place, for
+    good, into an inference-only layout the first time the layer runs in eval mode without
+    gradients.  Training forwards after that go through a kernel with no backward
+    (bitsandbytes::gemv_4bit: gradients stop there, silently) or fail on layers with a bias,
+    so QLoRA would train wrongly after its first mid-training loss.  The repacking is
+    switched off while this loss is measured.
+    """
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        shard = examples[run.rank::run.world]
+        nll, count = answer_nll(model, shard, pad_id, run.device,
+                                batch_size=run.args.batch_size * 2)
+    finally:
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True
     nll, count = _all_reduce_sum(run, nll, count)
     return nll / max(count, 1)
 
@@ -1035,7 +1090,7 @@ def folder_size_mb(folder: Path) -> float:
 
 
 def plan_training(run, model, tokenizer):
-    """Tokenised train/eval examples and the step counts of this run."""
+    """Tokenised train/validation examples and the step counts of this run."""
     import argparse
 
     args = run.args
@@ -1043,7 +1098,7 @@ def plan_training(run, model, tokenizer):
     data_dir = Path(args.data_dir)
     train = tokenize_rows(tokenizer, run.train_rows, max_len, args.train_on_prompt,
                           source=str(data_dir / "train.jsonl"))
-    evals = tokenize_rows(tokenizer, run.eval_rows, max_len, source=str(data_dir / "eval.jsonl"))
+    valid = tokenize_rows(tokenizer, run.valid_rows, max_len, source=str(data_dir / "valid.jsonl"))
     lengths = [len(ex["input_ids"]) for ex in train]
     per_rank = len(length_grouped_batches(lengths, args.batch_size, args.seed, 0)) // run.world
     steps_per_epoch = per_rank // args.grad_accum
@@ -1052,7 +1107,7 @@ def plan_training(run, model, tokenizer):
                             f"{args.batch_size} x {args.grad_accum} accumulation x {run.world} "
                             "processes; lower --batch-size", data_dir / "train.jsonl")
     return argparse.Namespace(
-        train=train, evals=evals, lengths=lengths, pad_id=tokenizer.pad_token_id,
+        train=train, valid=valid, lengths=lengths, pad_id=tokenizer.pad_token_id,
         steps_per_epoch=steps_per_epoch,
         total_steps=args.max_steps or args.epochs * steps_per_epoch,
         effective_batch=args.batch_size * args.grad_accum * run.world)
@@ -1069,6 +1124,12 @@ def train_step(run, loss_module, micro: list[dict], params, optimizer, scheduler
     """One optimiser step over micro-batches; returns loss, lr, grad norm and token counts."""
     dtype = autocast_dtype(run.device)
     n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    # The loss is the mean over every answer token of the step, on all processes.  DDP
+    # averages gradients over processes, so each divides its summed NLL by the global
+    # label count over world (a per-process mean would weight the processes' tokens
+    # unequally whenever their label counts differ).
+    n_labels = _all_reduce_sum(run, n_labels)[0]
+    per_process = n_labels / run.world
     step_nll = 0.0
     for i, batch in enumerate(micro):
         # Under DDP, synchronise gradients only on the last micro-batch.
@@ -1076,7 +1137,7 @@ def train_step(run, loss_module, micro: list[dict], params, optimizer, scheduler
                 else loss_module.no_sync())
         with sync, torch.autocast(run.device.type, dtype=dtype, enabled=dtype is not None):
             nll, _ = loss_module(**batch)
-            (nll / n_labels).backward()
+            (nll / per_process).backward()
         step_nll += nll.item()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.args.max_grad_norm))
     lr = scheduler.get_last_lr()[0]
@@ -1084,7 +1145,7 @@ def train_step(run, loss_module, micro: list[dict], params, optimizer, scheduler
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-    step_nll, n_labels, tokens = _all_reduce_sum(run, step_nll, n_labels, tokens)
+    step_nll, tokens = _all_reduce_sum(run, step_nll, tokens)
     return {"loss": step_nll / n_labels, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens)}
 
 
@@ -1098,7 +1159,7 @@ def oom_advice(run) -> PipelineError:
 
 
 def run_steps(run, model, optimizer, scheduler, plan, state: dict) -> PeakMemory:
-    """The training loop: steps, eval loss at each epoch's end, checkpoints, Ctrl-C handling.
+    """The training loop: steps, validation loss at each epoch's end, checkpoints, Ctrl-C handling.
 
     Updates state in place (it is what a checkpoint holds) and returns the peak
     memory measured while training.
@@ -1144,10 +1205,10 @@ def run_steps(run, model, optimizer, scheduler, plan, state: dict) -> PeakMemory
                 progress.set_postfix(loss=f"{result['loss']:.3f}", epoch=epoch + 1)
                 epoch_end = step % plan.steps_per_epoch == 0
                 if epoch_end or step == plan.total_steps:
-                    eval_loss = _eval_loss(run, model, plan.evals, plan.pad_id)
-                    state["eval_loss"].append({"step": step, "loss": eval_loss,
-                                               "epoch": round(step / plan.steps_per_epoch, 4)})
-                    progress.write(f"step {step}: eval loss {eval_loss:.4f}")
+                    valid_loss = _eval_loss(run, model, plan.valid, plan.pad_id)
+                    state["valid_loss"].append({"step": step, "loss": valid_loss,
+                                                "epoch": round(step / plan.steps_per_epoch, 4)})
+                    progress.write(f"step {step}: validation loss {valid_loss:.4f}")
                     model.train()
                 for hook in STEP_HOOKS:
                     hook(step)
@@ -1190,24 +1251,24 @@ def run_metrics(run, model, plan, state: dict, peak: PeakMemory, base_path: str,
         "peak_memory_mb": peak.peak_bytes / 1e6, "peak_memory_kind": peak.kind,
         "train_loss": sum(h["loss"] for h in recent) / len(recent),
         "train_loss_note": f"mean of the last {len(recent)} steps",
-        "eval_loss": state["eval_loss"], "steps": plan.total_steps,
+        "valid_loss": state["valid_loss"], "steps": plan.total_steps,
         "epochs": plan.total_steps / plan.steps_per_epoch,
         "effective_batch_size": plan.effective_batch, "processes": run.world,
-        "train_examples": len(plan.train), "eval_examples": len(plan.evals),
+        "train_examples": len(plan.train), "valid_examples": len(plan.valid),
         "device": str(run.device),
         "autocast": str(dtype).replace("torch.", "") if dtype else "none",
         "details": details or {}, "args": vars(args), "versions": _versions(),
         "data_sha256": {name: file_sha256(data_dir / name)
-                        for name in ("train.jsonl", "eval.jsonl", "template.json")},
+                        for name in ("train.jsonl", "valid.jsonl", "template.json")},
         "history": history,
     }
 
 
 def save_outputs(run, model, tokenizer, metrics: dict) -> Path:
-    """Write outputs/<method>/ in a temporary folder and move it into place when complete."""
+    """Write outputs/<run name>/ in a temporary folder and move it into place when complete."""
     import time
 
-    final = Path(run.args.output_dir) / run.method
+    final = Path(run.args.output_dir) / getattr(run, "name", run.method)
     with staged_dir(final) as tmp:
         getattr(model, "module", model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -1219,11 +1280,13 @@ def save_outputs(run, model, tokenizer, metrics: dict) -> Path:
     return final
 
 
-def train_and_save(run, model, tokenizer, base_path: str, details: dict | None = None) -> dict:
+def train_and_save(run, model, tokenizer, base_path: str, details: dict | None = None,
+                   extra: dict | None = None, save: bool = True) -> dict:
     """Train the parameters that require grad; write the model, metrics.json and the plot.
 
     details: what the method did (adapter settings, added biases, quantisation),
-    recorded in metrics.json.  Returns the metrics.
+    recorded in metrics.json; extra: more top-level metrics (run_id, lr_search).
+    save=False trains and returns the metrics only (a learning-rate search run).
     """
     args = run.args
     # Tokenise: prompt + answer + EOS, loss on the answer
@@ -1245,7 +1308,7 @@ def train_and_save(run, model, tokenizer, base_path: str, details: dict | None =
     # Start afresh, or from the newest checkpoint with --resume
     run.config = {"model": args.model, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                   "lr": args.lr, "seed": args.seed, "total_steps": plan.total_steps}
-    state = {"step": 0, "history": [], "eval_loss": [], "train_seconds": 0.0,
+    state = {"step": 0, "history": [], "valid_loss": [], "train_seconds": 0.0,
              "train_tokens": 0, "train_examples": 0, "config": run.config}
     ckpt_dir = Path(args.output_dir) / "checkpoints" / run.method
     if args.resume:
@@ -1255,8 +1318,10 @@ def train_and_save(run, model, tokenizer, base_path: str, details: dict | None =
 
     # Train, then write the finished output (one process only)
     peak = run_steps(run, model, optimizer, scheduler, plan, state)
-    metrics = run_metrics(run, model, plan, state, peak, base_path, details)
-    if run.rank == 0:
+    metrics = {**run_metrics(run, model, plan, state, peak, base_path, details), **(extra or {})}
+    if not save:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    elif run.rank == 0:
         final = save_outputs(run, model, tokenizer, metrics)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         with contextlib.suppress(OSError):  # leave no empty checkpoints/ folder behind
@@ -1264,7 +1329,7 @@ def train_and_save(run, model, tokenizer, base_path: str, details: dict | None =
         print(f"wrote {final}/ (model, metrics.json, training_metrics.png): "
               f"{metrics['train_seconds']:.1f} s, {metrics['train_tokens_per_s']:.0f} tokens/s, "
               f"peak {metrics['peak_memory_mb']:.0f} MB, final train loss "
-              f"{metrics['train_loss']:.4f}, eval loss {state['eval_loss'][-1]['loss']:.4f}")
+              f"{metrics['train_loss']:.4f}, valid loss {state['valid_loss'][-1]['loss']:.4f}")
     if run.world > 1:
         torch.distributed.barrier()
     return metrics
@@ -1274,13 +1339,28 @@ def train_and_save(run, model, tokenizer, base_path: str, details: dict | None =
 # Metrics and generation
 # =============================================================================
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_ARTICLES = {"a", "an", "the"}
+# A word, or a number with its sign, decimal point and thousands separators kept
+# ("-40", "4.5", "1,000"): deleting punctuation inside numbers made 4.5 equal 45.
+# An apostrophe inside a word stays ("Earth's" is not "Earth" + "s", which matched sulfur's "S").
+_TOKEN = re.compile(r"(?<!\w)-?\d+(?:[.,]\d+)*|\w+(?:['\u2019]\w+)*")
+
+
+def answer_tokens(text: str, lower: bool = True) -> list[str]:
+    """Words and numbers, lower-cased; punctuation dropped except inside numbers ("1,000" -> "1000")."""
+    text = str(text).replace("\u2019", "'")
+    tokens = _TOKEN.findall(text.lower() if lower else text)
+    return [t.replace(",", "") if t[-1].isdigit() else t for t in tokens]
+
+
+def _case_sensitive(key: str) -> bool:
+    """Short keys with a capital letter are symbols: "Be", "He", "Si" must not match "be", "SI"."""
+    return len(key.strip()) <= 2 and any(c.isupper() for c in key)
 
 
 def normalize_answer(text: str) -> str:
-    """Lower case, punctuation, articles and extra spaces removed (the SQuAD normalisation)."""
-    text = str(text).lower().translate(_PUNCT_TABLE)
-    return " ".join(_ARTICLES.sub(" ", text).split())
+    """SQuAD's normalisation (lower case, no punctuation or articles), numbers kept whole."""
+    return " ".join(t for t in answer_tokens(text) if t not in _ARTICLES)
 
 
 def exact_match(prediction: str, reference: str) -> bool:
@@ -1288,12 +1368,33 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(reference)
 
 
-def key_match(prediction: str, key: str) -> bool:
-    """The short answer appears in the prediction as whole words (after normalisation)."""
-    key = normalize_answer(key)
-    if not key:
+def _echoed(prediction: list[str], question: list[str], n: int = 3) -> list[bool]:
+    """Which prediction tokens lie inside an n-gram (n = 3) that the question also contains."""
+    grams = {tuple(question[i:i + n]) for i in range(len(question) - n + 1)}
+    marks = [False] * len(prediction)
+    for i in range(len(prediction) - n + 1):
+        if tuple(prediction[i:i + n]) in grams:
+            marks[i:i + n] = [True] * n
+    return marks
+
+
+def key_match(prediction: str, key: str, question: str | None = None) -> bool:
+    """The key appears in the prediction as whole words, and not only inside an echo of the question.
+
+    Articles stay ("Vitamin A" is not "Vitamin B") and numbers keep their
+    punctuation.  Given the question, an occurrence that lies wholly inside a
+    run of three or more words copied from it does not count: "8 times 1
+    equals 9" repeats the question's "8 times 1" and does not answer "8".
+    """
+    lower = not _case_sensitive(key)
+    key_tokens, pred = answer_tokens(key, lower), answer_tokens(prediction, lower)
+    if not key_tokens:
         return False
-    return re.search(rf"(?<!\w){re.escape(key)}(?!\w)", normalize_answer(prediction)) is not None
+    echoed = (_echoed(pred, answer_tokens(question, lower)) if question
+              else [False] * len(pred))
+    n = len(key_tokens)
+    return any(pred[i:i + n] == key_tokens and not all(echoed[i:i + n])
+               for i in range(len(pred) - n + 1))
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -1308,6 +1409,76 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common_tokens / len(pred), common_tokens / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def score_rows(rows: list[dict], predictions: list[str]) -> list[dict]:
+    """Per-question records: what was asked, expected and said, with each metric's verdict."""
+    records = []
+    for row, prediction in zip(rows, predictions):
+        reference = row.get("answer", row["completion"].strip())
+        question = row.get("question", row["prompt"])
+        record = {"question": question, "prompt": row["prompt"],
+                  "reference": reference, "prediction": prediction,
+                  "exact_match": exact_match(prediction, reference),
+                  "token_f1": round(token_f1(prediction, reference), 4)}
+        if row.get("key"):
+            record["key"] = row["key"]
+            record["key_match"] = key_match(prediction, row["key"], question)
+        for field in ("category", "eval_kind", "group", "key_source"):
+            if row.get(field):
+                record[field] = row[field]
+        records.append(record)
+    return records
+
+
+def summarise(records: list[dict]) -> dict:
+    """Exact match, key accuracy and F1 (as %) over a set of records."""
+    n = len(records)
+    out = {"n": n,
+           "exact_match": 100 * sum(r["exact_match"] for r in records) / n,
+           "token_f1": 100 * sum(r["token_f1"] for r in records) / n}
+    keyed = [r for r in records if "key_match" in r]
+    out["key_accuracy"] = 100 * sum(r["key_match"] for r in keyed) / len(keyed) if keyed else None
+    return out
+
+
+def answer_nll_by_example(model, examples: list[dict], pad_id: int, device,
+                          batch_size: int = 32, desc: str | None = None) -> list[tuple[float, int]]:
+    """(summed NLL, token count) over each example's labelled answer tokens, in eval mode.
+
+    Per example, so intervals can resample questions; the LM head runs only at
+    labelled positions, as in training.
+    """
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    lm = _causal_lm(model)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    dtype = autocast_dtype(device)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None,
+                          leave=False):
+            idx = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                hidden = lm.base_model(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"],
+                                       use_cache=False).last_hidden_state
+            targets = batch["labels"][:, 1:]
+            keep = targets != -100
+            logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
+            nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+            rows = keep.nonzero()[:, 0]
+            sums = torch.zeros(len(idx), dtype=torch.float64, device=nll.device)
+            sums.index_add_(0, rows, nll.double())
+            counts = keep.sum(dim=1)
+            for j, i in enumerate(idx):
+                out[i] = (float(sums[j]), int(counts[j]))
+    model.train(was_training)
+    return out
 
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:
@@ -1383,15 +1554,15 @@ def _pyplot():
 
 
 def plot_training(metrics: dict, path: Path) -> None:
-    """Three panels against step: train and eval loss, learning rate, gradient norm."""
+    """Three panels against step: train and validation loss, learning rate, gradient norm."""
     plt = _pyplot()
     history = metrics["history"]
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), constrained_layout=True)
     axes[0].plot(steps, [h["loss"] for h in history], lw=1, alpha=0.8, label="train (per step)")
-    evals = metrics["eval_loss"]
-    axes[0].plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", color="C3",
-                 label="eval (answer tokens)")
+    valid = metrics["valid_loss"]
+    axes[0].plot([e["step"] for e in valid], [e["loss"] for e in valid], "o-", color="C3",
+                 label="validation (answer tokens)")
     axes[0].set(title="Loss", xlabel="step", ylabel="cross-entropy (nats/token)")
     axes[0].legend()
     axes[1].plot(steps, [h["lr"] for h in history], color="C2")

@@ -7,37 +7,52 @@
 Every model gets the same data (data/eval.jsonl), the same greedy decoding
 (batched, stopping at EOS or at a new user turn, new tokens bounded by the
 longest reference) and the same metrics:
-  answer perplexity  exp of the mean loss over answer tokens only;
+  answer perplexity  exp of the mean loss over the answer's own tokens; the EOS
+                     token is not scored (the untuned base was never taught it);
   exact match        prediction == reference after normalisation;
-  key accuracy       the short answer appears as whole words in the prediction;
+  key accuracy       the key (the short answer) appears as whole words in the
+                     prediction, not merely inside an echo of the question;
   token F1           overlap of normalised answer tokens (SQuAD's F1).
 QLoRA is evaluated as it was trained: its adapter on the 4-bit NF4 base.
 
-Writes outputs/<method>/predictions.jsonl (outputs/base/ for the untuned
-model), outputs/comparison.{csv,md,json}, outputs/comparison.png and
-outputs/quality_vs_cost.png, and prints a recommendation computed from the
-numbers.
+A method trained with several seeds (outputs/<method>/ plus
+outputs/<method>-seed<N>/, made by --seeds) is reported as the mean over its
+seeds, with 95% intervals over questions and seeds; every pair of methods, and
+each method against the base, is compared with a paired test (see verdict.py).
+
+Writes outputs/<run>/predictions.jsonl (outputs/base/ for the untuned model),
+outputs/comparison.{csv,md,json}, outputs/comparison.png,
+outputs/quality_vs_cost.png, outputs/lr_search.png (when --tune-lr ran), and
+prints a recommendation computed from the paired tests.
 """
 
 import argparse
 import csv
 import io
-import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import common
+import verdict
 
 METHODS = ("full", "lora", "qlora", "bitfit")  # the order of every table and plot
 COLOURS = {"base": "#7f7f7f", "full": "#1f77b4", "lora": "#2ca02c", "qlora": "#9467bd",
            "bitfit": "#ff7f0e"}
+QUALITY = ("answer_perplexity", "exact_match", "key_accuracy", "token_f1")
 MEASURES = (("answer_perplexity", "answer perplexity (lower is better)"),
             ("exact_match", "exact match %"), ("key_accuracy", "key-answer accuracy %"),
             ("token_f1", "token F1 %"), ("train_seconds", "training time (s)"),
             ("train_tokens_per_s", "training tokens/s"), ("peak_memory_mb", "peak memory (MB)"),
             ("trainable_params", "trainable parameters"))
+COST_FIELDS = ("train_loss", "train_seconds", "train_tokens_per_s", "peak_memory_mb",
+               "trainable_params", "trainable_percent", "size_on_disk_mb")
+PERPLEXITY_NOTE = ("answer perplexity: exp of the mean negative log-likelihood of the reference "
+                   "answer's tokens given the prompt; the EOS token is not counted, for every "
+                   "model alike")
 
 
 def parse_args(argv=None):
@@ -55,9 +70,9 @@ def parse_args(argv=None):
                         help="questions per generation batch")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CUDA when present, else CPU")
-    parser.add_argument("--margin", type=float, default=2.0,
-                        help="quality points within which a cheaper method counts as good as the "
-                             "best (default 2; widened to the sampling noise when that is larger)")
+    parser.add_argument("--alpha", type=float, default=verdict.ALPHA,
+                        help="significance level of the paired tests after Holm's adjustment "
+                             "(default 0.05)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model code from the Hub to run (off by default)")
     return parser.parse_args(argv)
@@ -66,8 +81,27 @@ def parse_args(argv=None):
 # --- Finding and loading what was trained ------------------------------------
 
 
-def find_methods(output_dir: Path, requested: str | None) -> dict[str, dict]:
-    """The finished methods' metrics, by name, in METHODS order; unfinished ones refused or flagged."""
+def seed_folders(output_dir: Path, method: str, primary: dict) -> list[Path]:
+    """A method's extra seed runs: outputs/<method>-seed<N>/ with the primary run's settings."""
+    folders = []
+    for folder in sorted(output_dir.glob(f"{method}-seed*"),
+                         key=lambda f: int(re.sub(r"\D", "", f.name.rsplit("-seed", 1)[1]) or 0)):
+        if not re.fullmatch(rf"{method}-seed\d+", folder.name):
+            continue
+        if not (folder / "COMPLETED").exists():
+            print(f"warning: skipping {folder}: no COMPLETED marker (its run did not finish)")
+            continue
+        metrics = common.read_json(folder / "metrics.json")
+        if metrics.get("run_id") != primary.get("run_id"):
+            print(f"warning: skipping {folder}: trained with other settings than "
+                  f"{output_dir / method} (re-run {script_for(method)} --seeds N)")
+            continue
+        folders.append(folder)
+    return folders
+
+
+def find_methods(output_dir: Path, requested: str | None) -> dict[str, list[tuple[Path, dict]]]:
+    """The finished methods' runs (folder, metrics), one per seed, by name, in METHODS order."""
     names = [m.strip() for m in requested.split(",")] if requested else [
         m for m in METHODS if (output_dir / m).exists()]
     found = {}
@@ -83,7 +117,10 @@ def find_methods(output_dir: Path, requested: str | None) -> dict[str, dict]:
                 raise common.PipelineError(message)
             print(f"warning: skipping {message}")
             continue
-        found[name] = common.read_json(folder / "metrics.json")
+        primary = common.read_json(folder / "metrics.json")
+        found[name] = [(folder, primary)] + [
+            (extra, common.read_json(extra / "metrics.json"))
+            for extra in seed_folders(output_dir, name, primary)]
     if not found:
         raise common.PipelineError(
             f"no finished fine-tuning runs in {output_dir}/; train one first, e.g. "
@@ -114,138 +151,97 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
     return AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
 
 
-# --- Scoring ---------------------------------------------------------------
+# --- Scoring -----------------------------------------------------------------
 
 
-def score(rows: list[dict], predictions: list[str]) -> list[dict]:
-    """Per-question records: what was asked, expected and said, with each metric's verdict."""
-    records = []
-    for row, prediction in zip(rows, predictions):
-        reference = row.get("answer", row["completion"].strip())
-        record = {"question": row.get("question", row["prompt"]), "prompt": row["prompt"],
-                  "reference": reference, "prediction": prediction,
-                  "exact_match": common.exact_match(prediction, reference),
-                  "token_f1": round(common.token_f1(prediction, reference), 4)}
-        if row.get("key"):
-            record["key"] = row["key"]
-            record["key_match"] = common.key_match(prediction, row["key"])
-        for field in ("category", "eval_kind", "group"):
-            if row.get(field):
-                record[field] = row[field]
-        records.append(record)
-    return records
-
-
-def summarise(records: list[dict]) -> dict:
-    """Exact match, key accuracy and F1 (as %) over a set of records."""
-    n = len(records)
-    out = {"n": n,
-           "exact_match": 100 * sum(r["exact_match"] for r in records) / n,
-           "token_f1": 100 * sum(r["token_f1"] for r in records) / n}
-    keyed = [r for r in records if "key_match" in r]
-    out["key_accuracy"] = 100 * sum(r["key_match"] for r in keyed) / len(keyed) if keyed else None
-    return out
-
-
-def breakdown(records: list[dict], field: str) -> dict:
-    """summarise() per value of a field (category, eval_kind), when the data has it."""
-    groups = defaultdict(list)
-    for record in records:
-        if field in record:
-            groups[record[field]].append(record)
-    return {value: summarise(group) for value, group in sorted(groups.items())}
-
-
-def evaluate_model(name, model, tokenizer, rows, examples, max_new, stop, args, device) -> tuple:
-    """Answer perplexity and generated answers for one model; returns (perplexity, records)."""
-    nll, count = common.answer_nll(model, examples, tokenizer.pad_token_id, device,
-                                   batch_size=args.batch_size, desc=f"{name}: perplexity")
+def evaluate_model(name, model, tokenizer, rows, examples, max_new, stop, args,
+                   device) -> list[dict]:
+    """One model's per-question records: generated answer, verdicts, answer NLL and token count."""
+    nll = common.answer_nll_by_example(model, examples, tokenizer.pad_token_id, device,
+                                       batch_size=args.batch_size, desc=f"{name}: perplexity")
     predictions = common.generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new,
                                           device, stop=stop, batch_size=args.batch_size,
                                           desc=f"{name}: answers")
-    return common.perplexity(nll, count), score(rows, predictions)
+    records = common.score_rows(rows, predictions)
+    for record, (total, count) in zip(records, nll):
+        record["answer_nll"], record["answer_tokens"] = round(total, 6), count
+    return records
+
+
+def run_perplexity(records: list[dict]) -> float:
+    """Answer perplexity of one run's records."""
+    return common.perplexity(sum(r["answer_nll"] for r in records),
+                             sum(r["answer_tokens"] for r in records))
+
+
+def mean_summary(runs: list[list[dict]]) -> dict:
+    """summarise() of each seed's records, averaged over seeds."""
+    summaries = [common.summarise(records) for records in runs]
+    out = {"n": summaries[0]["n"]}
+    for key in ("exact_match", "token_f1", "key_accuracy"):
+        values = [s[key] for s in summaries]
+        out[key] = None if values[0] is None else sum(values) / len(values)
+    return out
+
+
+def breakdown(runs: list[list[dict]], field: str) -> dict:
+    """mean_summary() per value of a field (category, eval_kind), when the data has it."""
+    values = sorted({r[field] for r in runs[0] if field in r})
+    return {value: mean_summary([[r for r in records if r.get(field) == value]
+                                 for records in runs]) for value in values}
 
 
 # --- The comparison ----------------------------------------------------------
 
 
-def comparison_row(name: str, ppl: float, records: list[dict], metrics: dict | None) -> dict:
-    """One row of the comparison table."""
-    row = {"method": name, "answer_perplexity": ppl, **summarise(records)}
-    row["note"] = ""
+def comparison_row(name: str, runs: list[list[dict]], metrics: list[dict] | None) -> dict:
+    """One row of the comparison table: means over seeds (intervals are added later)."""
+    ppl = [run_perplexity(records) for records in runs]
+    row = {"method": name, "seeds": len(runs), "answer_perplexity": sum(ppl) / len(ppl),
+           **mean_summary(runs), "note": ""}
     if metrics is None:
         row["note"] = "untuned base model"
+        row["lr"] = None
         return row
-    for field in ("train_loss", "train_seconds", "train_tokens_per_s", "peak_memory_mb",
-                  "trainable_params", "trainable_percent", "size_on_disk_mb"):
-        row[field] = metrics.get(field)
-    if metrics["details"].get("base_quantization") == "nf4":
+    row["lr"] = metrics[0]["args"]["lr"]
+    row["lr_source"] = ("search on the validation split" if metrics[0].get("lr_search")
+                        else "fixed (--lr or the script's default)")
+    row["seed_values"] = [m["args"]["seed"] for m in metrics]
+    for field in COST_FIELDS:
+        values = [m.get(field) for m in metrics if m.get(field) is not None]
+        row[field] = sum(values) / len(values) if values else None
+    details = metrics[0]["details"]
+    if details.get("base_quantization") == "nf4":
         row["note"] = "evaluated on its 4-bit NF4 base, as trained"
-    if metrics["details"].get("added_biases"):
-        row["note"] = f"{metrics['details']['added_biases']} zero-initialised biases added"
+    if details.get("added_biases"):
+        row["note"] = f"{details['added_biases']} zero-initialised biases added"
     return row
 
 
-def quality_key(rows: list[dict]) -> tuple[str, str]:
-    """The headline quality measure: key accuracy where the data has keys, else token F1."""
-    if all(r.get("key_accuracy") is not None for r in rows):
-        return "key_accuracy", "key-answer accuracy"
-    return "token_f1", "token F1"
+def quality_key(rows: list[dict]) -> tuple[str, str, str]:
+    """The headline measure: key accuracy where the data has keys (given or derived), else F1.
 
-
-def noise_points(p: float, n: int) -> float:
-    """95% half-width, in points, of the difference of two accuracies near p on n questions.
-
-    p is kept at least half a question away from 0% and 100%, where the
-    binomial variance would otherwise claim there is no noise at all.
+    Returns (table field, per-question record field, label).
     """
-    if not n:
-        return float("inf")
-    p = min(max(p / 100, 0.5 / n), 1 - 0.5 / n)
-    return 100 * 1.96 * math.sqrt(2 * p * (1 - p) / n)
+    if all(r.get("key_accuracy") is not None for r in rows):
+        return "key_accuracy", "key_match", "key-answer accuracy"
+    return "token_f1", "token_f1", "token F1"
 
 
-def recommend(rows: list[dict], margin: float) -> str:
-    """A recommendation computed from the table: the best quality, and the cheapest method near it."""
-    key, label = quality_key(rows)
-    trained = [r for r in rows if r["method"] != "base"]
-    base = next((r for r in rows if r["method"] == "base"), None)
-    best = max(trained, key=lambda r: (r[key], -r["answer_perplexity"]))
-    n = best["n"]
-    noise = noise_points(best[key], n)
-    window = max(margin, noise)
-    near = [r for r in trained if best[key] - r[key] <= window]
-    cheapest = min(near, key=lambda r: (r["train_seconds"], r["peak_memory_mb"]))
-    lines = [f"Best {label}: {best['method']} ({best[key]:.1f}% on {n} held-out questions; "
-             f"answer perplexity {best['answer_perplexity']:.2f})."]
-    if base is not None:
-        gain = best[key] - base[key]
-        verdict = "beyond" if gain > noise else "within"
-        lines.append(f"It is {gain:+.1f} points from the untuned base model ({base[key]:.1f}%), "
-                     f"{verdict} the sampling noise of about ±{noise:.1f} points.")
-        losers = [r["method"] for r in trained if r[key] - base[key] <= noise_points(base[key], n)]
-        if losers:
-            lines.append(f"Not clearly better than the untuned base: {', '.join(losers)}.")
-    if base is not None and best[key] - base[key] <= noise:
-        lines.append("Recommendation: none yet. No method beats the untuned base model beyond "
-                     "noise on this data; train longer (--epochs) or on more data, then compare.")
-    elif cheapest is best:
-        lines.append(f"Recommendation: {best['method']}. No method within {window:.1f} points of it "
-                     "trains faster.")
-    else:
-        speed = best["train_seconds"] / max(cheapest["train_seconds"], 1e-9)
-        memory = best["peak_memory_mb"] - cheapest["peak_memory_mb"]
-        lines.append(
-            f"Recommendation: {cheapest['method']}. It is {best[key] - cheapest[key]:.1f} points "
-            f"below {best['method']}, inside the {window:.1f}-point margin (the larger of "
-            f"--margin {margin:g} and the sampling noise), and trains {speed:.1f}x faster"
-            + (f" with {memory:.0f} MB less peak memory." if memory > 0 else
-               f" though with {-memory:.0f} MB more peak memory."))
-    ties = [r["method"] for r in near if r is not best]
-    if ties and best[key] - min(r[key] for r in near) < noise:
-        lines.append(f"The differences between {', '.join([best['method']] + ties)} are smaller "
-                     "than the sampling noise: treat them as tied on quality and choose on cost.")
-    return " ".join(lines)
+def add_intervals(table: list[dict], all_runs: dict[str, list[list[dict]]]) -> None:
+    """Add <metric>_ci95 to each row: two-level bootstrap over questions and seeds."""
+    fields = {"exact_match": "exact_match", "token_f1": "token_f1"}
+    if all(r.get("key_accuracy") is not None for r in table):
+        fields["key_accuracy"] = "key_match"
+    tokens = np.array([r["answer_tokens"] for r in next(iter(all_runs.values()))[0]], dtype=float)
+    nll = {name: np.array([[r["answer_nll"] for r in records] for records in runs])
+           for name, runs in all_runs.items()}
+    intervals = verdict.method_intervals(all_runs, nll, tokens, list(fields.values()))
+    for row in table:
+        found = intervals[row["method"]]
+        for field, record_field in fields.items():
+            row[f"{field}_ci95"] = found[record_field]
+        row["answer_perplexity_ci95"] = found["answer_perplexity"]
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -259,24 +255,63 @@ def fmt(value, digits: int = 1) -> str:
     return str(value)
 
 
-COLUMNS = (("method", "method", 0), ("answer_perplexity", "answer PPL", 2),
-           ("exact_match", "exact match %", 1), ("key_accuracy", "key acc. %", 1),
-           ("token_f1", "F1 %", 1), ("train_loss", "train loss", 3),
+def with_ci(row: dict, key: str, digits: int) -> str:
+    """'68.6 [64.1, 72.9]': a mean with its 95% interval."""
+    if row.get(key) is None:
+        return "-"
+    ci = row.get(f"{key}_ci95")
+    return fmt(row[key], digits) + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+COLUMNS = (("method", "method", 0), ("seeds", "seeds", 0), ("lr", "lr", None),
+           ("answer_perplexity", "answer PPL [95% CI]", 2),
+           ("exact_match", "exact match % [95% CI]", 1), ("key_accuracy", "key acc. % [95% CI]", 1),
+           ("token_f1", "F1 % [95% CI]", 1), ("train_loss", "train loss", 3),
            ("train_seconds", "train time (s)", 0), ("train_tokens_per_s", "tokens/s", 0),
            ("peak_memory_mb", "peak mem. (MB)", 0), ("trainable_params", "trainable params", 0),
            ("trainable_percent", "trainable %", 3), ("size_on_disk_mb", "saved (MB)", 1),
            ("note", "note", 0))
 
 
-def markdown_table(rows: list[dict], breakdowns: dict, recommendation: str, n: int) -> str:
-    """comparison.md: the table, the per-kind and per-category tables, the recommendation."""
+def cell(row: dict, key: str, digits) -> str:
+    """One markdown cell."""
+    if key in QUALITY:
+        return with_ci(row, key, digits)
+    if key == "lr":
+        return "-" if row.get("lr") is None else f"{row['lr']:.2g}"
+    return fmt(row.get(key), digits)
+
+
+def pairwise_table(pairs: list[dict], label: str) -> str:
+    """The paired comparisons as a markdown table."""
+    out = io.StringIO()
+    out.write(f"| a | b | {label} a - b (points) | 95% CI | p (exact) | p (Holm) | verdict |\n"
+              "|---|---|---|---|---|---|---|\n")
+    for p in pairs:
+        significant = p["p_adjusted"] < verdict.ALPHA
+        word = ("a better" if p["difference"] > 0 else "b better") if significant else "not shown"
+        out.write(f"| {p['a']} | {p['b']} | {p['difference']:+.1f} | "
+                  f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] | {p['p_value']:.3g} | "
+                  f"{p['p_adjusted']:.3g} | {word} |\n")
+    return out.getvalue()
+
+
+def markdown_table(rows: list[dict], breakdowns: dict, pairs: list[dict], recommendation: str,
+                   n: int) -> str:
+    """comparison.md: the table, the paired tests, per-kind and per-category tables, the verdict."""
     out = io.StringIO()
     out.write(f"# Comparison on {n} held-out questions\n\n")
+    out.write("Means over seeds; 95% intervals from a bootstrap over questions and seeds. "
+              f"{PERPLEXITY_NOTE[0].upper() + PERPLEXITY_NOTE[1:]}.\n\n")
     out.write("| " + " | ".join(title for _, title, _ in COLUMNS) + " |\n")
     out.write("|" + "---|" * len(COLUMNS) + "\n")
     for row in rows:
-        out.write("| " + " | ".join(fmt(row.get(k), d) for k, _, d in COLUMNS) + " |\n")
-    key, label = quality_key(rows)
+        out.write("| " + " | ".join(cell(row, k, d) for k, _, d in COLUMNS) + " |\n")
+    key, _, label = quality_key(rows)
+    out.write(f"\n## Paired comparisons ({label})\n\n"
+              "Paired bootstrap interval of the difference; exact McNemar test (sign-flip test "
+              "over seed means when there are several seeds), Holm-adjusted over all "
+              f"{len(pairs)} comparisons.\n\n" + pairwise_table(pairs, label))
     for field, title in (("eval_kind", "eval kind"), ("category", "category")):
         values = sorted({v for b in breakdowns.values() for v in b[field]})
         if not values:
@@ -293,17 +328,27 @@ def markdown_table(rows: list[dict], breakdowns: dict, recommendation: str, n: i
 
 
 def csv_text(rows: list[dict]) -> str:
-    """comparison.csv: one row per method, raw numbers."""
+    """comparison.csv: one row per method, raw numbers and interval ends."""
+    fields = ["method", "seeds", "lr"]
+    for key in QUALITY:
+        fields += [key, f"{key}_ci95_low", f"{key}_ci95_high"]
+    fields += [k for k in COST_FIELDS] + ["n", "note"]
+    flat = []
+    for row in rows:
+        item = dict(row)
+        for key in QUALITY:
+            low, high = row.get(f"{key}_ci95") or (None, None)
+            item[f"{key}_ci95_low"], item[f"{key}_ci95_high"] = low, high
+        flat.append(item)
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=[k for k, _, _ in COLUMNS] + ["n"],
-                            extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(flat)
     return out.getvalue()
 
 
 def plot_comparison(rows: list[dict], path: Path) -> None:
-    """One bar panel per measure, methods in the same order and colour in each."""
+    """One bar panel per measure, methods in the same order and colour; 95% intervals as bars."""
     plt = common._pyplot()
     fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
     names = [r["method"] for r in rows]
@@ -311,16 +356,25 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
     for ax, (key, title) in zip(axes.flat, MEASURES):
         values = [r.get(key) for r in rows]
         heights = [v if v is not None else 0 for v in values]
-        bars = ax.bar(names, heights, color=colours)
-        for bar, value in zip(bars, values):
+        errors = None
+        if all(r.get(f"{key}_ci95") for r in rows):
+            errors = np.array([[h - r[f"{key}_ci95"][0], r[f"{key}_ci95"][1] - h]
+                               for h, r in zip(heights, rows)]).T.clip(min=0)
+        bars = ax.bar(names, heights, color=colours, yerr=errors, capsize=4,
+                      error_kw={"elinewidth": 1})
+        for bar, value, row in zip(bars, values, rows):
+            top = max(bar.get_height(), (row.get(f"{key}_ci95") or [0, 0])[1])
             ax.annotate("n/a" if value is None else fmt(value, 1 if value < 100 else 0),
-                        (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+                        (bar.get_x() + bar.get_width() / 2, top), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
         if key == "trainable_params":  # spans three orders of magnitude
             ax.set_yscale("log")
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Fine-tuning methods compared (base = untuned model; no training cost)")
+    seeds = max(r.get("seeds", 1) for r in rows)
+    fig.suptitle("Fine-tuning methods compared (base = untuned model; no training cost)"
+                 + (f"; means over {seeds} seeds, 95% intervals" if seeds > 1 else
+                    "; 95% intervals over questions"))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -328,16 +382,19 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
 def plot_quality_vs_cost(rows: list[dict], path: Path) -> None:
     """Quality against training time and against peak memory: the trade-off to choose from."""
     plt = common._pyplot()
-    key, label = quality_key(rows)
+    key, _, label = quality_key(rows)
     trained = [r for r in rows if r["method"] != "base"]
     base = next((r for r in rows if r["method"] == "base"), None)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for ax, cost, xlabel in ((axes[0], "train_seconds", "training time (s)"),
                              (axes[1], "peak_memory_mb", "peak training memory (MB)")):
         for r in trained:
-            ax.scatter(r[cost], r[key], s=120, color=COLOURS.get(r["method"]), zorder=3)
+            ci = r.get(f"{key}_ci95")
+            yerr = [[r[key] - ci[0]], [ci[1] - r[key]]] if ci else None
+            ax.errorbar(r[cost], r[key], yerr=yerr, fmt="o", ms=10, capsize=4,
+                        color=COLOURS.get(r["method"]), zorder=3)
             ax.annotate(r["method"], (r[cost], r[key]), textcoords="offset points",
-                        xytext=(6, 6))
+                        xytext=(8, 6))
         if base is not None:
             ax.axhline(base[key], color=COLOURS["base"], ls="--",
                        label=f"untuned base ({base[key]:.1f}%)")
@@ -345,7 +402,39 @@ def plot_quality_vs_cost(rows: list[dict], path: Path) -> None:
         ax.set(xlabel=xlabel, ylabel=f"{label} %",
                title=f"{label} vs {xlabel.split(' (')[0]}")
         ax.grid(alpha=0.3)
-    fig.suptitle("Quality against cost: up and to the left is better")
+    fig.suptitle("Quality against cost: up and to the left is better (bars: 95% intervals)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_searches(output_dir: Path, methods) -> dict[str, dict]:
+    """The learning-rate searches (outputs/search/<method>.json) of the methods compared."""
+    found = {}
+    for name in methods:
+        path = output_dir / "search" / f"{name}.json"
+        if path.exists():
+            found[name] = common.read_json(path)
+    return found
+
+
+def plot_lr_search(searches: dict[str, dict], path: Path) -> None:
+    """Validation score against learning rate, one line per method, the chosen rate marked."""
+    plt = common._pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    label = "validation score"
+    for name, search in searches.items():
+        results = search["results"]
+        label = search["metric_label"]
+        xs, ys = [r["lr"] for r in results], [r["score"] for r in results]
+        ax.plot(xs, ys, "o-", color=COLOURS.get(name), label=f"{name} (chose {search['chosen_lr']:.2g})")
+        chosen = next(r for r in results if r["lr"] == search["chosen_lr"])
+        ax.scatter([chosen["lr"]], [chosen["score"]], s=160, facecolors="none",
+                   edgecolors=COLOURS.get(name), linewidths=2, zorder=3)
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel=f"{label} % (validation split)",
+           title="Learning-rate search: each rate scored on data/valid.jsonl")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -358,7 +447,7 @@ def main(args):
     stop = common.turn_marker(template)
     rows = common.load_split(args.data_dir, "eval")[:args.limit]
     methods = find_methods(output_dir, args.methods)
-    bases = {m["base_model_path"] for m in methods.values()}
+    bases = {m["base_model_path"] for runs in methods.values() for _, m in runs}
     if len(bases) > 1:
         raise common.PipelineError(f"the runs in {output_dir}/ were trained from different base "
                                    f"models ({', '.join(sorted(bases))}); re-train or pick "
@@ -366,43 +455,67 @@ def main(args):
     base_path = bases.pop()
     device = common.pick_device(args.device)
     tokenizer = common.load_tokenizer(base_path, args.trust_remote_code)
-    print(f"evaluating base + {', '.join(methods)} on {len(rows)} questions from "
-          f"{Path(args.data_dir) / 'eval.jsonl'} (base model {base_path})")
+    seeds = {name: len(runs) for name, runs in methods.items()}
+    listing = ", ".join(f"{m} ({n} seed{'s' * (n > 1)})" for m, n in seeds.items())
+    print(f"evaluating base + {listing} on {len(rows)} questions from {Path(args.data_dir) / 'eval.jsonl'} "
+          f"(base model {base_path})")
 
     # Tokenise once: the same examples and the same decoding bound for every model
-    examples = common.tokenize_rows(tokenizer, rows, 10**9, source="eval.jsonl")
+    examples = common.tokenize_rows(tokenizer, rows, 10**9, source="eval.jsonl", label_eos=False)
     max_new = common.max_new_tokens_for(tokenizer, [r["completion"] for r in rows])
 
-    # Evaluate each model in turn, writing its predictions
-    table, breakdowns = [], {}
-    for name in ("base", *methods):
-        metrics = methods.get(name)
-        model = load_for_eval(name, output_dir / name, base_path, metrics, device,
-                              args.trust_remote_code)
-        ppl, records = evaluate_model(name, model, tokenizer, rows, examples, max_new, stop,
-                                      args, device)
-        del model
-        common.write_jsonl(output_dir / name / "predictions.jsonl", records)
-        table.append(comparison_row(name, ppl, records, metrics))
-        breakdowns[name] = {"eval_kind": breakdown(records, "eval_kind"),
-                            "category": breakdown(records, "category")}
-        row = table[-1]
-        print(f"{name:>6}: answer PPL {ppl:8.2f}  exact {row['exact_match']:5.1f}%  key "
-              f"{fmt(row['key_accuracy'])}%  F1 {row['token_f1']:5.1f}%")
+    # Evaluate each run in turn, writing its predictions
+    all_runs: dict[str, list[list[dict]]] = {}
+    for name, runs in {"base": [(output_dir / "base", None)], **methods}.items():
+        all_runs[name] = []
+        for folder, metrics in runs:
+            model = load_for_eval(name, folder, base_path, metrics, device,
+                                  args.trust_remote_code)
+            records = evaluate_model(folder.name, model, tokenizer, rows, examples, max_new,
+                                     stop, args, device)
+            del model
+            common.write_jsonl(folder / "predictions.jsonl", records)
+            all_runs[name].append(records)
+            summary = common.summarise(records)
+            print(f"{folder.name:>14}: answer PPL {run_perplexity(records):8.2f}  exact "
+                  f"{summary['exact_match']:5.1f}%  key {fmt(summary['key_accuracy'])}%  "
+                  f"F1 {summary['token_f1']:5.1f}%")
 
-    # Compare and recommend
-    recommendation = recommend(table, args.margin)
+    # Means, intervals, paired tests, and the recommendation that follows from them
+    table = [comparison_row(name, runs, [m for _, m in methods[name]] if name in methods
+                            else None) for name, runs in all_runs.items()]
+    add_intervals(table, all_runs)
+    key, record_key, label = quality_key(table)
+    pairs = verdict.pairwise(all_runs, record_key)
+    for pair in pairs:
+        pair["metric"] = key
+    recommendation = verdict.recommend(table, pairs, key, label, args.alpha)
+    breakdowns = {name: {"eval_kind": breakdown(runs, "eval_kind"),
+                         "category": breakdown(runs, "category")}
+                  for name, runs in all_runs.items()}
+    searches = read_searches(output_dir, methods)
+
+    # Write the tables, the plots and comparison.json
     common.write_text_atomic(output_dir / "comparison.csv", csv_text(table))
     common.write_text_atomic(output_dir / "comparison.md",
-                             markdown_table(table, breakdowns, recommendation, len(rows)))
-    common.write_json(output_dir / "comparison.json",
-                      {"questions": len(rows), "max_new_tokens": max_new, "stop": stop,
-                       "rows": table, "breakdowns": breakdowns,
-                       "recommendation": recommendation})
+                             markdown_table(table, breakdowns, pairs, recommendation, len(rows)))
+    common.write_json(output_dir / "comparison.json", {
+        "questions": len(rows), "max_new_tokens": max_new, "stop": stop,
+        "headline_metric": key, "alpha": args.alpha, "perplexity": PERPLEXITY_NOTE,
+        "intervals": "95% percentile bootstrap over questions and seeds (two levels, "
+                     f"{verdict.BOOTSTRAP} replicates); see verdict.py",
+        "rows": table, "pairwise": pairs, "breakdowns": breakdowns,
+        "lr_search": {name: {k: s[k] for k in ("grid", "chosen_lr", "metric", "budget")}
+                      for name, s in searches.items()},
+        "recommendation": recommendation})
     plot_comparison(table, output_dir / "comparison.png")
     plot_quality_vs_cost(table, output_dir / "quality_vs_cost.png")
+    if searches:
+        plot_lr_search(searches, output_dir / "lr_search.png")
     print(f"\n{recommendation}\n\nwrote {output_dir}/comparison.{{csv,md,json,png}}, "
-          f"{output_dir}/quality_vs_cost.png and predictions.jsonl per method")
+          f"{output_dir}/quality_vs_cost.png"
+          + (f", {output_dir}/lr_search.png" if searches else "")
+          + " and predictions.jsonl per run")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ gradients and two AdamW moments for every weight (about 16 bytes a parameter).
 """
 
 import common
+import tuning
 
 # Full fine-tuning updates pretrained weights directly, so it wants a small rate:
 # 5e-5 is the Hugging Face Trainer's default and the scale used for GPT-2
@@ -26,17 +27,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(args):
-    """Load, make every parameter trainable, train, save."""
-    # Check the data and pick the device before the slow model load
-    run = common.start_run(args, "full")
-    model, tokenizer, base_path = common.load_model(args.model, run.device,
-                                                    trust_remote_code=args.trust_remote_code)
-
-    # Full fine-tuning: every weight trains
+def prepare(model, args):
+    """Full fine-tuning: every weight trains."""
     model.requires_grad_(True)
+    return model, {}
 
-    common.train_and_save(run, model, tokenizer, base_path)
+
+def main(args):
+    """For each seed (after a rate search with --tune-lr): load, prepare, train, save."""
+    tuning.train_method(args, "full", prepare)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ AutoModelForCausalLM), metrics.json, training_metrics.png.
 import torch
 
 import common
+import tuning
 
 # Bias vectors are a tiny, low-capacity set of parameters: BitFit's own search
 # (Ben Zaken et al. 2022) went up to 1e-3, twenty times the full fine-tuning
@@ -50,28 +51,23 @@ def add_missing_biases(model) -> list[str]:
     return added
 
 
-def main(args):
-    """Load, freeze every weight, train the biases (added where missing), save."""
-    # Check the data and pick the device before the slow model load
-    run = common.start_run(args, "bitfit")
-    model, tokenizer, base_path = common.load_model(args.model, run.device,
-                                                    trust_remote_code=args.trust_remote_code)
-
-    # Llama-style models have no biases: add zero ones so BitFit is never a no-op
+def prepare(model, args):
+    """BitFit: add zero biases where a Llama-style model has none, then train only biases."""
     added = add_missing_biases(model)
     if added:
         print(f"bitfit: the model had no bias in {len(added)} projections; added zero-initialised "
               "biases there (outputs unchanged at the start)")
-
-    # BitFit: only parameters named *bias train
     for name, param in model.named_parameters():
         param.requires_grad = name.endswith("bias")
     if not any(p.requires_grad for p in model.parameters()):
         raise common.PipelineError(f"{args.model} has no bias terms and no config switch to add "
                                    "them, so BitFit would train nothing; use finetune_lora.py")
+    return model, {"added_biases": len(added), "added_bias_names": added[:20]}
 
-    common.train_and_save(run, model, tokenizer, base_path,
-                          details={"added_biases": len(added), "added_bias_names": added[:20]})
+
+def main(args):
+    """For each seed (after a rate search with --tune-lr): load, prepare, train, save."""
+    tuning.train_method(args, "bitfit", prepare)
 
 
 if __name__ == "__main__":

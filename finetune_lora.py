@@ -12,6 +12,7 @@ scaled by alpha/r; W itself never changes.  Writes outputs/lora/: the adapter
 from peft import LoraConfig, get_peft_model
 
 import common
+import tuning
 
 # Adapters start at zero and move only a few parameters, so they need a rate
 # far above full fine-tuning's: 2e-4 is the LoRA/QLoRA papers' rate for
@@ -44,22 +45,19 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def main(args):
-    """Load, wrap the linear layers with adapters, train, save."""
-    # Check the data and pick the device before the slow model load
-    run = common.start_run(args, "lora")
-    model, tokenizer, base_path = common.load_model(args.model, run.device,
-                                                    trust_remote_code=args.trust_remote_code)
-
-    # LoRA: freeze the base, add a trainable low-rank update to each target layer
+def prepare(model, args):
+    """LoRA: freeze the base, add a trainable low-rank update to each target layer."""
     config = LoraConfig(
         r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, task_type="CAUSAL_LM",
         target_modules=common.target_modules(args.target_modules),
         fan_in_fan_out=common.uses_conv1d(model))  # GPT-2's Conv1D stores weights transposed
     model = get_peft_model(model, config)
+    return model, common.lora_details(model, args)
 
-    common.train_and_save(run, model, tokenizer, base_path,
-                          details=common.lora_details(model, args))
+
+def main(args):
+    """For each seed (after a rate search with --tune-lr): load, prepare, train, save."""
+    tuning.train_method(args, "lora", prepare)
 
 
 if __name__ == "__main__":

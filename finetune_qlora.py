@@ -15,6 +15,7 @@ metrics.json, training_metrics.png.
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
 import common
+import tuning
 import finetune_lora
 
 def parse_args(argv=None):
@@ -27,25 +28,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(args):
-    """Load the base in 4-bit, wrap the linear layers with adapters, train, save."""
-    # Check the data and pick the device before the slow model load
-    run = common.start_run(args, "qlora")
-    model, tokenizer, base_path = common.load_model(args.model, run.device, quantize_4bit=True,
-                                                    trust_remote_code=args.trust_remote_code)
-    # Cast norms to fp32 and let gradients flow through the frozen 4-bit layers
+def prepare(model, args):
+    """QLoRA: make the 4-bit base trainable-ready, then add the same adapters as LoRA."""
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=args.gradient_checkpointing)
-
-    # LoRA: freeze the base, add a trainable low-rank update to each target layer
     config = LoraConfig(
         r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, task_type="CAUSAL_LM",
         target_modules=common.target_modules(args.target_modules),
         fan_in_fan_out=common.uses_conv1d(model))  # False: 4-bit layers are plain Linear4bit
     model = get_peft_model(model, config)
+    return model, common.lora_details(model, args, quantization="nf4")
 
-    common.train_and_save(run, model, tokenizer, base_path,
-                          details=common.lora_details(model, args, quantization="nf4"))
+
+def main(args):
+    """For each seed (after a rate search with --tune-lr): load in 4-bit, prepare, train, save."""
+    tuning.train_method(args, "qlora", prepare, quantize_4bit=True)
 
 
 if __name__ == "__main__":

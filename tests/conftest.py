@@ -23,8 +23,13 @@ def model_cache(tmp_path_factory):
     return folder
 
 
-def write_split(folder: Path, n_train: int = 48, n_eval: int = 12, seed: int = 0) -> Path:
-    """A learnable arithmetic data set in the layout split_dataset.py writes."""
+def write_split(folder: Path, n_train: int = 48, n_eval: int = 12, n_valid: int = 8,
+                seed: int = 0) -> Path:
+    """A learnable arithmetic data set in the layout split_dataset.py writes.
+
+    81 rows: the first n_train train, the next n_eval eval (for evaluate.py) and the
+    next n_valid valid (the held-out loss during training).
+    """
     rows = []
     for a in range(1, 10):
         for b in range(1, 10):
@@ -35,10 +40,13 @@ def write_split(folder: Path, n_train: int = 48, n_eval: int = 12, seed: int = 0
                          "category": "arithmetic", "group": f"{a}+{b}"})
     random.Random(seed).shuffle(rows)
     folder.mkdir(parents=True, exist_ok=True)
+    assert n_train + n_eval + n_valid <= len(rows)
     train, held = rows[:n_train], rows[n_train:n_train + n_eval]
+    valid = rows[n_train + n_eval:n_train + n_eval + n_valid]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
-    (folder / "eval.jsonl").write_text("".join(
-        json.dumps({**r, "eval_kind": "unseen_question"}) + "\n" for r in held))
+    for name, part in (("eval", held), ("valid", valid)):
+        (folder / f"{name}.jsonl").write_text("".join(
+            json.dumps({**r, "eval_kind": "unseen_question"}) + "\n" for r in part))
     (folder / "template.json").write_text(json.dumps(
         {"prompt_template": "User: {question}\nAssistant:", "completion_template": " {answer}"}))
     return folder

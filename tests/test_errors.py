@@ -109,6 +109,14 @@ def test_training_before_the_data_stage_names_the_command(tmp_path, capsys):
     assert "train.jsonl" in line and "python split_dataset.py" in line
 
 
+def test_training_without_a_validation_split_names_the_command(data_dir, tmp_path, capsys):
+    (data_dir / "valid.jsonl").unlink()  # a data folder made before valid.jsonl existed
+    line = run_and_expect_exit(finetune_lora.main,
+                               train_args(finetune_lora, data_dir, tmp_path / "out"), capsys)
+    assert "valid.jsonl" in line and "python split_dataset.py" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_formatting_before_generating_names_the_command(tmp_path):
     status, err = cli("format_dataset.py", "--input", str(tmp_path / "qa_pairs.jsonl"),
                       "--output", str(tmp_path / "formatted.jsonl"))

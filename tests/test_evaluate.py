@@ -25,6 +25,43 @@ def test_exact_match_after_normalisation():
     assert not common.exact_match("Paris", "The capital of France is Paris.")
 
 
+def test_numbers_keep_their_punctuation():
+    assert common.normalize_answer("It is 4.5 km.") == "it is 4.5 km"
+    assert not common.exact_match("4.5", "45")
+    assert not common.key_match("It is 40 degrees.", "-40")
+    assert common.key_match("It is -40 degrees.", "-40")
+    assert not common.key_match("It is 45.", "4.5")
+    assert common.key_match("About 1,000 metres.", "1000")
+    assert common.key_match("It is 9.", "9")  # a sentence's full stop is not a decimal point
+
+
+def test_key_match_keeps_articles_and_whole_keys():
+    assert not common.key_match("Vitamin B", "Vitamin A")
+    assert common.key_match("It is vitamin A.", "Vitamin A")
+    assert not common.key_match("The Canadian dollar.", "US dollar")
+    assert common.key_match("The currency is the US dollar.", "US dollar")
+
+
+def test_short_symbol_keys_match_case_and_whole_words():
+    assert not common.key_match("Earth's core is hot.", "S")
+    assert common.key_match("Its symbol is S.", "S")
+    assert not common.key_match("It is measured in SI units.", "Si")
+    assert common.key_match("The symbol of silicon is Si.", "Si")
+    assert not common.key_match("It may be so.", "Be")
+    assert common.key_match("Paris", "paris")  # longer keys ignore case
+
+
+def test_key_match_is_not_satisfied_by_echoing_the_question():
+    question = "What is 8 times 1?"
+    assert not common.key_match("8 times 1 equals 9.", "8", question)
+    assert common.key_match("8 times 1 equals 8.", "8", question)
+    assert common.key_match("8", "8", question)
+    assert common.key_match("The answer is 8.", "8", question)
+    assert not common.key_match("What is 8 times 1? I do not know.", "8", question)
+    # without the question the echo cannot be told apart (the old behaviour)
+    assert common.key_match("8 times 1 equals 9.", "8")
+
+
 def test_key_match_needs_whole_words():
     assert common.key_match("The capital of France is Paris.", "Paris")
     assert common.key_match("It is 12.", "12")
@@ -58,6 +95,27 @@ def test_answer_perplexity_from_known_logits(data_dir):
     answer_tokens = sum(sum(1 for label in ex["labels"][1:] if label != -100) for ex in examples)
     assert count == answer_tokens  # prompt tokens are not scored
     assert common.perplexity(nll, count) == pytest.approx(model.config.vocab_size, rel=1e-5)
+
+
+def test_scoring_leaves_eos_out_and_counts_per_example(data_dir):
+    """Evaluation scores the answer's own tokens: one label fewer per example than training."""
+    model, tokenizer, _ = common.load_model("tiny-gpt2", torch.device("cpu"))
+    rows = common.load_split(data_dir, "eval")[:4]
+    trained = common.tokenize_rows(tokenizer, rows, 256)
+    scored = common.tokenize_rows(tokenizer, rows, 256, label_eos=False)
+    for a, b in zip(trained, scored):
+        assert a["input_ids"] == b["input_ids"]
+        assert a["labels"][-1] == tokenizer.eos_token_id and b["labels"][-1] == -100
+        assert a["labels"][:-1] == b["labels"][:-1]
+    per_example = common.answer_nll_by_example(model, scored, tokenizer.pad_token_id,
+                                               torch.device("cpu"), batch_size=3)
+    total, count = common.answer_nll(model, scored, tokenizer.pad_token_id, torch.device("cpu"))
+    assert sum(n for n, _ in per_example) == pytest.approx(total, rel=1e-5)
+    assert sum(c for _, c in per_example) == count
+    for (nll, n), ex in zip(per_example, scored):
+        alone, alone_n = common.answer_nll(model, [ex], tokenizer.pad_token_id,
+                                           torch.device("cpu"))
+        assert n == alone_n and nll == pytest.approx(alone, rel=1e-5)
 
 
 def test_answer_nll_scores_only_answer_tokens(data_dir):
@@ -159,7 +217,7 @@ def test_evaluate_writes_every_file_with_a_row_per_method_and_base(trained):
     assert [r["method"] for r in report["rows"]] == ["base", "full", "lora", "qlora", "bitfit"]
     assert report["recommendation"]
     csv_lines = (out / "comparison.csv").read_text().splitlines()
-    assert len(csv_lines) == 6 and csv_lines[0].startswith("method,answer_perplexity")
+    assert len(csv_lines) == 6 and csv_lines[0].startswith("method,seeds,lr,answer_perplexity")
     n_eval = len(common.load_split(data, "eval"))
     for name in ("base", "full", "lora", "qlora", "bitfit"):
         records = [json.loads(line) for line in (out / name / "predictions.jsonl").open()]
@@ -200,31 +258,57 @@ def test_no_trained_methods_is_a_clear_error(tmp_path):
         evaluate.find_methods(tmp_path / "out", None)
 
 
-# --- The recommendation follows the numbers ----------------------------------
+def test_evaluate_scores_answers_it_controls(trained, tmp_path, monkeypatch):
+    """With the generated answers fixed, every number in comparison.json follows by hand."""
+    data, out = trained
+    rows = common.load_split(data, "eval")
+    # base answers nothing right; full answers every question; lora the first half only
+    answers = {"base": ["I do not know."] * len(rows),
+               "full": [r["answer"] for r in rows],
+               "lora": [r["answer"] if i < len(rows) // 2 else "No idea." for i, r in
+                        enumerate(rows)]}
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, max_new, device, stop=None, batch_size=32,
+                      desc=None):
+        name = desc.split(":")[0]
+        calls.append(name)
+        return list(answers[name][:len(prompts)])
+
+    monkeypatch.setattr(common, "generate_answers", fake_generate)
+    evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out),
+                                       "--methods", "full,lora"]))
+    assert calls == ["base", "full", "lora"]
+    report = json.loads((out / "comparison.json").read_text())
+    rows_by = {r["method"]: r for r in report["rows"]}
+    half = 100 * (len(rows) // 2) / len(rows)
+    assert rows_by["base"]["key_accuracy"] == 0 and rows_by["base"]["exact_match"] == 0
+    assert rows_by["full"]["key_accuracy"] == 100 and rows_by["full"]["exact_match"] == 100
+    assert rows_by["full"]["token_f1"] == 100
+    assert rows_by["lora"]["key_accuracy"] == pytest.approx(half)
+    assert rows_by["full"]["key_accuracy_ci95"] == [100, 100]
+    low, high = rows_by["lora"]["key_accuracy_ci95"]
+    assert low < half < high
+    pairs = {(p["a"], p["b"]): p for p in report["pairwise"]}
+    assert set(pairs) == {("full", "lora"), ("full", "base"), ("lora", "base")}
+    # full vs base: all 12 questions discordant one way: exact McNemar p = 2 * 0.5**12
+    assert pairs[("full", "base")]["p_value"] == pytest.approx(2 * 0.5 ** len(rows))
+    assert pairs[("full", "base")]["difference"] == 100
+    assert pairs[("full", "base")]["p_adjusted"] == pytest.approx(3 * 2 * 0.5 ** len(rows))
+    assert "Recommendation: full" in report["recommendation"]
+    for field in ("seeds", "lr", "key_accuracy_ci95", "exact_match_ci95", "token_f1_ci95",
+                  "answer_perplexity_ci95"):
+        assert field in rows_by["lora"], field
 
 
-def table(**scores):
-    """Synthetic comparison rows: method -> (key accuracy, train seconds, peak MB)."""
-    rows = [{"method": "base", "key_accuracy": 20.0, "answer_perplexity": 9.0, "n": 400,
-             "train_seconds": None, "peak_memory_mb": None}]
-    for method, (acc, seconds, memory) in scores.items():
-        rows.append({"method": method, "key_accuracy": acc, "answer_perplexity": 2.0, "n": 400,
-                     "train_seconds": seconds, "peak_memory_mb": memory})
-    return rows
-
-
-def test_recommendation_changes_with_the_numbers():
-    clear = evaluate.recommend(table(full=(80.0, 900, 3000), lora=(60.0, 300, 2000)), 2.0)
-    assert "Best key-answer accuracy: full" in clear and "Recommendation: full" in clear
-    close = evaluate.recommend(table(full=(80.0, 900, 3000), lora=(79.0, 300, 2000)), 2.0)
-    assert "Recommendation: lora" in close and "3.0x faster" in close
-    assert "smaller than the sampling noise" in close
-    flipped = evaluate.recommend(table(full=(60.0, 900, 3000), lora=(80.0, 300, 2000)), 2.0)
-    assert "Best key-answer accuracy: lora" in flipped and "Recommendation: lora" in flipped
-    nothing = evaluate.recommend(table(full=(21.0, 900, 3000), lora=(20.5, 300, 2000)), 2.0)
-    assert "Recommendation: none yet" in nothing
-
-
-def test_noise_shrinks_with_more_questions():
-    assert evaluate.noise_points(50, 1000) < evaluate.noise_points(50, 100)
-    assert evaluate.noise_points(0, 100) > 0  # never claims zero noise
+def test_batched_generation_equals_one_at_a_time_on_a_llama_model():
+    """Left padding on a Llama-style model (rotary positions) gives the same greedy answers."""
+    model, tokenizer, _ = common.load_model("tiny-llama", torch.device("cpu"))
+    prompts = [f"User: {q}\nAssistant:" for q in (
+        "What is 2 plus 2?", "Hi", "What is the capital of the country to the north of Spain?",
+        "What is 9 plus 9?", "Name a colour.")]
+    device = torch.device("cpu")
+    batched = common.generate_answers(model, tokenizer, prompts, 12, device, batch_size=5)
+    single = common.generate_answers(model, tokenizer, prompts, 12, device, batch_size=1)
+    assert batched == single
+    assert len({len(common.prompt_ids(tokenizer, p)) for p in prompts}) > 1  # padding happened

@@ -37,7 +37,7 @@ def stop_at(step):
     return hook
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "bitfit"])
 def test_interrupted_then_resumed_run_matches_an_unbroken_one(method, data_dir, tmp_path,
                                                               monkeypatch):
     train(method, data_dir, tmp_path / "unbroken")
@@ -60,8 +60,19 @@ def test_interrupted_then_resumed_run_matches_an_unbroken_one(method, data_dir, 
     ma = json.loads((tmp_path / "unbroken" / method / "metrics.json").read_text())
     mb = json.loads((tmp_path / "broken" / method / "metrics.json").read_text())
     assert [h["loss"] for h in ma["history"]] == [h["loss"] for h in mb["history"]]
-    assert ma["eval_loss"] == mb["eval_loss"]
+    assert ma["valid_loss"] == mb["valid_loss"]
     assert not common.checkpoints(tmp_path / "broken", method)  # cleaned up once finished
+
+
+def test_the_run_that_builds_the_tiny_model_trains_like_later_runs(data_dir, tmp_path,
+                                                                  monkeypatch):
+    """Building a preset seeds torch's RNG: the first run must still draw as later runs do."""
+    monkeypatch.setenv("QA_FT_CACHE", str(tmp_path / "empty-cache"))
+    train("full", data_dir, tmp_path / "first")  # builds tiny-gpt2
+    train("full", data_dir, tmp_path / "second")  # finds it built
+    a, b = weights(tmp_path / "first" / "full"), weights(tmp_path / "second" / "full")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_checkpoints_keep_only_the_last_few(data_dir, tmp_path, monkeypatch):

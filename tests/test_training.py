@@ -29,9 +29,9 @@ def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
         return None
     original = common.train_and_save
 
-    def wrapped(run, model_, tokenizer, base_path, details=None):
+    def wrapped(run, model_, *args, **kwargs):
         spy(model_, "before")
-        metrics = original(run, model_, tokenizer, base_path, details)
+        metrics = original(run, model_, *args, **kwargs)
         spy(model_, "after")
         return metrics
 
@@ -64,14 +64,20 @@ def test_each_script_writes_exactly_its_files(method, model, data_dir, tmp_path)
     assert files == expected
     metrics = json.loads((out / method / "metrics.json").read_text())
     for key in ("method", "model", "trainable_params", "total_params", "train_seconds",
-                "train_tokens_per_s", "peak_memory_mb", "train_loss", "eval_loss", "history"):
+                "train_tokens_per_s", "peak_memory_mb", "train_loss", "valid_loss",
+                "valid_examples", "history"):
         assert key in metrics, key
+    # The held-out loss during training is the validation split's; eval.jsonl is evaluate.py's.
+    assert "eval_loss" not in metrics and "eval_examples" not in metrics
+    assert metrics["valid_examples"] == 8
+    assert sorted(metrics["data_sha256"]) == ["template.json", "train.jsonl", "valid.jsonl"]
+    assert metrics["data_sha256"]["valid.jsonl"] == common.file_sha256(data_dir / "valid.jsonl")
     assert metrics["method"] == method
     assert 0 < metrics["trainable_params"] <= metrics["total_params"]
     assert len(metrics["history"]) == 6
     assert {"step", "loss", "lr", "grad_norm"} <= set(metrics["history"][0])
-    # A run shorter than an epoch still measures eval loss, at its end.
-    assert metrics["eval_loss"][-1]["step"] == 6
+    # A run shorter than an epoch still measures validation loss, at its end.
+    assert metrics["valid_loss"][-1]["step"] == 6
     assert metrics["peak_memory_mb"] > 0 and metrics["train_tokens_per_s"] > 0
     assert not (out / "checkpoints" / method).exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
@@ -94,6 +100,37 @@ def test_qlora_base_is_really_4bit_nf4(data_dir, tmp_path):
         assert layer.weight.quant_state.quant_type == "nf4"
         assert layer.weight.quant_state.nested  # double quantisation
         assert not layer.weight.requires_grad
+
+
+def test_qlora_trains_on_after_a_mid_run_validation_loss(data_dir, tmp_path):
+    """The validation loss must not leave the 4-bit layers in bitsandbytes' CPU inference layout.
+
+    On an AVX512-BF16 CPU a Linear4bit run in eval mode without gradients repacks its weights
+    for good into a layout whose kernel has no backward; the training steps after the first
+    epoch's validation loss would then get no gradient through the base layers (or fail).
+    """
+    import warnings
+
+    import bitsandbytes as bnb
+
+    packed = {}
+
+    def spy(model, stage):
+        layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        if stage == "before":
+            for layer in layers:  # as on a CPU with AVX512-BF16, whatever this one has
+                layer.support_avx512bf16_for_cpu = True
+        packed[stage] = [getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+                         for layer in layers]
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*autograd kernel was not registered")
+        # epochs are 6 steps long: a validation loss at step 6, then 2 more training steps
+        run_script("qlora", data_dir, tmp_path / "out", "--max-steps", "8", spy=spy,
+                   model="tiny-llama")
+    assert packed["after"] and not any(packed["after"])
+    metrics = json.loads((tmp_path / "out" / "qlora" / "metrics.json").read_text())
+    assert [v["step"] for v in metrics["valid_loss"]] == [6, 8]
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
@@ -177,7 +214,20 @@ def test_loss_goes_down_on_learnable_data(data_dir, tmp_path):
     metrics = json.loads((tmp_path / "out" / "full" / "metrics.json").read_text())
     losses = [h["loss"] for h in metrics["history"]]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
-    assert metrics["eval_loss"][-1]["loss"] < losses[0]
+    assert metrics["valid_loss"][-1]["loss"] < losses[0]
+
+
+def test_training_never_reads_the_eval_split(data_dir, tmp_path, monkeypatch):
+    """The held-out loss during training comes from valid.jsonl; eval.jsonl is not opened."""
+    (data_dir / "eval.jsonl").unlink()
+    read = []
+    original = common.load_split
+    monkeypatch.setattr(common, "load_split",
+                        lambda folder, split: read.append(split) or original(folder, split))
+    run_script("lora", data_dir, tmp_path / "out", "--max-steps", "2")
+    assert sorted(read) == ["train", "valid"]
+    metrics = json.loads((tmp_path / "out" / "lora" / "metrics.json").read_text())
+    assert [v["step"] for v in metrics["valid_loss"]] == [2]
 
 
 def test_selected_position_loss_equals_full_loss(data_dir):

@@ -1,0 +1,113 @@
+"""tuning.py: the learning-rate search on the validation split, several seeds, and evaluate.py on them."""
+
+import json
+
+import pytest
+
+import common
+import evaluate
+import finetune_bitfit
+import finetune_lora
+import tuning
+
+
+def lora_args(data_dir, out, *extra):
+    return finetune_lora.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data_dir),
+                                     "--output-dir", str(out), "--batch-size", "8",
+                                     "--max-steps", "4", *extra])
+
+
+def test_default_grid_spans_more_than_30x_with_at_least_four_rates():
+    rates = [2e-4 * f for f in tuning.GRID_FACTORS]
+    assert len(rates) >= 4 and max(rates) / min(rates) >= 30
+    assert min(rates) < 2e-4 < max(rates)
+
+
+def test_lr_grid_option_is_checked():
+    with pytest.raises(SystemExit):
+        lora_args("d", "o", "--lr-grid", "1e-4")
+    with pytest.raises(SystemExit):
+        lora_args("d", "o", "--lr-grid", "1e-4,x")
+    assert lora_args("d", "o", "--lr-grid", "3e-4,1e-4").lr_grid == [1e-4, 3e-4]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """LoRA searched over the default grid, then trained with two seeds."""
+    from conftest import write_split
+
+    folder = tmp_path_factory.mktemp("tune")
+    data = write_split(folder / "data")
+    (data / "eval.jsonl").write_text("this file must never be read while tuning\n")
+    out = folder / "out"
+    finetune_lora.main(lora_args(data, out, "--tune-lr", "--seeds", "2"))
+    return data, out
+
+
+def test_search_scores_every_rate_on_validation_and_records_the_choice(tuned):
+    _, out = tuned
+    search = json.loads((out / "search" / "lora.json").read_text())
+    assert search["grid"] == pytest.approx([2e-4 * f for f in tuning.GRID_FACTORS])
+    assert search["split"] == "valid.jsonl"
+    assert [r["lr"] for r in search["results"]] == search["grid"]
+    best = max(search["results"], key=lambda r: (r["score"], -r["valid_loss"]))
+    assert search["chosen_lr"] == best["lr"]
+    for name in ("lora", "lora-seed43"):
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert metrics["args"]["lr"] == search["chosen_lr"]
+        assert metrics["lr_search"]["chosen_lr"] == search["chosen_lr"]
+
+
+def test_seeds_write_one_folder_each_with_one_run_id(tuned):
+    _, out = tuned
+    first = json.loads((out / "lora" / "metrics.json").read_text())
+    second = json.loads((out / "lora-seed43" / "metrics.json").read_text())
+    assert (first["args"]["seed"], second["args"]["seed"]) == (42, 43)
+    assert first["run_id"] == second["run_id"]
+    assert first["history"] != second["history"]  # a different seed trains differently
+    assert not (out / "checkpoints").exists()
+
+
+def test_evaluate_reports_the_mean_over_seeds(tuned, tmp_path):
+    data, out = tuned
+    from conftest import write_split
+
+    fresh = write_split(tmp_path / "data")  # a readable eval.jsonl, same train/valid rows
+    evaluate.main(evaluate.parse_args(["--data-dir", str(fresh), "--output-dir", str(out)]))
+    report = json.loads((out / "comparison.json").read_text())
+    lora = next(r for r in report["rows"] if r["method"] == "lora")
+    assert lora["seeds"] == 2 and lora["seed_values"] == [42, 43]
+    per_seed = [common.summarise([json.loads(line) for line in (out / name / "predictions.jsonl")
+                                  .open()])["token_f1"] for name in ("lora", "lora-seed43")]
+    assert lora["token_f1"] == pytest.approx(sum(per_seed) / 2)
+    assert report["lr_search"]["lora"]["chosen_lr"] == lora["lr"]
+    assert (out / "lr_search.png").stat().st_size > 0
+
+
+def test_a_seed_trained_with_other_settings_is_left_out(tuned, tmp_path, capsys):
+    _, out = tuned
+    metrics_path = out / "lora-seed43" / "metrics.json"
+    original = metrics_path.read_text()
+    metrics_path.write_text(json.dumps({**json.loads(original), "run_id": "something else"}))
+    try:
+        found = evaluate.find_methods(out, "lora")
+        assert [folder.name for folder, _ in found["lora"]] == ["lora"]
+        assert "other settings" in capsys.readouterr().out
+    finally:
+        metrics_path.write_text(original)
+
+
+def test_fewer_seeds_remove_stale_seed_folders_and_resume_skips_finished(data_dir, tmp_path,
+                                                                        capsys):
+    out = tmp_path / "out"
+    args = finetune_bitfit.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data_dir),
+                                       "--output-dir", str(out), "--batch-size", "8",
+                                       "--max-steps", "2", "--seeds", "2"])
+    finetune_bitfit.main(args)
+    assert sorted(p.name for p in out.iterdir()) == ["bitfit", "bitfit-seed43"]
+    stamp = (out / "bitfit" / "COMPLETED").read_text()
+    finetune_bitfit.main(tuning.with_changes(args, resume=True))
+    assert "already complete; skipped" in capsys.readouterr().out
+    assert (out / "bitfit" / "COMPLETED").read_text() == stamp
+    finetune_bitfit.main(tuning.with_changes(args, seeds=1))
+    assert sorted(p.name for p in out.iterdir()) == ["bitfit"]
