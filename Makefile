@@ -1,14 +1,16 @@
 # make all   : set up .venv, then data -> four fine-tunes -> evaluation
 # make smoke : the whole pipeline on a tiny random model, in about a minute
 # make test  : set up .venv, then the test suite
-# MODEL=smollm2-135m make all   runs offline with a real pretrained model.
+# MODEL (unset): distilgpt2 when the Hub or the local cache has it, else the offline
+#                smollm2-135m preset (said in one line); MODEL=distilgpt2 insists on it,
+#                MODEL=smollm2-135m always runs offline with a real pretrained model.
 # make all SEEDS=3 TUNE=1       the rigorous comparison: a learning-rate search per
 #                               method on data/valid.jsonl, then 3 seeds at the chosen rate
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-MODEL  ?= distilgpt2
+MODEL  ?=
 SIZE   ?= 1200
 EPOCHS ?= 2
 SEEDS  ?= 1
@@ -17,6 +19,7 @@ TRAIN_ARGS ?=
 EVAL_ARGS ?=
 OUT    ?= outputs
 DATA   ?= data
+MODEL_ARG := $(if $(MODEL),--model $(MODEL),)
 RUN_ARGS := --seeds $(SEEDS) $(if $(filter 1 yes true,$(TUNE)),--tune-lr,)
 
 .PHONY: all setup data train evaluate smoke test clean
@@ -38,10 +41,10 @@ data: setup
 	$(PY) split_dataset.py --input $(DATA)/formatted.jsonl --output-dir $(DATA)
 
 train: setup
-	$(PY) finetune.py        --model $(MODEL) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
-	$(PY) finetune_lora.py   --model $(MODEL) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
-	$(PY) finetune_qlora.py  --model $(MODEL) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
-	$(PY) finetune_bitfit.py --model $(MODEL) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
+	$(PY) finetune.py        $(MODEL_ARG) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
+	$(PY) finetune_lora.py   $(MODEL_ARG) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
+	$(PY) finetune_qlora.py  $(MODEL_ARG) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
+	$(PY) finetune_bitfit.py $(MODEL_ARG) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
 
 evaluate: setup
 	$(PY) evaluate.py --data-dir $(DATA) --output-dir $(OUT) $(EVAL_ARGS)

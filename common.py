@@ -474,8 +474,48 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_model(name: str) -> str:
-    """Turn --model into something from_pretrained loads without surprises: usually a local folder."""
+DEFAULT_MODEL = "distilgpt2"     # the original project's model, wherever it can be had
+FALLBACK_MODEL = "smollm2-135m"  # the embedded offline preset used where it cannot
+DEFAULT_MODEL_HELP = (f"{DEFAULT_MODEL} when the Hub or the local cache has it, else the "
+                      f"offline {FALLBACK_MODEL} preset")
+
+
+def _hub_cached(name: str) -> str | None:
+    """The local snapshot folder of a Hub model, or None when it is not cached (no network)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        return None
+
+
+def choose_model(requested: str | None, announce: bool = True) -> str:
+    """The model a run uses: --model as given, or for the default (None) distilgpt2 wherever
+    it can be had (cached, or the Hub reachable), else the offline smollm2-135m preset.
+
+    Only the name is chosen here (nothing is loaded or converted); announce prints the
+    one line saying so when the default falls back.  A model named explicitly is kept
+    as it is, so --model distilgpt2 still insists and fails fast in resolve_model.
+    """
+    if requested is not None:
+        return requested
+    if _hub_cached(DEFAULT_MODEL) or _hub_reachable():
+        return DEFAULT_MODEL
+    if announce:
+        print(f"note: {DEFAULT_MODEL} is not cached and the Hugging Face Hub is not reachable; "
+              f"using the offline preset {FALLBACK_MODEL} instead (pass --model {DEFAULT_MODEL} "
+              "to insist)", flush=True)
+    return FALLBACK_MODEL
+
+
+def resolve_model(name: str | None) -> str:
+    """Turn --model into something from_pretrained loads without surprises: usually a local folder.
+
+    None means the default model (see choose_model).
+    """
+    if name is None:
+        name = choose_model(None)
     if name in OFFLINE_PRESETS:
         folder = cache_root() / (name if name == "smollm2-135m" else f"{name}-v{TINY_VERSION}")
         if not (folder / "config.json").exists():
@@ -501,15 +541,13 @@ def resolve_model(name: str) -> str:
         raise PipelineError(f"--model {name}: no such file or folder")
     if _hub_reachable():
         return name
-    from huggingface_hub import snapshot_download
-
-    try:  # offline but cached: load from the local snapshot so nothing waits on the network
-        return snapshot_download(name, local_files_only=True)
-    except Exception:
+    snapshot = _hub_cached(name)  # offline but cached: load it so nothing waits on the network
+    if snapshot is None:
         raise PipelineError(
             f"--model {name}: not in the local Hugging Face cache and the Hub is not reachable. "
             f"Offline alternatives: {', '.join(OFFLINE_PRESETS)} (presets), a local model "
-            "folder, or a .gguf file") from None
+            "folder, or a .gguf file")
+    return snapshot
 
 
 def pick_device(requested: str = "auto"):
@@ -721,9 +759,10 @@ def training_parser(description: str, lr: float, lr_help: str):
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--model", default="distilgpt2",
+    add("--model", default=None,
         help="Hub id, local model folder, .gguf file, or an offline preset: "
-             f"{', '.join(OFFLINE_PRESETS)} (default: distilgpt2, the original project's model)")
+             f"{', '.join(OFFLINE_PRESETS)} (default: {DEFAULT_MODEL_HELP}; "
+             "metrics.json records the model used)")
     add("--data-dir", default="data", help="folder with train.jsonl, eval.jsonl, template.json")
     add("--output-dir", default="outputs", help="the model goes to <output-dir>/<method>/")
     add("--epochs", type=positive_int, default=2,

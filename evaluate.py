@@ -1,8 +1,15 @@
 """Evaluate the untuned base model and every fine-tuned method on held-out questions.
 
-    python evaluate.py                        # every finished method in outputs/
-    python evaluate.py --methods lora,qlora   # only these
+    python evaluate.py                        # score what changed; compare every finished method
+    python evaluate.py --methods lora         # re-score only LoRA (if it changed)
+    python evaluate.py --force                # re-score everything
     python evaluate.py --limit 50             # a quick look at 50 questions
+
+The everyday loop: edit finetune_lora.py, run it, run evaluate.py.  Each
+run's predictions are kept with a fingerprint of what produced them (its
+weights and metrics, the eval rows, the template, the decoding settings and
+the scoring code's version); only runs whose fingerprint changed are scored
+again, and the comparison is rebuilt from every finished method plus base.
 
 Every model gets the same data (data/eval.jsonl), the same greedy decoding
 (batched, stopping at EOS or at a new user turn, new tokens bounded by the
@@ -22,13 +29,16 @@ each method against the base, is compared with a paired test (see verdict.py).
 
 Writes outputs/<run>/predictions.jsonl (outputs/base/ for the untuned model),
 outputs/comparison.{csv,md,json}, outputs/comparison.png,
-outputs/quality_vs_cost.png, outputs/lr_search.png (when --tune-lr ran), and
-prints a recommendation computed from the paired tests.
+outputs/quality_vs_cost.png, outputs/lr_search.png (when --tune-lr ran),
+outputs/report.html (everything on one page that opens from disk), and prints
+a recommendation computed from the paired tests.
 """
 
 import argparse
 import csv
+import hashlib
 import io
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -37,6 +47,7 @@ import numpy as np
 import torch
 
 import common
+import report
 import verdict
 
 METHODS = ("full", "lora", "qlora", "bitfit")  # the order of every table and plot
@@ -50,6 +61,9 @@ MEASURES = (("answer_perplexity", "answer perplexity (lower is better)"),
             ("trainable_params", "trainable parameters"))
 COST_FIELDS = ("train_loss", "train_seconds", "train_tokens_per_s", "peak_memory_mb",
                "trainable_params", "trainable_percent", "size_on_disk_mb")
+# Bump when scoring, decoding or metric code changes what a run's predictions hold: every
+# saved prediction file then counts as stale and is scored again.
+SCORING_VERSION = "2026-11-29.1"
 PERPLEXITY_NOTE = ("answer perplexity: exp of the mean negative log-likelihood of the reference "
                    "answer's tokens given the prompt; the EOS token is not counted, for every "
                    "model alike")
@@ -62,8 +76,11 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="outputs", help="where the methods' folders are")
     parser.add_argument("--data-dir", default="data", help="folder with eval.jsonl, template.json")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated methods to evaluate (default: every finished one "
-                             f"of {', '.join(METHODS)} found in --output-dir)")
+                        help="comma-separated methods to re-score when they changed (default: "
+                             f"any of {', '.join(METHODS)}); the comparison always covers every "
+                             "finished method whose predictions are up to date, plus base")
+    parser.add_argument("--force", action="store_true",
+                        help="re-score every run, even those whose predictions are up to date")
     parser.add_argument("--limit", type=common.positive_int, default=None,
                         help="evaluate only the first N eval questions (a quick look)")
     parser.add_argument("--batch-size", type=common.positive_int, default=32,
@@ -100,20 +117,32 @@ def seed_folders(output_dir: Path, method: str, primary: dict) -> list[Path]:
     return folders
 
 
+def requested_methods(requested: str | None) -> list[str]:
+    """--methods as a list of known method names (all of them when not given)."""
+    if not requested:
+        return list(METHODS)
+    names = [m.strip() for m in requested.split(",") if m.strip()]
+    for name in names:
+        if name not in METHODS:
+            raise common.PipelineError(f"--methods: unknown method {name!r}; expected some of "
+                                       f"{', '.join(METHODS)}")
+    return names
+
+
 def find_methods(output_dir: Path, requested: str | None) -> dict[str, list[tuple[Path, dict]]]:
-    """The finished methods' runs (folder, metrics), one per seed, by name, in METHODS order."""
-    names = [m.strip() for m in requested.split(",")] if requested else [
-        m for m in METHODS if (output_dir / m).exists()]
+    """The finished methods' runs (folder, metrics), one per seed, by name, in METHODS order.
+
+    Every finished method is found; one named in requested must be finished.
+    """
+    wanted = requested_methods(requested) if requested else []
+    names = [m for m in METHODS if (output_dir / m).exists() or m in wanted]
     found = {}
     for name in names:
         folder = output_dir / name
-        if name == "base" or name not in METHODS:
-            raise common.PipelineError(f"--methods: unknown method {name!r}; expected some of "
-                                       f"{', '.join(METHODS)}")
         if not (folder / "COMPLETED").exists():
             message = (f"{folder} has no COMPLETED marker: its run did not finish; re-run "
                        f"{script_for(name)} (add --resume to continue from its checkpoint)")
-            if requested:
+            if name in wanted:
                 raise common.PipelineError(message)
             print(f"warning: skipping {message}")
             continue
@@ -149,6 +178,47 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
         kwargs.update(common.nf4_load_kwargs(device))
         return AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs)
     return AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
+
+
+# --- Fingerprints: score again only what changed ------------------------------
+
+PREDICTIONS = "predictions.jsonl"
+FINGERPRINT = "predictions.fingerprint.json"
+MODEL_FILES = ("*.safetensors", "config.json", "adapter_config.json", "metrics.json")
+
+
+def folder_digest(folder: Path) -> str:
+    """Checksum of a model folder's weights, configuration and metrics (what produced a run)."""
+    digest = hashlib.sha256()
+    files = sorted({path for pattern in MODEL_FILES for path in Path(folder).glob(pattern)})
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + common.file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def fingerprint(model_folder: Path, rows: list[dict], template: dict, decoding: dict) -> str:
+    """What a run's predictions depend on: model files, eval rows, template, decoding, scorer."""
+    blob = json.dumps({"model": folder_digest(model_folder), "rows": rows, "template": template,
+                       "decoding": decoding, "scoring": SCORING_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cached_records(folder: Path, expected: str) -> list[dict] | None:
+    """A run's saved predictions, if they were made with this fingerprint; else None."""
+    marker, predictions = folder / FINGERPRINT, folder / PREDICTIONS
+    if not (marker.exists() and predictions.exists()):
+        return None
+    if common.read_json(marker).get("fingerprint") != expected:
+        return None
+    return common.read_jsonl(predictions)
+
+
+def save_records(folder: Path, records: list[dict], value: str) -> None:
+    """Write a run's predictions, then (last) the fingerprint that vouches for them."""
+    (folder / FINGERPRINT).unlink(missing_ok=True)
+    common.write_jsonl(folder / PREDICTIONS, records)
+    common.write_json(folder / FINGERPRINT, {"fingerprint": value,
+                                             "scoring_version": SCORING_VERSION})
 
 
 # --- Scoring -----------------------------------------------------------------
@@ -464,22 +534,45 @@ def main(args):
     examples = common.tokenize_rows(tokenizer, rows, 10**9, source="eval.jsonl", label_eos=False)
     max_new = common.max_new_tokens_for(tokenizer, [r["completion"] for r in rows])
 
-    # Evaluate each run in turn, writing its predictions
+    # Score each run whose predictions are missing or stale; reuse the others
+    decoding = {"max_new_tokens": max_new, "stop": stop, "greedy": True,
+                "eos_token_id": tokenizer.eos_token_id}
+    rescore = set(requested_methods(args.methods)) | {"base"}
     all_runs: dict[str, list[list[dict]]] = {}
     for name, runs in {"base": [(output_dir / "base", None)], **methods}.items():
-        all_runs[name] = []
+        kept = []
         for folder, metrics in runs:
-            model = load_for_eval(name, folder, base_path, metrics, device,
-                                  args.trust_remote_code)
-            records = evaluate_model(folder.name, model, tokenizer, rows, examples, max_new,
-                                     stop, args, device)
-            del model
-            common.write_jsonl(folder / "predictions.jsonl", records)
-            all_runs[name].append(records)
-            summary = common.summarise(records)
-            print(f"{folder.name:>14}: answer PPL {run_perplexity(records):8.2f}  exact "
-                  f"{summary['exact_match']:5.1f}%  key {fmt(summary['key_accuracy'])}%  "
-                  f"F1 {summary['token_f1']:5.1f}%")
+            value = fingerprint(Path(base_path) if name == "base" else folder, rows, template,
+                                decoding)
+            records = None if args.force else cached_records(folder, value)
+            if records is not None:
+                print(f"{folder.name:>14}: unchanged since it was last scored; predictions reused")
+            elif name not in rescore:
+                print(f"warning: {folder} changed since it was last scored and is not in "
+                      f"--methods; left out of the comparison (run evaluate.py --methods {name})")
+                continue
+            else:
+                model = load_for_eval(name, folder, base_path, metrics, device,
+                                      args.trust_remote_code)
+                records = evaluate_model(folder.name, model, tokenizer, rows, examples, max_new,
+                                         stop, args, device)
+                del model
+                folder.mkdir(parents=True, exist_ok=True)
+                save_records(folder, records, value)
+                summary = common.summarise(records)
+                print(f"{folder.name:>14}: answer PPL {run_perplexity(records):8.2f}  exact "
+                      f"{summary['exact_match']:5.1f}%  key {fmt(summary['key_accuracy'])}%  "
+                      f"F1 {summary['token_f1']:5.1f}%")
+            kept.append((metrics, records))
+        if kept:
+            all_runs[name] = [records for _, records in kept]
+            if name in methods:
+                methods[name] = [(None, m) for m, _ in kept]
+        elif name in methods:
+            del methods[name]
+    if len(all_runs) < 2:
+        raise common.PipelineError("no fine-tuned method has up-to-date predictions to compare; "
+                                   "run evaluate.py without --methods")
 
     # Means, intervals, paired tests, and the recommendation that follows from them
     table = [comparison_row(name, runs, [m for _, m in methods[name]] if name in methods
@@ -500,6 +593,7 @@ def main(args):
     common.write_text_atomic(output_dir / "comparison.md",
                              markdown_table(table, breakdowns, pairs, recommendation, len(rows)))
     common.write_json(output_dir / "comparison.json", {
+        "model": next(iter(methods.values()))[0][1]["model"], "base_model_path": base_path,
         "questions": len(rows), "max_new_tokens": max_new, "stop": stop,
         "headline_metric": key, "alpha": args.alpha, "perplexity": PERPLEXITY_NOTE,
         "intervals": "95% percentile bootstrap over questions and seeds (two levels, "
@@ -512,10 +606,13 @@ def main(args):
     plot_quality_vs_cost(table, output_dir / "quality_vs_cost.png")
     if searches:
         plot_lr_search(searches, output_dir / "lr_search.png")
+    else:
+        (output_dir / "lr_search.png").unlink(missing_ok=True)  # never show a stale search
+    report.write_report(output_dir, common.read_json(output_dir / "comparison.json"), all_runs)
     print(f"\n{recommendation}\n\nwrote {output_dir}/comparison.{{csv,md,json,png}}, "
           f"{output_dir}/quality_vs_cost.png"
           + (f", {output_dir}/lr_search.png" if searches else "")
-          + " and predictions.jsonl per run")
+          + f", {output_dir}/report.html and predictions.jsonl per run")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,16 @@
 Run from the repository root:
 
     python format_dataset.py                      # data/qa_pairs.jsonl -> data/formatted.jsonl
-    python format_dataset.py --input my_data.csv  # any .jsonl, .json (list) or .csv file
+    python format_dataset.py --input my_data.csv  # a file of your own (formats below)
+    python format_dataset.py --input org/name --split train   # a Hugging Face Hub dataset
+
+--input takes a .jsonl file (one JSON object per line), a .json file (a list of
+objects), a .csv file (header row; the delimiter , ; tab or | is detected from the
+header), a .parquet file, a folder written by `datasets`' save_to_disk (a
+DatasetDict folder takes --split), or a Hub dataset id `org/name` (with --split;
+offline it works only for a dataset already in the local `datasets` cache). The
+last three are read through the `datasets` library. Errors name the file and the
+line (.jsonl, .csv), item (.json) or row (the rest) and the field.
 
 Writes data/formatted.jsonl and data/template.json (the template, recorded so that
 training and evaluation apply exactly the same one). Nothing is written unless the
@@ -21,12 +30,21 @@ adding a key column, or turn derivation off with --no-derive-keys.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import hashlib
+import io
+import math
+import os
 import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import common
 from common import (DEFAULT_COMPLETION_TEMPLATE, DEFAULT_PROMPT_TEMPLATE, PipelineError,
-                    file_sha256, normalize_question, normalize_whitespace, read_records,
-                    run_main, write_json, write_jsonl)
+                    _read_text, file_sha256, normalize_question, normalize_whitespace,
+                    read_records, run_main, write_json, write_jsonl)
 
 # Column pairs recognised automatically, in order of preference (lower-case names).
 # user/assistant is the original project's dataset.jsonl format.
@@ -49,14 +67,28 @@ KEY_TRAILING = ".,;:!?\"'”’)]}"
 KEY_LEADING = "\"'“‘([{"
 BRACKETS = {"(": ")", "[": "]", "{": "}"}
 OPENERS = {close: open_ for open_, close in BRACKETS.items()}
+# Input files by suffix; anything else must be a save_to_disk folder or a Hub dataset id.
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+LOCAL_ALTERNATIVES = ".jsonl, .json, .csv, .parquet or a save_to_disk folder"
+# A Hub dataset id: owner/name, as the Hub spells them.
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# CSV delimiters recognised in the header row, comma first; how a message names each.
+CSV_DELIMITERS = {",": "commas", ";": "semicolons", "\t": "tabs", "|": "'|' characters"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Read the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    formats = next(part for part in __doc__.split("\n\n") if part.startswith("--input takes"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=formats)
     parser.add_argument("--input", default="data/qa_pairs.jsonl",
-                        help="question-answer file (.jsonl, .json list or .csv); the default "
-                             "is what generate_dataset.py writes")
+                        help="question-answer data: a .jsonl, .json (list), .csv or .parquet "
+                             "file, a folder written by datasets' save_to_disk, or a Hugging "
+                             "Face Hub dataset id (org/name); the default is what "
+                             "generate_dataset.py writes")
+    parser.add_argument("--split", default=None,
+                        help="which split to read (default: train); applies to Hub dataset "
+                             "ids and to save_to_disk folders holding a DatasetDict. Hub ids "
+                             "also take slices such as train[:1000]")
     parser.add_argument("--output", default="data/formatted.jsonl",
                         help="formatted rows; template.json goes beside it. The default is "
                              "where split_dataset.py looks")
@@ -102,10 +134,279 @@ def check_templates(prompt_template: str, completion_template: str) -> None:
 
 
 def row_error(path: Path, number: int, message: str) -> PipelineError:
-    """An error for one record, naming its line, or its item index in a .json list."""
-    if path.suffix.lower() == ".json":
+    """An error for one record: its line (.jsonl, .csv), item (.json list) or row (the rest)."""
+    suffix = "" if path.is_dir() else path.suffix.lower()
+    if suffix == ".json":
         return PipelineError(f"item {number}: {message}", path)
-    return PipelineError(message, path, number)
+    if suffix in (".jsonl", ".csv"):
+        return PipelineError(message, path, number)
+    return PipelineError(message, f"{path}, row {number}")
+
+
+# -----------------------------------------------------------------------------
+# Reading the input: files, save_to_disk folders and Hub datasets
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Input:
+    """What was read: (line/item/row number, row) records and how to describe their source."""
+    records: list[tuple[int, dict]]
+    kind: str  # for the summary line, e.g. "';'-separated CSV"
+    provenance: dict  # recorded in template.json
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether --input names a Hub dataset (org/name) rather than a missing local file."""
+    path = Path(text)
+    return (HUB_ID.fullmatch(text) is not None and not path.exists()
+            and path.suffix.lower() not in FILE_SUFFIXES and not path.parent.is_dir())
+
+
+def read_input(text: str, split: str | None) -> Input:
+    """Read --input of any accepted kind into records, or stop with a one-line error."""
+    path = Path(text)
+    if is_hub_id(text):
+        return read_hub(text, split or "train")
+    if not path.exists():
+        raise PipelineError("file not found; run `python generate_dataset.py` first, or pass "
+                            "--input with your own question-answer file", path)
+    if path.is_dir():
+        return read_saved(path, split)
+    suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise PipelineError(f"unsupported file type; expected {LOCAL_ALTERNATIVES}, "
+                            "or a Hub dataset id (org/name)", path)
+    if split is not None:
+        raise PipelineError("--split applies to Hub dataset ids and save_to_disk folders, "
+                            f"not to a {suffix} file", path)
+    provenance = {"source_sha256": file_sha256(path)}
+    if suffix == ".csv":
+        records, delimiter = read_csv(path)
+        return Input(records, f"{delimiter!r}-separated CSV", provenance)
+    if suffix == ".parquet":
+        return Input(read_parquet(path), "Parquet", provenance)
+    return Input(read_records(path), suffix[1:].upper(), provenance)
+
+
+def sniff_delimiter(text: str) -> str:
+    """The CSV delimiter: ',' unless the header row splits into more columns on ; tab or |."""
+    header = io.StringIO(text, newline="").readline()
+    columns = {mark: len(next(csv.reader([header], delimiter=mark), []))
+               for mark in CSV_DELIMITERS}
+    if columns[","] > 1:
+        return ","
+    best = max(CSV_DELIMITERS, key=columns.get)  # the first of equals: ',' when none splits
+    return best if columns[best] > 1 else ","
+
+
+def open_quote(text: str, delimiter: str) -> int | None:
+    """Offset of a quote that opens a field and is never closed, reading text as one CSV record
+    and what follows it (the csv module then silently reads on to the end of the file)."""
+    state, opened = "start", None
+    for offset, char in enumerate(text):
+        if state == "quoted":
+            state = "quote" if char == '"' else "quoted"
+        elif char in "\r\n" or char == delimiter:
+            state = "start"
+        elif state == "start" and char == '"':
+            state, opened = "quoted", offset
+        elif state == "quote" and char == '"':
+            state = "quoted"  # a doubled quote inside a quoted field
+        else:
+            state = "field"
+    return opened if state == "quoted" else None
+
+
+def read_csv(path: Path) -> tuple[list[tuple[int, dict]], str]:
+    """A CSV file with a header row as (first line of the record, row) pairs, and its delimiter."""
+    text = _read_text(path)
+    if not text.strip():
+        raise PipelineError("the file is empty; expected question-answer rows", path)
+    delimiter = sniff_delimiter(text)
+    # A StringIO with newline="" keeps line breaks inside quoted fields, which csv needs;
+    # line_num then counts physical lines, so multi-line records do not shift the line
+    # numbers of the rows after them.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header = next(reader, None)
+    if not header or not any(name.strip() for name in header):
+        raise PipelineError("the CSV file has no header row", path)
+    header = [name.strip() for name in header]
+    records, last = [], 1
+    start = reader.line_num + 1
+    for values in reader:
+        number, start = start, reader.line_num + 1
+        if values:
+            last = number
+        if not values or not any(value.strip() for value in values):
+            continue
+        if len(values) > len(header):
+            raise PipelineError(f"{len(values)} fields but the header has {len(header)}; quote "
+                                f"values that contain {CSV_DELIMITERS[delimiter]}", path, number)
+        # A short row simply lacks the trailing columns, so callers report them missing.
+        records.append((number, dict(zip(header, values))))
+    # An unclosed quote makes the last record swallow the rest of the file: find it.
+    lines = io.StringIO(text, newline="").readlines()
+    tail = "".join(lines[last - 1:])
+    opened = open_quote(tail, delimiter)
+    if opened is not None:
+        before = tail[:opened]
+        line = last + before.count("\n") + before.count("\r") - before.count("\r\n")
+        raise PipelineError('unterminated quote: the " that opens a field on this line is '
+                            'never closed, so the rest of the file would be one value; close '
+                            'it, or write a quote inside a quoted field as ""', path, line)
+    return records, delimiter
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """Import `datasets` with its progress bars and log messages off (errors come as one line)."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    verbosity, bars = ds_logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    message = str(exc).strip().split("\n")[0]
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def dataset_records(dataset) -> list[tuple[int, dict]]:
+    """Rows of a datasets.Dataset as (1-based row, row) pairs.
+
+    A null or NaN cell becomes "" (an empty cell, as in a CSV file), so a row without a
+    question or answer is dropped as empty; a whole float becomes an int ("4", not "4.0"),
+    as a column of integers with gaps is stored as floats (pandas does so).
+    """
+    def cell(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+    return [(number, {name: cell(value) for name, value in row.items()})
+            for number, row in enumerate(dataset.to_list(), start=1)]
+
+
+def read_parquet(path: Path) -> list[tuple[int, dict]]:
+    """A .parquet file's rows, read through datasets (its cache kept out of the user's)."""
+    import pyarrow.parquet
+
+    try:
+        if pyarrow.parquet.read_metadata(path).num_rows == 0:
+            return []  # datasets refuses an empty file; main says "no rows"
+    except Exception as exc:  # pyarrow raises several kinds for a file that is not Parquet
+        raise PipelineError(f"not a readable Parquet file ({first_line(exc)})", path) from None
+    with quiet_datasets() as datasets, tempfile.TemporaryDirectory() as cache:
+        try:
+            dataset = datasets.Dataset.from_parquet(str(path), cache_dir=cache,
+                                                    keep_in_memory=True)
+        except Exception as exc:  # pyarrow and datasets raise many kinds
+            raise PipelineError(f"not a readable Parquet file ({first_line(exc)})",
+                                path) from None
+        return dataset_records(dataset)
+
+
+def folder_sha256(folder: Path) -> str:
+    """Checksum of a folder: every file's relative path and content, in sorted order."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(file_sha256(file).encode())
+    return digest.hexdigest()
+
+
+def read_saved(folder: Path, split: str | None) -> Input:
+    """A folder written by save_to_disk: a Dataset, or one split (--split) of a DatasetDict."""
+    with quiet_datasets() as datasets:
+        try:
+            saved = datasets.load_from_disk(str(folder))
+        except FileNotFoundError:
+            raise PipelineError("not a folder written by datasets' save_to_disk (no "
+                                "state.json or dataset_dict.json); give a .jsonl, .json, .csv "
+                                "or .parquet file, such a folder, or a Hub dataset id",
+                                folder) from None
+        except Exception as exc:
+            raise PipelineError(f"cannot read this save_to_disk folder ({first_line(exc)})",
+                                folder) from None
+        provenance = {"source_sha256": folder_sha256(folder)}
+        if isinstance(saved, datasets.DatasetDict):
+            name = split or "train"
+            if name not in saved:
+                raise PipelineError(f"no split {name!r}; the folder has splits: "
+                                    f"{', '.join(saved)}; choose one with --split", folder)
+            return Input(dataset_records(saved[name]), f"save_to_disk folder, split {name!r}",
+                         {**provenance, "source_split": name})
+        if split is not None:
+            raise PipelineError("--split given, but this save_to_disk folder holds a single "
+                                "Dataset, not a DatasetDict of splits; leave --split out",
+                                folder)
+        return Input(dataset_records(saved), "save_to_disk folder", provenance)
+
+
+def env_true(name: str) -> bool:
+    """Whether an environment variable is set to a true value (1, true, yes, on)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def forced_offline(datasets):
+    """Make datasets and huggingface_hub skip the network (they read these flags on import)."""
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def read_hub(name: str, split: str) -> Input:
+    """One split of a Hugging Face Hub dataset; offline, only from the local datasets cache."""
+    if env_true("HF_HUB_OFFLINE") or env_true("HF_DATASETS_OFFLINE"):
+        offline = "offline mode is set"
+    elif not common._hub_reachable():
+        offline = "no answer within 3 s"
+    else:
+        offline = None
+    with quiet_datasets() as datasets, \
+            (forced_offline(datasets) if offline else contextlib.nullcontext()):
+        try:
+            dataset = datasets.load_dataset(name, split=split)
+        except ValueError as exc:
+            if "split" not in str(exc).lower():
+                raise PipelineError(f"cannot load this dataset ({first_line(exc)})",
+                                    name) from None
+            raise PipelineError(f"--split {split}: {first_line(exc).split(': ', 1)[1]}",
+                                name) from None
+        except (ConnectionError, FileNotFoundError) as exc:
+            if offline:
+                raise PipelineError(f"the Hugging Face Hub is not reachable ({offline}) and "
+                                    "this dataset is not in the local datasets cache; give "
+                                    f"a local file instead: {LOCAL_ALTERNATIVES}",
+                                    name) from None
+            raise PipelineError(f"cannot load this dataset ({first_line(exc)})", name) from None
+        except Exception as exc:
+            if type(exc).__name__ == "DatasetNotFoundError":
+                raise PipelineError("no such dataset on the Hugging Face Hub, or it is private "
+                                    "or gated (log in with `hf auth login`); for a local "
+                                    f"file or folder check the path ({LOCAL_ALTERNATIVES})",
+                                    name) from None
+            raise PipelineError(f"cannot load this dataset ({first_line(exc)})", name) from None
+        kind = f"Hub dataset, split {split!r}" + (", from the local cache" if offline else "")
+        return Input(dataset_records(dataset), kind,
+                     {"source_split": split, "source_fingerprint": dataset._fingerprint})
 
 
 def columns_found(records: list[tuple[int, dict]]) -> dict[str, str]:
@@ -258,17 +559,16 @@ def main(args: argparse.Namespace) -> None:
     template_path = output.parent / "template.json"
     check_templates(args.prompt_template, args.completion_template)
 
-    # Read the file and find the question and answer columns.
-    if not source.exists():
-        raise PipelineError("file not found; run `python generate_dataset.py` first, or pass "
-                            "--input with your own question-answer file", source)
-    records = read_records(source)
+    # Read the input and find the question and answer columns.
+    loaded = read_input(args.input, args.split)
+    records = loaded.records
     if not records:
-        raise PipelineError("no rows; expected question-answer rows after the header", source)
+        after = " after the header" if loaded.kind.endswith("CSV") else ""
+        raise PipelineError(f"no rows; expected question-answer rows{after}", source)
     q_col, a_col = choose_columns(source, records, args.question_field, args.answer_field)
     k_col = choose_key_column(source, records, args.key_field)
     keyed = f"key column {k_col!r}" if k_col else "no key column"
-    print(f"read {len(records)} rows from {source} (question column {q_col!r}, "
+    print(f"read {len(records)} rows from {source} ({loaded.kind}; question column {q_col!r}, "
           f"answer column {a_col!r}, {keyed})")
 
     # Normalise every row first, so any bad row stops the run before anything is written.
@@ -302,7 +602,7 @@ def main(args: argparse.Namespace) -> None:
     write_jsonl(output, rows)
     write_json(template_path, {"prompt_template": args.prompt_template,
                                "completion_template": args.completion_template,
-                               "source": str(source), "source_sha256": file_sha256(source),
+                               "source": str(source), **loaded.provenance,
                                "question_field": q_col, "answer_field": a_col,
                                "key_field": k_col, "derive_keys": not args.no_derive_keys})
     print(f"wrote {len(rows)} rows to {output} and the template to {template_path}")

@@ -28,7 +28,8 @@ import common
 GRID_FACTORS = (0.3, 1, 3, 10)  # around the method's rate: a 33x span, mostly upwards (LoRA
 #                                 wants ~10x full fine-tuning's rate: "LoRA Without Regret")
 NOT_PART_OF_A_RUN = ("seed", "seeds", "resume", "output_dir", "data_dir", "device", "save_every",
-                     "keep_checkpoints", "tune_lr", "lr_grid", "search_epochs")
+                     "keep_checkpoints", "tune_lr", "lr_grid", "search_epochs",
+                     "model_requested")  # the run is defined by the model used (args.model)
 
 
 def with_changes(args, **changes) -> argparse.Namespace:
@@ -99,8 +100,9 @@ def search_learning_rate(args, method: str, prepare, load_kwargs: dict) -> dict:
               f"{results[-1]['valid_loss']:.4f}")
         del model
     best = max(results, key=lambda r: (r["score"], -r["valid_loss"]))
-    search = {"method": method, "grid": grid, "results": results, "chosen_lr": best["lr"],
-              "metric": metric, "metric_label": label, "split": "valid.jsonl",
+    search = {"method": method, "model": args.model, "grid": grid, "results": results,
+              "chosen_lr": best["lr"], "metric": metric, "metric_label": label,
+              "split": "valid.jsonl", "search_epochs": args.search_epochs,
               "budget": f"{args.search_epochs} epoch(s) per rate, {len(grid)} rates, seed "
                         f"{args.seed}", "edge": best["lr"] in (grid[0], grid[-1])}
     if run.rank == 0:
@@ -109,6 +111,21 @@ def search_learning_rate(args, method: str, prepare, load_kwargs: dict) -> dict:
             else "")
     print(f"{method}: chose lr {best['lr']:g} ({label} {best['score']:.1f}% on the validation "
           f"split){note}; wrote {Path(args.output_dir) / 'search' / f'{method}.json'}")
+    return search
+
+
+def previous_search(args, method: str) -> dict | None:
+    """With --resume, a finished search of this model over the same grid and budget is reused."""
+    path = Path(args.output_dir) / "search" / f"{method}.json"
+    if not path.exists():
+        return None
+    search = common.read_json(path)
+    grid = args.lr_grid or [round(args.lr * f, 12) for f in GRID_FACTORS]
+    if (search["grid"], search.get("search_epochs"), search.get("model")) != (
+            grid, args.search_epochs, args.model):
+        return None
+    print(f"{method}: --resume: using the finished learning-rate search in {path} "
+          f"(lr {search['chosen_lr']:g})")
     return search
 
 
@@ -133,9 +150,17 @@ def train_method(args, method: str, prepare, **load_kwargs) -> list[dict]:
     prepare(model, args) -> (model, details) applies the method to a freshly
     loaded base model; load_kwargs go to common.load_model (quantize_4bit=True).
     """
-    extra = {}
+    # Choose the model once per command (the default may fall back to the offline preset,
+    # said in one line), so every seed, checkpoint, run_id and metrics.json records the
+    # model actually used; the request is kept as model_requested.
+    requested = args.model
+    model = common.choose_model(requested, announce=common.dist_info()[0] == 0)
+    args = with_changes(args, model=model,
+                        model_requested="default" if requested is None else requested)
+    extra = {"model_requested": args.model_requested}
     if args.tune_lr:
-        search = search_learning_rate(args, method, prepare, load_kwargs)
+        search = previous_search(args, method) if args.resume else None
+        search = search or search_learning_rate(args, method, prepare, load_kwargs)
         args = with_changes(args, lr=search["chosen_lr"])
         extra["lr_search"] = {k: search[k] for k in ("grid", "chosen_lr", "metric", "budget")}
     output_dir = Path(args.output_dir)

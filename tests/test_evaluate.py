@@ -258,9 +258,13 @@ def test_no_trained_methods_is_a_clear_error(tmp_path):
         evaluate.find_methods(tmp_path / "out", None)
 
 
-def test_evaluate_scores_answers_it_controls(trained, tmp_path, monkeypatch):
+def test_evaluate_scores_answers_it_controls(tmp_path, monkeypatch):
     """With the generated answers fixed, every number in comparison.json follows by hand."""
-    data, out = trained
+    data, out = write_split(tmp_path / "data"), tmp_path / "out"
+    for name in ("full", "lora"):
+        SCRIPTS[name].main(SCRIPTS[name].parse_args([
+            "--model", "tiny-gpt2", "--data-dir", str(data), "--output-dir", str(out),
+            "--batch-size", "8", "--max-steps", "1"]))
     rows = common.load_split(data, "eval")
     # base answers nothing right; full answers every question; lora the first half only
     answers = {"base": ["I do not know."] * len(rows),

@@ -111,3 +111,15 @@ def test_fewer_seeds_remove_stale_seed_folders_and_resume_skips_finished(data_di
     assert (out / "bitfit" / "COMPLETED").read_text() == stamp
     finetune_bitfit.main(tuning.with_changes(args, seeds=1))
     assert sorted(p.name for p in out.iterdir()) == ["bitfit"]
+
+
+def test_resume_reuses_a_finished_search(tuned, capsys):
+    data, out = tuned
+    search = (out / "search" / "lora.json").read_text()
+    args = lora_args(data, out, "--tune-lr", "--seeds", "2", "--resume")
+    finetune_lora.main(args)
+    printed = capsys.readouterr().out
+    assert "using the finished learning-rate search" in printed
+    assert "learning-rate search 1/4" not in printed
+    assert printed.count("already complete; skipped") == 2
+    assert (out / "search" / "lora.json").read_text() == search

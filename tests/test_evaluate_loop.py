@@ -1,0 +1,147 @@
+"""The everyday loop: re-run one method, re-score only it, see everything in report.html."""
+
+import json
+import re
+
+import pytest
+
+import evaluate
+import finetune_lora
+from conftest import write_split
+from test_training import SCRIPTS
+
+TRAIN = ["--model", "tiny-gpt2", "--batch-size", "8", "--max-steps", "3"]
+
+
+def train_all(data, out):
+    for script in SCRIPTS.values():
+        script.main(script.parse_args([*TRAIN, "--data-dir", str(data), "--output-dir", str(out)]))
+
+
+def snapshot(out) -> dict:
+    """Every run's predictions file: its bytes and modification time."""
+    return {path.parent.name: (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted(out.glob("*/predictions.jsonl"))}
+
+
+def run_evaluate(data, out, *extra):
+    evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out),
+                                       *extra]))
+    return json.loads((out / "comparison.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """Every method trained on tiny-gpt2 and evaluated once."""
+    folder = tmp_path_factory.mktemp("loop")
+    data = write_split(folder / "data")
+    out = folder / "out"
+    train_all(data, out)
+    run_evaluate(data, out)
+    return data, out
+
+
+def test_nothing_changed_nothing_rescored(scored, capsys):
+    data, out = scored
+    before = snapshot(out)
+    report = run_evaluate(data, out)
+    assert snapshot(out) == before
+    assert capsys.readouterr().out.count("predictions reused") == 5
+    assert [r["method"] for r in report["rows"]] == ["base", "full", "lora", "qlora", "bitfit"]
+
+
+def test_rerunning_one_method_rescores_only_it(scored, capsys):
+    data, out = scored
+    before = snapshot(out)
+    finetune_lora.main(finetune_lora.parse_args([*TRAIN, "--data-dir", str(data), "--output-dir",
+                                                 str(out), "--lr", "5e-3"]))
+    capsys.readouterr()
+    report = run_evaluate(data, out)
+    after = snapshot(out)
+    assert after["lora"][1] != before["lora"][1]  # rewritten
+    for name in ("base", "full", "qlora", "bitfit"):
+        assert after[name] == before[name], name  # untouched, byte for byte and in time
+    printed = capsys.readouterr().out
+    assert printed.count("predictions reused") == 4
+    assert re.search(r"^\s+lora: answer PPL", printed, re.M)
+    assert [r["method"] for r in report["rows"]] == ["base", "full", "lora", "qlora", "bitfit"]
+    assert next(r for r in report["rows"] if r["method"] == "lora")["lr"] == 5e-3
+
+
+def test_methods_limits_what_is_rescored_not_what_is_compared(scored, capsys):
+    data, out = scored
+    before = snapshot(out)
+    report = run_evaluate(data, out, "--methods", "lora")
+    assert snapshot(out) == before
+    assert [r["method"] for r in report["rows"]] == ["base", "full", "lora", "qlora", "bitfit"]
+
+
+def test_a_changed_method_outside_methods_is_left_out_with_a_warning(scored, capsys):
+    data, out = scored
+    metrics = out / "bitfit" / "metrics.json"
+    original = metrics.read_text()
+    metrics.write_text(original.replace('"method"', '"method" ', 1))  # same content, new bytes
+    try:
+        report = run_evaluate(data, out, "--methods", "lora")
+        assert "bitfit" not in [r["method"] for r in report["rows"]]
+        assert "changed since it was last scored" in capsys.readouterr().out
+    finally:
+        metrics.write_text(original)
+
+
+def test_force_and_a_new_scoring_version_rescore_everything(scored, monkeypatch, capsys):
+    data, out = scored
+    before = snapshot(out)
+    run_evaluate(data, out, "--force")
+    forced = snapshot(out)
+    assert all(forced[name][1] != before[name][1] for name in before)
+    assert all(forced[name][0] == before[name][0] for name in before)  # same answers again
+    monkeypatch.setattr(evaluate, "SCORING_VERSION", "test-only")
+    capsys.readouterr()
+    run_evaluate(data, out)
+    assert "predictions reused" not in capsys.readouterr().out
+
+
+def test_other_eval_rows_or_limit_rescore(scored, capsys):
+    data, out = scored
+    run_evaluate(data, out, "--limit", "5")
+    assert "predictions reused" not in capsys.readouterr().out
+    run_evaluate(data, out)  # back to every question: scored again, not mixed with 5
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["questions"] == 12
+    assert all(len((out / n / "predictions.jsonl").read_text().splitlines()) == 12
+               for n in ("base", "full", "lora", "qlora", "bitfit"))
+
+
+# --- report.html --------------------------------------------------------------
+
+
+def test_report_is_one_self_contained_page_with_everything(scored):
+    data, out = scored
+    report = run_evaluate(data, out)
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    # nothing is fetched: no external source, stylesheet or script
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+    # the charts and each method's training curves are embedded
+    assert page.count("data:image/png;base64,") == 2 + 4
+    assert report["recommendation"].split(".")[0] in page
+    for row in report["rows"]:
+        assert f"<td>{row['method']}</td>" in page
+    for pair in report["pairwise"]:
+        assert f"{pair['a']} vs {pair['b']}" in page
+    assert "No search ran" in page  # these runs used their scripts' rates
+    assert "By category" in page and "By kind of held-out question" in page
+
+
+def test_report_lists_exactly_the_questions_where_methods_disagree(scored):
+    data, out = scored
+    run_evaluate(data, out)
+    runs = {n: [json.loads(l) for l in (out / n / "predictions.jsonl").open()]
+            for n in ("base", "full", "lora", "qlora", "bitfit")}
+    expected = [i for i in range(12)
+                if len({runs[n][i]["key_match"] for n in runs}) > 1]
+    page = (out / "report.html").read_text()
+    body = page.split('<table id=disagree>')[1].split("</table>")[0]
+    assert body.count("<tr data-cat=") == len(expected)
+    assert f"{len(expected)} of 12 questions get different verdicts" in page

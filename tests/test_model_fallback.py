@@ -1,0 +1,153 @@
+"""The default model: distilgpt2 wherever it can be had, else the offline smollm2-135m preset.
+
+Offline throughout (conftest sets HF_HUB_OFFLINE=1); the Hub check and the cache
+check are replaced by stand-ins, and smollm2-135m is never loaded or converted.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+import common
+import finetune
+from conftest import ROOT
+
+NOTE = ("note: distilgpt2 is not cached and the Hugging Face Hub is not reachable; using the "
+        "offline preset smollm2-135m instead (pass --model distilgpt2 to insist)")
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """A fresh machine: the Hub unreachable and nothing in the Hugging Face cache."""
+    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(common, "_hub_cached", lambda name: None)
+
+
+def test_default_falls_back_to_the_preset_with_one_line(no_hub, capsys):
+    assert common.choose_model(None) == "smollm2-135m"
+    out = capsys.readouterr().out
+    assert out.splitlines() == [NOTE]
+
+
+def test_fallback_note_can_be_silenced_for_other_processes(no_hub, capsys):
+    assert common.choose_model(None, announce=False) == "smollm2-135m"
+    assert capsys.readouterr().out == ""
+
+
+def test_default_keeps_distilgpt2_when_cached(no_hub, monkeypatch, capsys):
+    monkeypatch.setattr(common, "_hub_cached",
+                        lambda name: "/fake/snapshot" if name == "distilgpt2" else None)
+    assert common.choose_model(None) == "distilgpt2"
+    assert capsys.readouterr().out == ""
+
+
+def test_default_keeps_distilgpt2_when_the_hub_answers(no_hub, monkeypatch, capsys):
+    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: True)
+    assert common.choose_model(None) == "distilgpt2"
+    assert capsys.readouterr().out == ""
+
+
+def test_a_named_model_is_kept_as_given(no_hub, capsys):
+    for name in ("distilgpt2", "tiny-gpt2", "smollm2-135m", "someone/model"):
+        assert common.choose_model(name) == name
+    assert capsys.readouterr().out == ""
+
+
+def test_explicit_distilgpt2_insists_and_fails_fast(no_hub, capsys):
+    started = time.monotonic()
+    with pytest.raises(common.PipelineError, match="distilgpt2: not in the local Hugging Face "
+                                                   "cache and the Hub is not reachable"):
+        common.resolve_model("distilgpt2")
+    assert time.monotonic() - started < 5
+    assert "note:" not in capsys.readouterr().out  # no fallback for a model named explicitly
+
+
+def test_explicit_distilgpt2_cached_offline_loads_the_snapshot(no_hub, monkeypatch):
+    monkeypatch.setattr(common, "_hub_cached",
+                        lambda name: "/fake/snapshot" if name == "distilgpt2" else None)
+    assert common.resolve_model("distilgpt2") == "/fake/snapshot"
+
+
+def test_resolving_the_default_offline_builds_the_preset(no_hub, monkeypatch, tmp_path, capsys):
+    """resolve_model(None) takes the fallback too (conversion stubbed: nothing is loaded)."""
+    monkeypatch.setenv("QA_FT_CACHE", str(tmp_path))
+    converted = []
+    monkeypatch.setattr(common, "find_smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(common, "_convert_gguf", lambda gguf, folder: converted.append(folder))
+    assert common.resolve_model(None) == str(tmp_path / "smollm2-135m")
+    assert converted == [tmp_path / "smollm2-135m"]
+    assert NOTE in capsys.readouterr().out
+
+
+def test_help_describes_the_default():
+    text = " ".join(common.training_parser("x", 1e-4, "lr").format_help().split())
+    assert "distilgpt2 when the Hub or the local cache has it, else the offline smollm2-135m " \
+           "preset" in text
+    assert finetune.parse_args([]).model is None
+
+
+def test_explicit_distilgpt2_command_fails_fast_without_writing(no_hub, data_dir, tmp_path,
+                                                                capsys):
+    from test_errors import run_and_expect_exit, train_args
+
+    started = time.monotonic()
+    line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path / "out",
+                                                         "--model", "distilgpt2"), capsys)
+    assert time.monotonic() - started < 20
+    assert "distilgpt2: not in the local Hugging Face cache" in line
+    assert not (tmp_path / "out" / "full").exists()
+
+
+def test_default_command_falls_back_once_and_records_the_model_used(no_hub, monkeypatch,
+                                                                   data_dir, tmp_path, capsys):
+    """A whole command on the default: one note for the search and every seed, and every
+    output names the model actually used (tiny-gpt2 stands in for smollm2-135m here)."""
+    monkeypatch.setattr(common, "FALLBACK_MODEL", "tiny-gpt2")
+    out = tmp_path / "out"
+    args = finetune.parse_args(["--data-dir", str(data_dir), "--output-dir", str(out),
+                                "--batch-size", "8", "--max-steps", "2", "--seeds", "2",
+                                "--tune-lr", "--lr-grid", "1e-4,1e-3", "--search-epochs", "1"])
+    assert args.model is None
+    finetune.main(args)
+    printed = capsys.readouterr().out
+    notes = [line for line in printed.splitlines() if line.startswith("note:")]
+    assert notes == [NOTE.replace("smollm2-135m", "tiny-gpt2")]
+    for name in ("full", "full-seed43"):
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert metrics["model"] == "tiny-gpt2"
+        assert metrics["model_requested"] == "default"
+        assert metrics["args"]["model"] == "tiny-gpt2"
+        assert metrics["base_model_path"] == common.resolve_model("tiny-gpt2")
+    search = json.loads((out / "search" / "full.json").read_text())
+    assert search["model"] == "tiny-gpt2"
+
+
+def test_run_id_follows_the_model_used_not_the_request():
+    import tuning
+
+    args = finetune.parse_args(["--model", "distilgpt2"])
+    named = tuning.with_changes(args, model_requested="distilgpt2")
+    default = tuning.with_changes(args, model_requested="default")
+    assert tuning.run_id(named, "full") == tuning.run_id(default, "full")
+    assert tuning.run_id(tuning.with_changes(args, model="smollm2-135m"), "full") != \
+        tuning.run_id(args, "full")
+
+
+def make_dry_run(*overrides):
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "MAKEFLAGS", "MFLAGS")}
+    proc = subprocess.run(["make", "-n", "all", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [line for line in proc.stdout.splitlines() if "finetune" in line]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_all_passes_model_only_when_named():
+    lines = make_dry_run()
+    assert len(lines) == 4 and not any("--model" in line for line in lines)
+    lines = make_dry_run("MODEL=distilgpt2")
+    assert len(lines) == 4 and all("--model distilgpt2 " in line for line in lines)
