@@ -64,6 +64,7 @@ COST_FIELDS = ("train_loss", "train_seconds", "train_tokens_per_s", "peak_memory
 # Bump when scoring, decoding or metric code changes what a run's predictions hold: every
 # saved prediction file then counts as stale and is scored again.
 SCORING_VERSION = "2026-11-29.1"
+SAME_FOR_EVERY_SEED = ("trainable_params", "trainable_percent", "size_on_disk_mb")
 PERPLEXITY_NOTE = ("answer perplexity: exp of the mean negative log-likelihood of the reference "
                    "answer's tokens given the prompt; the EOS token is not counted, for every "
                    "model alike")
@@ -279,7 +280,10 @@ def comparison_row(name: str, runs: list[list[dict]], metrics: list[dict] | None
     row["seed_values"] = [m["args"]["seed"] for m in metrics]
     for field in COST_FIELDS:
         values = [m.get(field) for m in metrics if m.get(field) is not None]
-        row[field] = sum(values) / len(values) if values else None
+        if field in SAME_FOR_EVERY_SEED:
+            row[field] = values[0] if values else None
+        else:
+            row[field] = sum(values) / len(values) if values else None
     details = metrics[0]["details"]
     if details.get("base_quantization") == "nf4":
         row["note"] = "evaluated on its 4-bit NF4 base, as trained"

@@ -223,7 +223,7 @@ def build_report(output_dir: Path, comparison: dict, all_runs: dict[str, list[li
 <p class="sub">{comparison['questions']} held-out questions from <code>data/eval.jsonl</code>;
 headline: {comparison['headline_metric'].replace('_', ' ')}; base model
 <code>{html.escape(comparison['model'])}</code>.
-Means over seeds with 95% intervals ({html.escape(comparison['intervals'])}).
+Means over seeds; intervals: {html.escape(comparison['intervals'])}.
 {html.escape(comparison['perplexity'][0].upper() + comparison['perplexity'][1:])}.</p>
 <div class="verdict"><b>Verdict.</b> {html.escape(comparison['recommendation'])}</div>
 <h2>Comparison</h2>{comparison_table(comparison)}
