@@ -1,10 +1,10 @@
 """Full fine-tuning: every parameter of the model trains.
 
-    python finetune.py                          # distilgpt2 from the Hub
+    python finetune.py                          # distilgpt2 (or smollm2-135m offline)
     python finetune.py --model smollm2-135m     # offline, a real pretrained model
     python finetune.py --max-steps 20 --model tiny-gpt2   # a smoke run in seconds
 
-Reads data/train.jsonl and data/eval.jsonl (run the data stage first) and
+Reads data/train.jsonl and data/valid.jsonl (run the data stage first) and
 writes outputs/full/: the model (loads with AutoModelForCausalLM), metrics.json
 and training_metrics.png.  The most thorough method and the most expensive:
 gradients and two AdamW moments for every weight (about 16 bytes a parameter).

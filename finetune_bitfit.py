@@ -1,6 +1,6 @@
 """BitFit: only the bias terms train; every weight matrix stays frozen.
 
-    python finetune_bitfit.py                          # distilgpt2 from the Hub
+    python finetune_bitfit.py                          # distilgpt2 (or smollm2-135m offline)
     python finetune_bitfit.py --model smollm2-135m     # offline, a real pretrained model
 
 BitFit (Ben Zaken et al. 2022) trains a model's bias vectors alone: about 0.1%

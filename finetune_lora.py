@@ -1,6 +1,6 @@
 """LoRA: the pretrained weights stay frozen; small low-rank adapters train.
 
-    python finetune_lora.py                          # distilgpt2 from the Hub
+    python finetune_lora.py                          # distilgpt2 (or smollm2-135m offline)
     python finetune_lora.py --model smollm2-135m     # offline, a real pretrained model
     python finetune_lora.py --rank 8 --target-modules c_attn   # the original project's setting
 

@@ -1,6 +1,6 @@
 """QLoRA: LoRA on a base model held in 4-bit NormalFloat (NF4) with double quantisation.
 
-    python finetune_qlora.py                          # distilgpt2 from the Hub
+    python finetune_qlora.py                          # distilgpt2 (or smollm2-135m offline)
     python finetune_qlora.py --model smollm2-135m     # offline, a real pretrained model
 
 The frozen base weights are stored as 4-bit NF4 codes (bitsandbytes), with the
