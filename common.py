@@ -763,7 +763,8 @@ def training_parser(description: str, lr: float, lr_help: str):
         help="Hub id, local model folder, .gguf file, or an offline preset: "
              f"{', '.join(OFFLINE_PRESETS)} (default: {DEFAULT_MODEL_HELP}; "
              "metrics.json records the model used)")
-    add("--data-dir", default="data", help="folder with train.jsonl, valid.jsonl, template.json (eval.jsonl is never read here)")
+    add("--data-dir", default="data",
+        help="folder with train.jsonl, valid.jsonl, template.json (eval.jsonl is never read)")
     add("--output-dir", default="outputs", help="the model goes to <output-dir>/<method>/")
     add("--epochs", type=positive_int, default=2,
         help="passes over the training set (default 2: sized so the whole offline comparison "
