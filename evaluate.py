@@ -64,7 +64,10 @@ COST_FIELDS = ("train_loss", "train_seconds", "train_tokens_per_s", "peak_memory
 # Bump when scoring, decoding or metric code changes what a run's predictions hold: every
 # saved prediction file then counts as stale and is scored again.
 SCORING_VERSION = "2026-11-29.1"
-SAME_FOR_EVERY_SEED = ("trainable_params", "trainable_percent", "size_on_disk_mb")
+# Taken from the first seed's run: the same for every seed, or (peak memory) measured in a
+# process that had loaded nothing before it but the discarded learning-rate search models.
+SAME_FOR_EVERY_SEED = ("trainable_params", "trainable_percent", "size_on_disk_mb",
+                       "peak_memory_mb")
 PERPLEXITY_NOTE = ("answer perplexity: exp of the mean negative log-likelihood of the reference "
                    "answer's tokens given the prompt; the EOS token is not counted, for every "
                    "model alike")

@@ -182,7 +182,9 @@ def train_method(args, method: str, prepare, **load_kwargs) -> list[dict]:
         # with nothing finished and no checkpoint, start_run says there is nothing to resume.
         resume = args.resume and (bool(common.checkpoints(output_dir, method)) or not finished)
         seed_args = with_changes(args, seed=seed, resume=resume)
-        metrics, *_ = train_once(seed_args, method, prepare, name, load_kwargs,
-                                 extra={**extra, "run_id": identity})
+        # Keep only the metrics: holding on to this seed's model while the next one trains
+        # would add its weights to the next run's peak memory.
+        metrics = train_once(seed_args, method, prepare, name, load_kwargs,
+                             extra={**extra, "run_id": identity})[0]
         finished.append(metrics)
     return finished
