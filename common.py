@@ -1393,6 +1393,9 @@ def answer_tokens(text: str, lower: bool = True) -> list[str]:
     return [t.replace(",", "") if t[-1].isdigit() else t for t in tokens]
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)*")
+
+
 def _case_sensitive(key: str) -> bool:
     """Short keys with a capital letter are symbols: "Be", "He", "Si" must not match "be", "SI"."""
     return len(key.strip()) <= 2 and any(c.isupper() for c in key)
@@ -1422,14 +1425,20 @@ def key_match(prediction: str, key: str, question: str | None = None) -> bool:
     """The key appears in the prediction as whole words, and not only inside an echo of the question.
 
     Articles stay ("Vitamin A" is not "Vitamin B") and numbers keep their
-    punctuation.  Given the question, an occurrence that lies wholly inside a
-    run of three or more words copied from it does not count: "8 times 1
-    equals 9" repeats the question's "8 times 1" and does not answer "8".
+    punctuation.  Given the question, echoes do not count:
+    - a numeric key that is also one of the question's numbers (an operand)
+      must be the prediction's last number: "8 times 1 equals 9" answers 9;
+    - any other occurrence that lies wholly inside a run of three or more
+      words copied from the question does not count.
     """
     lower = not _case_sensitive(key)
     key_tokens, pred = answer_tokens(key, lower), answer_tokens(prediction, lower)
     if not key_tokens:
         return False
+    if question and len(key_tokens) == 1 and _NUMBER.fullmatch(key_tokens[0]):
+        if key_tokens[0] in answer_tokens(question):
+            numbers = [t for t in pred if _NUMBER.fullmatch(t)]
+            return bool(numbers) and numbers[-1] == key_tokens[0]
     echoed = (_echoed(pred, answer_tokens(question, lower)) if question
               else [False] * len(pred))
     n = len(key_tokens)

@@ -58,6 +58,12 @@ def test_key_match_is_not_satisfied_by_echoing_the_question():
     assert common.key_match("8", "8", question)
     assert common.key_match("The answer is 8.", "8", question)
     assert not common.key_match("What is 8 times 1? I do not know.", "8", question)
+    # the question need not be worded like the answer: the operand is still not the answer
+    assert not common.key_match("8 times 1 equals 9.", "8", "Calculate 8 * 1.")
+    assert common.key_match("8 times 1 equals 8.", "8", "Calculate 8 * 1.")
+    assert common.key_match("It is 8.", "8", "Calculate 8 * 1.")
+    assert not common.key_match("8 minus 8 is 8.", "0", "What is 8 minus 8?")
+    assert common.key_match("8 minus 8 is 0.", "0", "What is 8 minus 8?")
     # without the question the echo cannot be told apart (the old behaviour)
     assert common.key_match("8 times 1 equals 9.", "8")
 
