@@ -365,7 +365,7 @@ def pairwise_table(pairs: list[dict], label: str) -> str:
     out.write(f"| a | b | {label} a - b (points) | 95% CI | p (exact) | p (Holm) | verdict |\n"
               "|---|---|---|---|---|---|---|\n")
     for p in pairs:
-        significant = p["p_adjusted"] < verdict.ALPHA
+        significant = verdict.is_significant(p)
         word = ("a better" if p["difference"] > 0 else "b better") if significant else "not shown"
         out.write(f"| {p['a']} | {p['b']} | {p['difference']:+.1f} | "
                   f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] | {p['p_value']:.3g} | "
@@ -388,7 +388,8 @@ def markdown_table(rows: list[dict], breakdowns: dict, pairs: list[dict], recomm
     out.write(f"\n## Paired comparisons ({label})\n\n"
               "Paired bootstrap interval of the difference; exact McNemar test (sign-flip test "
               "over seed means when there are several seeds), Holm-adjusted over all "
-              f"{len(pairs)} comparisons.\n\n" + pairwise_table(pairs, label))
+              f"{len(pairs)} comparisons. A difference is called significant when the "
+              "adjusted p < 0.05 and the interval excludes 0.\n\n" + pairwise_table(pairs, label))
     for field, title in (("eval_kind", "eval kind"), ("category", "category")):
         values = sorted({v for b in breakdowns.values() for v in b[field]})
         if not values:

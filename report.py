@@ -16,6 +16,7 @@ import html
 from pathlib import Path
 
 import common
+import verdict
 
 STYLE = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2433;
@@ -109,14 +110,14 @@ def pairwise_table(comparison: dict) -> str:
     alpha = comparison.get("alpha", 0.05)
     rows = []
     for p in comparison["pairwise"]:
-        significant = p["p_adjusted"] < alpha
+        significant = verdict.is_significant(p, alpha)
         winner = p["a"] if p["difference"] > 0 else p["b"]
-        verdict = (f'<span class="ok">{winner} better</span>' if significant
-                   else '<span class="muted">not shown</span>')
+        word = (f'<span class="ok">{winner} better</span>' if significant
+                else '<span class="muted">not shown</span>')
         rows.append(f"<tr><td>{p['a']} vs {p['b']}</td><td>{p['difference']:+.1f}</td>"
                     f"<td>[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}]</td>"
                     f"<td>{p['p_value']:.3g}</td><td>{p['p_adjusted']:.3g}</td>"
-                    f"<td class=text>{verdict}</td></tr>")
+                    f"<td class=text>{word}</td></tr>")
     return ("<table><tr><th>comparison</th><th>difference (points)</th><th>95% CI</th>"
             "<th>p (exact)</th><th>p (Holm)</th><th class=text>verdict</th></tr>"
             + "".join(rows) + "</table>")
@@ -230,7 +231,7 @@ Means over seeds; intervals: {html.escape(comparison['intervals'])}.
 <h2>Paired tests</h2>
 <p class=muted>Difference a &minus; b on the same questions; paired bootstrap interval; exact
 McNemar test (sign-flip over seed means with several seeds), Holm-adjusted over every
-comparison.</p>{pairwise_table(comparison)}
+comparison. Called significant when the adjusted p &lt; 0.05 and the interval excludes 0.</p>{pairwise_table(comparison)}
 <h2>Learning rates</h2>{search_table(comparison, output_dir)}{lr_chart}
 <h2>Charts</h2>{image(output_dir / 'comparison.png', 'comparison')}
 {image(output_dir / 'quality_vs_cost.png', 'quality against cost')}

@@ -18,6 +18,8 @@ several seeds; the untuned base model has one.
                 differences, which is McNemar's test when there is one seed.
   adjustment    Holm's step-down over every comparison made: each pair of
                 methods and each method against the base.
+  significant   Holm-adjusted p < 0.05 and a paired interval that excludes 0
+                (the test sees question sampling only; the interval seeds too).
   recommendation  only a method significantly better than the base qualifies;
                 among those not significantly worse than the best, the cheapest
                 (training time, then peak memory).
@@ -174,6 +176,7 @@ def pairwise(runs: dict[str, list[list[dict]]], metric: str, base: str = "base")
                      "p_value": paired_p_value(ma, mb)})
     for row, adjusted in zip(rows, holm([r["p_value"] for r in rows])):
         row["p_adjusted"] = adjusted
+        row["significant"] = is_significant(row)
     return rows
 
 
@@ -187,10 +190,22 @@ def _find(pairs: list[dict], a: str, b: str) -> tuple[float, dict]:
     raise KeyError((a, b))
 
 
+def is_significant(row: dict, alpha: float = ALPHA) -> bool:
+    """Whether a comparison shows a difference: Holm-adjusted p < alpha AND a 95% interval without 0.
+
+    The exact test holds each question's seed mean fixed, so it sees only the sampling
+    of questions; the interval also resamples seeds.  A difference that training noise
+    could undo (the interval reaches 0) is not called significant, so the text never
+    says "worse" beside an interval that includes "no difference".
+    """
+    low, high = row["ci95"]
+    return row["p_adjusted"] < alpha and row["difference"] != 0 and not low <= 0 <= high
+
+
 def significantly(pairs: list[dict], a: str, b: str, alpha: float = ALPHA) -> int:
     """+1 if a is significantly better than b, -1 if significantly worse, 0 if not shown."""
     difference, row = _find(pairs, a, b)
-    if row["p_adjusted"] >= alpha or difference == 0:
+    if not is_significant(row, alpha):
         return 0
     return 1 if difference > 0 else -1
 
@@ -258,8 +273,10 @@ def _versus(pairs: list[dict], a: str, b: str) -> str:
     difference, row = _find(pairs, a, b)
     low, high = row["ci95"] if (row["a"], row["b"]) == (a, b) else [-row["ci95"][1],
                                                                     -row["ci95"][0]]
+    caveat = (" (the interval includes 0)" if row["p_adjusted"] < ALPHA and low <= 0 <= high
+              else "")
     return (f"{a} {difference:+.1f} points [{low:+.1f}, {high:+.1f}], "
-            f"p_adj {_p(row['p_adjusted'])}")
+            f"p_adj {_p(row['p_adjusted'])}{caveat}")
 
 
 def _p(value: float) -> str:

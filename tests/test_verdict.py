@@ -174,3 +174,15 @@ def test_pairwise_covers_every_pair_and_the_base_with_holm():
     for p in pairs:
         assert p["ci95"][0] <= p["difference"] <= p["ci95"][1]
         assert set(p) >= {"a", "b", "metric", "difference", "ci95", "p_value", "p_adjusted"}
+
+
+def test_significant_needs_the_test_and_an_interval_without_zero():
+    row = {"difference": -2.8, "ci95": [-5.8, 0.1], "p_adjusted": 0.039}
+    assert not verdict.is_significant(row)  # the interval still allows no difference
+    assert verdict.is_significant({**row, "ci95": [-5.8, -0.4]})
+    assert not verdict.is_significant({**row, "ci95": [-5.8, -0.4], "p_adjusted": 0.06})
+    pairs = [{"a": "full", "b": "lora", **row}]
+    assert verdict.significantly(pairs, "lora", "full") == 0
+    pairs[0]["ci95"] = [-5.8, -0.4]
+    assert verdict.significantly(pairs, "lora", "full") == 1
+    assert verdict.significantly(pairs, "full", "lora") == -1
