@@ -34,6 +34,7 @@ th{background:#eef1f5;position:sticky;top:0}
 td:first-child,th:first-child,.text{text-align:left}
 tr.best td{font-weight:600}
 .ok{color:#17803d}.bad{color:#b3261e}.muted{color:#8a93a0}
+td .ci{display:block;font-size:11.5px;color:#8a93a0;white-space:nowrap}
 img{max-width:100%;background:#fff;border-radius:6px;box-shadow:0 1px 3px #0001;margin:6px 0}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:14px}
 input,select{font:inherit;padding:4px 8px;margin:0 8px 8px 0}
@@ -73,7 +74,7 @@ def with_interval(row: dict, key: str, digits: int) -> str:
     if row.get(key) is None:
         return "-"
     ci = row.get(f"{key}_ci95")
-    tail = (f' <span class="muted">[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]</span>' if ci
+    tail = (f' <span class="ci">[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]</span>' if ci
             else "")
     return number(row[key], digits) + tail
 
