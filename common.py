@@ -736,20 +736,16 @@ positive_float.__name__ = "positive number"
 
 def lr_grid(text: str) -> list[float]:
     """--lr-grid: at least two distinct positive rates, ascending."""
+    import argparse
+
     try:
         rates = sorted({float(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise argparse_error(f"not a comma-separated list of numbers: {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}") from None
     if len(rates) < 2 or rates[0] <= 0:
-        raise argparse_error(f"give at least two positive rates: {text!r}")
+        raise argparse.ArgumentTypeError(f"give at least two positive rates: {text!r}")
     return rates
-
-
-def argparse_error(message: str):
-    """An argparse type error (printed by argparse as a usage error)."""
-    import argparse
-
-    return argparse.ArgumentTypeError(message)
 
 
 def training_parser(description: str, lr: float, lr_help: str):
@@ -836,14 +832,22 @@ def answer_loss(model, input_ids, attention_mask, labels):
     """
     import torch.nn.functional as F
 
+    logits, targets, keep = labelled_logits(model, input_ids, attention_mask, labels)
+    nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return nll, keep.sum()
+
+
+def labelled_logits(model, input_ids, attention_mask, labels):
+    """LM-head logits at the positions whose next token has a label: (logits, labels, mask).
+
+    The mask is batch x (length - 1); answer_loss sums over it, scoring sums per row.
+    """
     lm = _causal_lm(model)
     hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
                            use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != -100
-    logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
-    nll = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return nll, keep.sum()
+    return lm.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], keep
 
 
 def answer_nll(model, examples: list[dict], pad_id: int, device, batch_size: int = 32,
@@ -1503,7 +1507,6 @@ def answer_nll_by_example(model, examples: list[dict], pad_id: int, device,
 
     was_training = model.training
     model.eval()
-    lm = _causal_lm(model)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     dtype = autocast_dtype(device)
@@ -1513,13 +1516,8 @@ def answer_nll_by_example(model, examples: list[dict], pad_id: int, device,
             idx = order[start:start + batch_size]
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                hidden = lm.base_model(input_ids=batch["input_ids"],
-                                       attention_mask=batch["attention_mask"],
-                                       use_cache=False).last_hidden_state
-            targets = batch["labels"][:, 1:]
-            keep = targets != -100
-            logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
-            nll = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+                logits, targets, keep = labelled_logits(model, **batch)
+            nll = F.cross_entropy(logits.float(), targets, reduction="none")
             rows = keep.nonzero()[:, 0]
             sums = torch.zeros(len(idx), dtype=torch.float64, device=nll.device)
             sums.index_add_(0, rows, nll.double())

@@ -40,7 +40,6 @@ import hashlib
 import io
 import json
 import re
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +48,7 @@ import torch
 import common
 import report
 import verdict
+from report import fmt
 
 METHODS = ("full", "lora", "qlora", "bitfit")  # the order of every table and plot
 COLOURS = {"base": "#7f7f7f", "full": "#1f77b4", "lora": "#2ca02c", "qlora": "#9467bd",
@@ -308,7 +308,7 @@ def quality_key(rows: list[dict]) -> tuple[str, str, str]:
 def add_intervals(table: list[dict], all_runs: dict[str, list[list[dict]]]) -> None:
     """Add <metric>_ci95 to each row: two-level bootstrap over questions and seeds."""
     fields = {"exact_match": "exact_match", "token_f1": "token_f1"}
-    if all(r.get("key_accuracy") is not None for r in table):
+    if quality_key(table)[0] == "key_accuracy":
         fields["key_accuracy"] = "key_match"
     tokens = np.array([r["answer_tokens"] for r in next(iter(all_runs.values()))[0]], dtype=float)
     nll = {name: np.array([[r["answer_nll"] for r in records] for records in runs])
@@ -319,17 +319,6 @@ def add_intervals(table: list[dict], all_runs: dict[str, list[list[dict]]]) -> N
         for field, record_field in fields.items():
             row[f"{field}_ci95"] = found[record_field]
         row["answer_perplexity_ci95"] = found["answer_perplexity"]
-
-
-def fmt(value, digits: int = 1) -> str:
-    """A table cell: numbers rounded, missing values as a dash."""
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 def with_ci(row: dict, key: str, digits: int) -> str:
@@ -504,7 +493,8 @@ def plot_lr_search(searches: dict[str, dict], path: Path) -> None:
         results = search["results"]
         label = search["metric_label"]
         xs, ys = [r["lr"] for r in results], [r["score"] for r in results]
-        ax.plot(xs, ys, "o-", color=COLOURS.get(name), label=f"{name} (chose {search['chosen_lr']:.2g})")
+        ax.plot(xs, ys, "o-", color=COLOURS.get(name),
+                label=f"{name} (chose {search['chosen_lr']:.2g})")
         chosen = next(r for r in results if r["lr"] == search["chosen_lr"])
         ax.scatter([chosen["lr"]], [chosen["score"]], s=160, facecolors="none",
                    edgecolors=COLOURS.get(name), linewidths=2, zorder=3)
@@ -535,8 +525,8 @@ def main(args):
     tokenizer = common.load_tokenizer(base_path, args.trust_remote_code)
     seeds = {name: len(runs) for name, runs in methods.items()}
     listing = ", ".join(f"{m} ({n} seed{'s' * (n > 1)})" for m, n in seeds.items())
-    print(f"evaluating base + {listing} on {len(rows)} questions from {Path(args.data_dir) / 'eval.jsonl'} "
-          f"(base model {base_path})")
+    print(f"evaluating base + {listing} on {len(rows)} questions from "
+          f"{Path(args.data_dir) / 'eval.jsonl'} (base model {base_path})")
 
     # Tokenise once: the same examples and the same decoding bound for every model
     examples = common.tokenize_rows(tokenizer, rows, 10**9, source="eval.jsonl", label_eos=False)
@@ -546,7 +536,8 @@ def main(args):
     decoding = {"max_new_tokens": max_new, "stop": stop, "greedy": True,
                 "eos_token_id": tokenizer.eos_token_id}
     rescore = set(requested_methods(args.methods)) | {"base"}
-    all_runs: dict[str, list[list[dict]]] = {}
+    all_runs: dict[str, list[list[dict]]] = {}   # per model: each compared run's records
+    trained: dict[str, list[dict]] = {}          # per method: those runs' metrics.json
     for name, runs in {"base": [(output_dir / "base", None)], **methods}.items():
         kept = []
         for folder, metrics in runs:
@@ -574,17 +565,14 @@ def main(args):
             kept.append((metrics, records))
         if kept:
             all_runs[name] = [records for _, records in kept]
-            if name in methods:
-                methods[name] = [(None, m) for m, _ in kept]
-        elif name in methods:
-            del methods[name]
-    if len(all_runs) < 2:
+            if name != "base":
+                trained[name] = [metrics for metrics, _ in kept]
+    if not trained:
         raise common.PipelineError("no fine-tuned method has up-to-date predictions to compare; "
                                    "run evaluate.py without --methods")
 
     # Means, intervals, paired tests, and the recommendation that follows from them
-    table = [comparison_row(name, runs, [m for _, m in methods[name]] if name in methods
-                            else None) for name, runs in all_runs.items()]
+    table = [comparison_row(name, runs, trained.get(name)) for name, runs in all_runs.items()]
     add_intervals(table, all_runs)
     key, record_key, label = quality_key(table)
     pairs = verdict.pairwise(all_runs, record_key)
@@ -594,14 +582,14 @@ def main(args):
     breakdowns = {name: {"eval_kind": breakdown(runs, "eval_kind"),
                          "category": breakdown(runs, "category")}
                   for name, runs in all_runs.items()}
-    searches = read_searches(output_dir, methods)
+    searches = read_searches(output_dir, trained)
 
     # Write the tables, the plots and comparison.json
     common.write_text_atomic(output_dir / "comparison.csv", csv_text(table))
     common.write_text_atomic(output_dir / "comparison.md",
                              markdown_table(table, breakdowns, pairs, recommendation, len(rows)))
-    common.write_json(output_dir / "comparison.json", {
-        "model": next(iter(methods.values()))[0][1]["model"], "base_model_path": base_path,
+    comparison = {
+        "model": next(iter(trained.values()))[0]["model"], "base_model_path": base_path,
         "questions": len(rows), "max_new_tokens": max_new, "stop": stop,
         "headline_metric": key, "alpha": args.alpha, "perplexity": PERPLEXITY_NOTE,
         "intervals": "95% percentile bootstrap over questions and seeds (two levels, "
@@ -609,14 +597,15 @@ def main(args):
         "rows": table, "pairwise": pairs, "breakdowns": breakdowns,
         "lr_search": {name: {k: s[k] for k in ("grid", "chosen_lr", "metric", "budget")}
                       for name, s in searches.items()},
-        "recommendation": recommendation})
+        "recommendation": recommendation}
+    common.write_json(output_dir / "comparison.json", comparison)
     plot_comparison(table, output_dir / "comparison.png")
     plot_quality_vs_cost(table, output_dir / "quality_vs_cost.png")
     if searches:
         plot_lr_search(searches, output_dir / "lr_search.png")
     else:
         (output_dir / "lr_search.png").unlink(missing_ok=True)  # never show a stale search
-    report.write_report(output_dir, common.read_json(output_dir / "comparison.json"), all_runs)
+    report.write_report(output_dir, comparison, all_runs)
     print(f"\n{recommendation}\n\nwrote {output_dir}/comparison.{{csv,md,json,png}}, "
           f"{output_dir}/quality_vs_cost.png"
           + (f", {output_dir}/lr_search.png" if searches else "")

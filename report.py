@@ -60,13 +60,15 @@ def image(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def number(value, digits: int = 1) -> str:
-    """A table number, or a dash."""
-    if value is None:
+def fmt(value, digits: int = 1) -> str:
+    """A table cell (HTML here, markdown in evaluate.py): numbers rounded, missing values a dash."""
+    if value is None or value == "":
         return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
     if isinstance(value, int):
         return f"{value:,}"
-    return f"{value:,.{digits}f}"
+    return str(value)
 
 
 def with_interval(row: dict, key: str, digits: int) -> str:
@@ -76,7 +78,7 @@ def with_interval(row: dict, key: str, digits: int) -> str:
     ci = row.get(f"{key}_ci95")
     tail = (f' <span class="ci">[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]</span>' if ci
             else "")
-    return number(row[key], digits) + tail
+    return fmt(row[key], digits) + tail
 
 
 def comparison_table(comparison: dict) -> str:
@@ -98,10 +100,10 @@ def comparison_table(comparison: dict) -> str:
             f'<td>{with_interval(r, "exact_match", 1)}</td>'
             f'<td>{with_interval(r, "key_accuracy", 1)}</td>'
             f'<td>{with_interval(r, "token_f1", 1)}</td>'
-            f'<td>{number(r.get("train_seconds"), 0)}</td>'
-            f'<td>{number(r.get("train_tokens_per_s"), 0)}</td>'
-            f'<td>{number(r.get("peak_memory_mb"), 0)}</td>'
-            f'<td>{number(r.get("trainable_params"))}</td>'
+            f'<td>{fmt(r.get("train_seconds"), 0)}</td>'
+            f'<td>{fmt(r.get("train_tokens_per_s"), 0)}</td>'
+            f'<td>{fmt(r.get("peak_memory_mb"), 0)}</td>'
+            f'<td>{fmt(r.get("trainable_params"))}</td>'
             f'<td class=text>{html.escape(r.get("note") or "")}</td></tr>')
     return f"<table>{head}{''.join(body)}</table>"
 
@@ -135,7 +137,7 @@ def breakdown_table(comparison: dict, field: str) -> str:
     head = "".join(f"<th>{html.escape(v)} (n={base.get(v, {}).get('n', '?')})</th>"
                    for v in values)
     rows = [f"<tr><td>{name}</td>" + "".join(
-        f"<td>{number(b[field].get(v, {}).get(key))}</td>" for v in values) + "</tr>"
+        f"<td>{fmt(b[field].get(v, {}).get(key))}</td>" for v in values) + "</tr>"
         for name, b in breakdowns.items()]
     return f"<table><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
 

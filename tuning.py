@@ -81,9 +81,14 @@ def validation_score(run, model, tokenizer) -> tuple[float, str, str]:
     return summary["token_f1"], "token_f1", "token F1"
 
 
+def lr_grid(args) -> list[float]:
+    """The rates to search: --lr-grid, else GRID_FACTORS around --lr."""
+    return args.lr_grid or [round(args.lr * f, 12) for f in GRID_FACTORS]
+
+
 def search_learning_rate(args, method: str, prepare, load_kwargs: dict) -> dict:
     """Train briefly at each rate of the grid and keep the one with the best validation score."""
-    grid = args.lr_grid or [round(args.lr * f, 12) for f in GRID_FACTORS]
+    grid = lr_grid(args)
     results, metric, label = [], None, None
     for number, lr in enumerate(grid, start=1):
         print(f"{method}: learning-rate search {number}/{len(grid)}: lr {lr:g}, "
@@ -120,9 +125,8 @@ def previous_search(args, method: str) -> dict | None:
     if not path.exists():
         return None
     search = common.read_json(path)
-    grid = args.lr_grid or [round(args.lr * f, 12) for f in GRID_FACTORS]
     if (search["grid"], search.get("search_epochs"), search.get("model")) != (
-            grid, args.search_epochs, args.model):
+            lr_grid(args), args.search_epochs, args.model):
         return None
     print(f"{method}: --resume: using the finished learning-rate search in {path} "
           f"(lr {search['chosen_lr']:g})")
