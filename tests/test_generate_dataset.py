@@ -1,7 +1,9 @@
 """Tests for generate_dataset.py: shape, paraphrase guarantees, determinism, CLI errors, truth."""
 
+import hashlib
 import json
 import re
+import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -10,8 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import normalize_question  # noqa: E402
-from generate_dataset import CATEGORIES, fact_pool, main, parse_args, row_capacity  # noqa: E402
+from common import PipelineError, normalize_question  # noqa: E402
+from generate_dataset import (CATEGORIES, FACT_FILES, FACTS_DIR, fact_pool,  # noqa: E402
+                              load_facts, main, parse_args, row_capacity)
 
 FIELDS = {"question", "answer", "key", "category", "fact_id", "fact_group"}
 
@@ -25,9 +28,14 @@ def generate(tmp_path, *argv, name="qa.jsonl"):
 
 
 @pytest.fixture(scope="module")
-def default_rows(tmp_path_factory):
-    """The default dataset, built once for the whole module."""
-    return generate(tmp_path_factory.mktemp("default"))[1]
+def default_file(tmp_path_factory):
+    """The default dataset, built once for the whole module: (path, rows)."""
+    return generate(tmp_path_factory.mktemp("default"))
+
+
+@pytest.fixture(scope="module")
+def default_rows(default_file):
+    return default_file[1]
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +243,68 @@ def test_fact_groups_join_reverse_facts_only_within_a_category(all_rows):
     assert ids["arithmetic/multiply/3_4"] == "arithmetic/multiply/3_4"
     # "Mexico City is the capital of which country?" would hold its answer.
     assert "geography/capital_of/mexico_city" not in ids
+
+
+# sha256 of the default output (--size 1200 --seed 42), as written before the tables
+# moved from generate_dataset.py into facts/.  Any change to facts/, the templates or
+# the picking changes it: update it on purpose, with the reason in the commit.
+DEFAULT_SHA256 = "82e56b0f9402760b7c14795b88501706b61ba7d3c0b670760dd5fd8bbab3142a"
+
+
+def test_default_output_is_pinned(default_file):
+    path, _ = default_file
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == DEFAULT_SHA256
+
+
+def test_facts_are_read_beside_the_script():
+    assert FACTS_DIR == Path(__file__).resolve().parent.parent / "facts"
+    assert sorted(p.name for p in FACTS_DIR.iterdir() if p.suffix != ".md") == sorted(FACT_FILES)
+    readme = (FACTS_DIR / "README.md").read_text(encoding="utf-8")
+    assert all(f"`{name}`" in readme for name in FACT_FILES)
+
+
+def test_tables_keep_their_types():
+    tables = load_facts()
+    assert ("Russia", "Moscow", None) in tables["countries"]
+    assert ("the United States", "Washington, D.C.", "North America") in tables["countries"]
+    assert ("gold", "Au", 79) in tables["elements"]
+    assert ("hour", "hours", "seconds", 3600) in tables["conversions"]
+    *_, questions = tables["small_talk"][0]
+    assert isinstance(questions, list) and all(isinstance(q, str) for q in questions)
+
+
+@pytest.mark.parametrize("name, line, broken, field", [
+    ("elements.csv", 4, "lithium,Li,three", "atomic_number"),
+    ("countries.csv", 3, "Germany,Berlin", "2 fields, expected 3"),
+    ("countries.csv", 2, "France, Paris,Europe", "capital"),
+    ("plurals.csv", 1, "word,plurals", "header"),
+    ("small_talk.jsonl", 2, '{"slug": "x", "answer": "A.", "key": "A", "questions": "Hi?"}',
+     "questions"),
+    ("science_facts.jsonl", 1, '{"slug": "x", "answer": "A.", "key": "A"}', "questions"),
+    ("science_facts.jsonl", 3, '{"slug": "x",', "not valid JSON"),
+])
+def test_malformed_facts_name_file_line_and_field(tmp_path, name, line, broken, field):
+    facts = tmp_path / "facts"
+    shutil.copytree(FACTS_DIR, facts)
+    lines = (facts / name).read_text(encoding="utf-8").splitlines()
+    lines[line - 1] = broken
+    (facts / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(PipelineError) as exc:
+        load_facts(facts)
+    message = str(exc.value)
+    assert message.startswith(f"{facts / name}, line {line}: ")
+    assert field in message
+
+
+def test_missing_facts_file_is_named(tmp_path):
+    facts = tmp_path / "facts"
+    shutil.copytree(FACTS_DIR, facts)
+    (facts / "opposites.csv").unlink()
+    with pytest.raises(PipelineError, match="opposites.csv"):
+        fact_pool(facts)
+
+
+def test_copied_facts_give_the_same_pool(tmp_path):
+    facts = tmp_path / "facts"
+    shutil.copytree(FACTS_DIR, facts)
+    assert fact_pool(facts) == fact_pool()
