@@ -46,6 +46,9 @@ import numpy as np
 import torch
 
 import common
+import generation
+import models
+import settings
 import report
 import verdict
 from report import fmt
@@ -85,9 +88,9 @@ def parse_args(argv=None):
                              "finished method whose predictions are up to date, plus base")
     parser.add_argument("--force", action="store_true",
                         help="re-score every run, even those whose predictions are up to date")
-    parser.add_argument("--limit", type=common.positive_int, default=None,
+    parser.add_argument("--limit", type=settings.positive_int, default=None,
                         help="evaluate only the first N eval questions (a quick look)")
-    parser.add_argument("--batch-size", type=common.positive_int, default=32,
+    parser.add_argument("--batch-size", type=settings.positive_int, default=32,
                         help="questions per generation batch")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CUDA when present, else CPU")
@@ -179,7 +182,7 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
     if not (folder / "adapter_config.json").exists():
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
     if metrics["details"].get("base_quantization") == "nf4":
-        kwargs.update(common.nf4_load_kwargs(device))
+        kwargs.update(models.nf4_load_kwargs(device))
         return AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs)
     return AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
 
@@ -231,9 +234,9 @@ def save_records(folder: Path, records: list[dict], value: str) -> None:
 def evaluate_model(name, model, tokenizer, rows, examples, max_new, stop, args,
                    device) -> list[dict]:
     """One model's per-question records: generated answer, verdicts, answer NLL and token count."""
-    nll = common.answer_nll_by_example(model, examples, tokenizer.pad_token_id, device,
+    nll = generation.answer_nll_by_example(model, examples, tokenizer.pad_token_id, device,
                                        batch_size=args.batch_size, desc=f"{name}: perplexity")
-    predictions = common.generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new,
+    predictions = generation.generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new,
                                           device, stop=stop, batch_size=args.batch_size,
                                           desc=f"{name}: answers")
     records = common.score_rows(rows, predictions)
@@ -416,7 +419,7 @@ def csv_text(rows: list[dict]) -> str:
 
 def plot_comparison(rows: list[dict], path: Path) -> None:
     """One bar panel per measure, methods in the same order and colour; 95% intervals as bars."""
-    plt = common._pyplot()
+    plt = common.pyplot()
     fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
     names = [r["method"] for r in rows]
     colours = [COLOURS.get(n, "#333333") for n in names]
@@ -448,7 +451,7 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
 
 def plot_quality_vs_cost(rows: list[dict], path: Path) -> None:
     """Quality against training time and against peak memory: the trade-off to choose from."""
-    plt = common._pyplot()
+    plt = common.pyplot()
     key, _, label = quality_key(rows)
     trained = [r for r in rows if r["method"] != "base"]
     base = next((r for r in rows if r["method"] == "base"), None)
@@ -486,7 +489,7 @@ def read_searches(output_dir: Path, methods) -> dict[str, dict]:
 
 def plot_lr_search(searches: dict[str, dict], path: Path) -> None:
     """Validation score against learning rate, one line per method, the chosen rate marked."""
-    plt = common._pyplot()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     label = "validation score"
     for name, search in searches.items():
@@ -521,8 +524,8 @@ def main(args):
                                    f"models ({', '.join(sorted(bases))}); re-train or pick "
                                    "--methods with one base")
     base_path = bases.pop()
-    device = common.pick_device(args.device)
-    tokenizer = common.load_tokenizer(base_path, args.trust_remote_code)
+    device = models.pick_device(args.device)
+    tokenizer = models.load_tokenizer(base_path, args.trust_remote_code)
     seeds = {name: len(runs) for name, runs in methods.items()}
     listing = ", ".join(f"{m} ({n} seed{'s' * (n > 1)})" for m, n in seeds.items())
     print(f"evaluating base + {listing} on {len(rows)} questions from "
@@ -530,7 +533,7 @@ def main(args):
 
     # Tokenise once: the same examples and the same decoding bound for every model
     examples = common.tokenize_rows(tokenizer, rows, 10**9, source="eval.jsonl", label_eos=False)
-    max_new = common.max_new_tokens_for(tokenizer, [r["completion"] for r in rows])
+    max_new = generation.max_new_tokens_for(tokenizer, [r["completion"] for r in rows])
 
     # Score each run whose predictions are missing or stale; reuse the others
     decoding = {"max_new_tokens": max_new, "stop": stop, "greedy": True,

@@ -12,6 +12,7 @@ gradients and two AdamW moments for every weight (about 16 bytes a parameter).
 
 import common
 import tuning
+from settings import TrainSettings, training_parser
 
 # Full fine-tuning updates pretrained weights directly, so it wants a small rate:
 # 5e-5 is the Hugging Face Trainer's default and the scale used for GPT-2
@@ -20,22 +21,21 @@ DEFAULT_LR = 5e-5
 
 
 def parse_args(argv=None):
-    """Command-line options: the shared ones (see common.training_parser)."""
-    parser = common.training_parser(__doc__, DEFAULT_LR,
-                                    "learning rate (default 5e-5, the usual rate for updating "
-                                    "every pretrained weight)")
+    """Command-line options: the shared ones (settings.TrainSettings)."""
+    parser = training_parser(__doc__, DEFAULT_LR, "learning rate (default 5e-5, the usual rate "
+                                                  "for updating every pretrained weight)")
     return parser.parse_args(argv)
 
 
-def prepare(model, args):
+def prepare(model, settings: TrainSettings):
     """Full fine-tuning: every weight trains."""
     model.requires_grad_(True)
     return model, {}
 
 
-def main(args):
+def main(args, callbacks=()):
     """For each seed (after a rate search with --tune-lr): load, prepare, train, save."""
-    tuning.train_method(args, "full", prepare)
+    tuning.train_method(TrainSettings.from_args(args), "full", prepare, callbacks)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 
 import common
 import tuning
+from settings import TrainSettings, training_parser
 
 # Bias vectors are a tiny, low-capacity set of parameters: BitFit's own search
 # (Ben Zaken et al. 2022) went up to 1e-3, twenty times the full fine-tuning
@@ -29,10 +30,9 @@ BIAS_SWITCHES = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
 
 
 def parse_args(argv=None):
-    """Command-line options: the shared ones (see common.training_parser)."""
-    parser = common.training_parser(__doc__, DEFAULT_LR,
-                                    "learning rate (default 1e-3: biases are few and need a "
-                                    "rate far above full fine-tuning's)")
+    """Command-line options: the shared ones (settings.TrainSettings)."""
+    parser = training_parser(__doc__, DEFAULT_LR, "learning rate (default 1e-3: biases are few "
+                                                  "and need a rate far above full fine-tuning's)")
     return parser.parse_args(argv)
 
 
@@ -51,7 +51,7 @@ def add_missing_biases(model) -> list[str]:
     return added
 
 
-def prepare(model, args):
+def prepare(model, settings: TrainSettings):
     """BitFit: add zero biases where a Llama-style model has none, then train only biases."""
     added = add_missing_biases(model)
     if added:
@@ -60,14 +60,14 @@ def prepare(model, args):
     for name, param in model.named_parameters():
         param.requires_grad = name.endswith("bias")
     if not any(p.requires_grad for p in model.parameters()):
-        raise common.PipelineError(f"{args.model} has no bias terms and no config switch to add "
+        raise common.PipelineError(f"{settings.model} has no bias terms and no config switch to add "
                                    "them, so BitFit would train nothing; use finetune_lora.py")
     return model, {"added_biases": len(added), "added_bias_names": added[:20]}
 
 
-def main(args):
+def main(args, callbacks=()):
     """For each seed (after a rate search with --tune-lr): load, prepare, train, save."""
-    tuning.train_method(args, "bitfit", prepare)
+    tuning.train_method(TrainSettings.from_args(args), "bitfit", prepare, callbacks)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ scaled by alpha/r; W itself never changes.  Writes outputs/lora/: the adapter
 from peft import LoraConfig, get_peft_model
 
 import common
+import models
 import tuning
+from settings import TrainSettings, positive_float, positive_int, training_parser
 
 # Adapters start at zero and move only a few parameters, so they need a rate
 # far above full fine-tuning's: 2e-4 is the LoRA/QLoRA papers' rate for
@@ -22,13 +24,13 @@ DEFAULT_LR = 2e-4
 
 def build_parser(description: str = __doc__):
     """The shared options plus the adapter's shape (finetune_qlora.py uses these too)."""
-    parser = common.training_parser(description, DEFAULT_LR,
+    parser = training_parser(description, DEFAULT_LR,
                                     "learning rate (default 2e-4, the LoRA and QLoRA papers' "
                                     "rate: adapters start at zero and need a large rate)")
-    parser.add_argument("--rank", type=common.positive_int, default=16,
+    parser.add_argument("--rank", type=positive_int, default=16,
                         help="adapter rank r (default 16: QLoRA found quality flat in r once "
                              "every linear layer is adapted)")
-    parser.add_argument("--alpha", type=common.positive_float, default=32,
+    parser.add_argument("--alpha", type=positive_float, default=32,
                         help="scaling alpha; updates are scaled by alpha/r (default 2r)")
     parser.add_argument("--dropout", type=float, default=0.05,
                         help="dropout on the adapter input (default 0.05, QLoRA's for small models)")
@@ -45,19 +47,23 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def prepare(model, args):
+def adapter_config(model, options: dict) -> LoraConfig:
+    """The adapters from --rank, --alpha, --dropout, --target-modules (QLoRA uses the same)."""
+    return LoraConfig(
+        r=options["rank"], lora_alpha=options["alpha"], lora_dropout=options["dropout"],
+        task_type="CAUSAL_LM", target_modules=models.target_modules(options["target_modules"]),
+        fan_in_fan_out=models.uses_conv1d(model))  # GPT-2's Conv1D stores weights transposed
+
+
+def prepare(model, settings: TrainSettings):
     """LoRA: freeze the base, add a trainable low-rank update to each target layer."""
-    config = LoraConfig(
-        r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, task_type="CAUSAL_LM",
-        target_modules=common.target_modules(args.target_modules),
-        fan_in_fan_out=common.uses_conv1d(model))  # GPT-2's Conv1D stores weights transposed
-    model = get_peft_model(model, config)
-    return model, common.lora_details(model, args)
+    model = get_peft_model(model, adapter_config(model, settings.method_options))
+    return model, models.lora_details(model)
 
 
-def main(args):
+def main(args, callbacks=()):
     """For each seed (after a rate search with --tune-lr): load, prepare, train, save."""
-    tuning.train_method(args, "lora", prepare)
+    tuning.train_method(TrainSettings.from_args(args), "lora", prepare, callbacks)
 
 
 if __name__ == "__main__":

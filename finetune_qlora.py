@@ -12,10 +12,12 @@ with peft.AutoPeftModelForCausalLM on the same 4-bit base; evaluate.py does),
 metrics.json, training_metrics.png.
 """
 
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import get_peft_model, prepare_model_for_kbit_training
 
 import common
+import models
 import tuning
+from settings import TrainSettings
 import finetune_lora
 
 def parse_args(argv=None):
@@ -28,21 +30,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def prepare(model, args):
+def prepare(model, settings: TrainSettings):
     """QLoRA: make the 4-bit base trainable-ready, then add the same adapters as LoRA."""
+    options = settings.method_options
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=args.gradient_checkpointing)
-    config = LoraConfig(
-        r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, task_type="CAUSAL_LM",
-        target_modules=common.target_modules(args.target_modules),
-        fan_in_fan_out=common.uses_conv1d(model))  # False: 4-bit layers are plain Linear4bit
-    model = get_peft_model(model, config)
-    return model, common.lora_details(model, args, quantization="nf4")
+        model, use_gradient_checkpointing=options["gradient_checkpointing"])
+    model = get_peft_model(model, finetune_lora.adapter_config(model, options))
+    return model, models.lora_details(model, quantization="nf4")
 
 
-def main(args):
+def main(args, callbacks=()):
     """For each seed (after a rate search with --tune-lr): load in 4-bit, prepare, train, save."""
-    tuning.train_method(args, "qlora", prepare, quantize_4bit=True)
+    tuning.train_method(TrainSettings.from_args(args), "qlora", prepare, callbacks,
+                        quantize_4bit=True)
 
 
 if __name__ == "__main__":

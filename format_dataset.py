@@ -41,9 +41,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import common
 from common import (DEFAULT_COMPLETION_TEMPLATE, DEFAULT_PROMPT_TEMPLATE, PipelineError,
-                    _read_text, file_sha256, normalize_question, normalize_whitespace,
+                    read_text, file_sha256, normalize_question, normalize_whitespace,
                     read_records, run_main, write_json, write_jsonl)
 
 # Column pairs recognised automatically, in order of preference (lower-case names).
@@ -220,7 +219,7 @@ def open_quote(text: str, delimiter: str) -> int | None:
 
 def read_csv(path: Path) -> tuple[list[tuple[int, dict]], str]:
     """A CSV file with a header row as (first line of the record, row) pairs, and its delimiter."""
-    text = _read_text(path)
+    text = read_text(path)
     if not text.strip():
         raise PipelineError("the file is empty; expected question-answer rows", path)
     delimiter = sniff_delimiter(text)
@@ -374,9 +373,11 @@ def forced_offline(datasets):
 
 def read_hub(name: str, split: str) -> Input:
     """One split of a Hugging Face Hub dataset; offline, only from the local datasets cache."""
+    from models import hub_reachable  # imports torch: only for Hub ids
+
     if env_true("HF_HUB_OFFLINE") or env_true("HF_DATASETS_OFFLINE"):
         offline = "offline mode is set"
-    elif not common._hub_reachable():
+    elif not hub_reachable():
         offline = "no answer within 3 s"
     else:
         offline = None

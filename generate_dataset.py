@@ -18,9 +18,9 @@ that a fact held out of training is held out with every row that would state it.
 The hand-checked facts are data, in facts/ beside this script (one CSV or JSONL file
 per table; facts/README.md gives each file's columns and what was left out and why).
 This script reads them, computes the arithmetic and unit conversions, fills in the
-question templates, and checks every fact before any row is picked.  Its own code
-uses only the standard library (csv and json read facts/); the helpers it imports
-from common.py bring torch in with them, which is most of its start-up time.
+question templates, and checks every fact before any row is picked.  Only the
+standard library is used (csv and json read facts/; common.py imports torch only
+inside the functions that need it), so this runs anywhere in a fraction of a second.
 """
 
 from __future__ import annotations

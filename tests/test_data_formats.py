@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import common  # noqa: E402
-import format_dataset  # noqa: E402
+import common
+import format_dataset
+import models
 
 datasets = pytest.importorskip("datasets")
 datasets.disable_progress_bars()  # the tests' own writes; stderr must hold only errors
@@ -255,7 +255,7 @@ def test_hub_unreachable_without_offline_flag(tmp_path, capsys, monkeypatch):
     """No offline flag but no answer from the Hub: the same line, without the retry loop."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     monkeypatch.chdir(tmp_path)
     started = time.monotonic()

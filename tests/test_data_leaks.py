@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import format_dataset  # noqa: E402
-import generate_dataset  # noqa: E402
-import split_dataset  # noqa: E402
+import format_dataset
+import generate_dataset
+import split_dataset
 
 STOPWORDS = frozenset("the a an is are was were of in on to it its and or for that this be by "
                       "as at with which what who where when how does do did from into than "

@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-import common  # noqa: E402
-import format_dataset  # noqa: E402
-import split_dataset  # noqa: E402
-from common import normalize_question  # noqa: E402
+import common
+import format_dataset
+import split_dataset
+from common import normalize_question
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Two CPU processes (DDP, gloo backend) train exactly as one process does on the same batches."""
+"""Two CPU processes (DDP over gloo, from torchrun or accelerate launch) train as one process does."""
 
 import json
 import os
@@ -7,11 +7,13 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import common
-from conftest import ROOT
+import models
+from helpers import ROOT
 
 # tiny-llama has no dropout and --dropout 0 turns off the adapter's, so the two runs draw
 # no random numbers while training (tiny-gpt2's dropout would draw different masks in one
@@ -26,7 +28,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_exactly_like_one_on_the_same_batches(data_dir, tmp_path):
+def launcher(name: str) -> list[str]:
+    """The command that starts 2 CPU processes: torchrun, or accelerate launch.
+
+    accelerate's setting for several processes on one machine is --multi_gpu (it
+    starts them through torchrun); without CUDA, training.make_accelerator asks
+    for the CPU and the processes talk over gloo.
+    """
+    port = str(free_port())
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", port]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", port]
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
+def test_two_processes_train_exactly_like_one_on_the_same_batches(launch, data_dir, tmp_path):
     """2 processes x batch 4 against 1 process x batch 4 x 2 accumulation: the same steps.
 
     length_grouped_batches cuts the 48 examples into 12 batches of 4; under DDP process r
@@ -41,7 +60,7 @@ def test_two_processes_train_exactly_like_one_on_the_same_batches(data_dir, tmp_
         {**row, "completion": row["completion"] + " Really." * (i % 4)}
         for i, row in enumerate(rows)])
     # build the tiny model before the processes start
-    tokenizer = common.load_tokenizer(common.resolve_model("tiny-llama"))
+    tokenizer = models.load_tokenizer(models.resolve_model("tiny-llama"))
     examples = common.tokenize_rows(tokenizer, common.load_split(data_dir, "train"), 256)
     batches = common.length_grouped_batches([len(ex["input_ids"]) for ex in examples], 4,
                                             seed=42, epoch=0)
@@ -52,8 +71,7 @@ def test_two_processes_train_exactly_like_one_on_the_same_batches(data_dir, tmp_
     script = str(ROOT / "finetune_lora.py")
     ddp_out, one_out = tmp_path / "ddp", tmp_path / "one"
     ddp = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *TRAIN,
+        [*launcher(launch), script, *TRAIN,
          "--data-dir", str(data_dir), "--output-dir", str(ddp_out), "--batch-size", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True)  # its own process group, so a failure can end all three

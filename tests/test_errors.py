@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import common
+import models
 import evaluate
 import finetune
 import finetune_lora
 import finetune_qlora
-from conftest import ROOT
+from helpers import ROOT, run_and_expect_exit, train_args
 
 
 def cli(script, *args, cwd=ROOT):
@@ -21,27 +22,6 @@ def cli(script, *args, cwd=ROOT):
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stderr
-
-
-def error_line(capsys):
-    """The one line run_main printed."""
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1
-    return lines[0]
-
-
-def run_and_expect_exit(main, args, capsys) -> str:
-    """Run main through run_main; assert exit status 2 and return the error line."""
-    with pytest.raises(SystemExit) as exc:
-        common.run_main(main, args)
-    assert exc.value.code == 2
-    return error_line(capsys)
-
-
-def train_args(script, data_dir, out, *extra):
-    """A fast tiny-model argument list."""
-    return script.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data_dir), "--output-dir",
-                              str(out), "--batch-size", "8", "--max-steps", "2", *extra])
 
 
 def test_unknown_model(data_dir, tmp_path, capsys):
@@ -92,12 +72,14 @@ def test_impossible_options_are_refused(option, data_dir, tmp_path):
     assert not (tmp_path / "lora").exists()
 
 
-def test_out_of_memory_is_caught_with_advice(data_dir, tmp_path, capsys, monkeypatch):
-    def oom(*args, **kwargs):
+def test_out_of_memory_is_caught_with_advice(data_dir, tmp_path, capsys):
+    def oom(step, control):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(common, "answer_loss", oom)
-    line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path), capsys)
+    def main(args):
+        finetune.main(args, callbacks=[oom])
+
+    line = run_and_expect_exit(main, train_args(finetune, data_dir, tmp_path), capsys)
     assert "out of CPU memory at batch size 8" in line
     assert "--batch-size 4 --grad-accum 2" in line and "finetune_qlora.py" in line
     assert not (tmp_path / "full").exists()
@@ -151,12 +133,12 @@ def test_resume_without_a_checkpoint(data_dir, tmp_path, capsys):
 def test_weights_are_never_unpickled(tmp_path):
     """A folder with only a pickle checkpoint is refused, not loaded."""
     folder = tmp_path / "pickled"
-    model, tokenizer, path = common.load_model("tiny-gpt2", torch.device("cpu"))
+    model, tokenizer, path = models.load_model("tiny-gpt2", torch.device("cpu"))
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(common.PipelineError, match="could not load model"):
-        common.load_model(str(folder), torch.device("cpu"))
+        models.load_model(str(folder), torch.device("cpu"))
 
 
 def test_trust_remote_code_is_off_unless_asked():

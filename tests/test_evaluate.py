@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import common
+import generation
+import models
 import evaluate
 import finetune
-from conftest import write_split
-from test_training import SCRIPTS
+from helpers import write_split
+from helpers import SCRIPTS
 
 # --- Metrics against hand-computed values ------------------------------------
 
@@ -92,12 +94,12 @@ def test_perplexity_is_exp_of_mean_token_loss():
 
 def test_answer_perplexity_from_known_logits(data_dir):
     """A zeroed LM head gives uniform logits, so answer perplexity is exactly the vocabulary size."""
-    model, tokenizer, _ = common.load_model("tiny-llama", torch.device("cpu"))
+    model, tokenizer, _ = models.load_model("tiny-llama", torch.device("cpu"))
     with torch.no_grad():
         model.get_output_embeddings().weight.zero_()
     rows = common.load_split(data_dir, "eval")
     examples = common.tokenize_rows(tokenizer, rows, 256)
-    nll, count = common.answer_nll(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
+    nll, count = generation.answer_nll(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
     answer_tokens = sum(sum(1 for label in ex["labels"][1:] if label != -100) for ex in examples)
     assert count == answer_tokens  # prompt tokens are not scored
     assert common.perplexity(nll, count) == pytest.approx(model.config.vocab_size, rel=1e-5)
@@ -105,7 +107,7 @@ def test_answer_perplexity_from_known_logits(data_dir):
 
 def test_scoring_leaves_eos_out_and_counts_per_example(data_dir):
     """Evaluation scores the answer's own tokens: one label fewer per example than training."""
-    model, tokenizer, _ = common.load_model("tiny-gpt2", torch.device("cpu"))
+    model, tokenizer, _ = models.load_model("tiny-gpt2", torch.device("cpu"))
     rows = common.load_split(data_dir, "eval")[:4]
     trained = common.tokenize_rows(tokenizer, rows, 256)
     scored = common.tokenize_rows(tokenizer, rows, 256, label_eos=False)
@@ -113,20 +115,20 @@ def test_scoring_leaves_eos_out_and_counts_per_example(data_dir):
         assert a["input_ids"] == b["input_ids"]
         assert a["labels"][-1] == tokenizer.eos_token_id and b["labels"][-1] == -100
         assert a["labels"][:-1] == b["labels"][:-1]
-    per_example = common.answer_nll_by_example(model, scored, tokenizer.pad_token_id,
+    per_example = generation.answer_nll_by_example(model, scored, tokenizer.pad_token_id,
                                                torch.device("cpu"), batch_size=3)
-    total, count = common.answer_nll(model, scored, tokenizer.pad_token_id, torch.device("cpu"))
+    total, count = generation.answer_nll(model, scored, tokenizer.pad_token_id, torch.device("cpu"))
     assert sum(n for n, _ in per_example) == pytest.approx(total, rel=1e-5)
     assert sum(c for _, c in per_example) == count
     for (nll, n), ex in zip(per_example, scored):
-        alone, alone_n = common.answer_nll(model, [ex], tokenizer.pad_token_id,
+        alone, alone_n = generation.answer_nll(model, [ex], tokenizer.pad_token_id,
                                            torch.device("cpu"))
         assert n == alone_n and nll == pytest.approx(alone, rel=1e-5)
 
 
 def test_answer_nll_scores_only_answer_tokens(data_dir):
     """answer_nll equals a by-hand sum of -log p over the answer tokens of the full logits."""
-    model, tokenizer, _ = common.load_model("tiny-gpt2", torch.device("cpu"))
+    model, tokenizer, _ = models.load_model("tiny-gpt2", torch.device("cpu"))
     rows = common.load_split(data_dir, "eval")[:3]
     examples = common.tokenize_rows(tokenizer, rows, 256)
     expected = 0.0
@@ -137,7 +139,7 @@ def test_answer_nll_scores_only_answer_tokens(data_dir):
         for pos in range(1, len(ex["labels"])):
             if ex["labels"][pos] != -100:
                 expected -= logprobs[pos - 1, ex["labels"][pos]].item()
-    nll, _ = common.answer_nll(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
+    nll, _ = generation.answer_nll(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
     assert nll == pytest.approx(expected, rel=1e-5)
 
 
@@ -155,7 +157,7 @@ def stopping_model(tmp_path_factory):
     finetune.main(args)
     model = evaluate.load_for_eval("full", folder / "out" / "full", "", None,
                                    torch.device("cpu"), False)
-    tokenizer = common.load_tokenizer(str(folder / "out" / "full"))
+    tokenizer = models.load_tokenizer(str(folder / "out" / "full"))
     return model, tokenizer, common.load_split(data, "train")
 
 
@@ -163,7 +165,7 @@ def test_generation_stops_at_eos(stopping_model):
     model, tokenizer, rows = stopping_model
     prompts = [r["prompt"] for r in rows]
     max_new = 40  # far more than any answer needs
-    answers = common.generate_answers(model, tokenizer, prompts, max_new, torch.device("cpu"))
+    answers = generation.generate_answers(model, tokenizer, prompts, max_new, torch.device("cpu"))
     assert answers == [r["answer"] for r in rows]
     # and it stopped: EOS right after the answer, well inside the bound
     ids = torch.tensor([common.prompt_ids(tokenizer, prompts[0])])
@@ -179,22 +181,22 @@ def test_batched_generation_equals_one_at_a_time(stopping_model):
     prompts = [r["prompt"] for r in rows] + ["User: What is 9 plus 9?\nAssistant:",
                                              "User: Hello there, who are you?\nAssistant:"]
     device = torch.device("cpu")
-    batched = common.generate_answers(model, tokenizer, prompts, 30, device, stop="\nUser:",
+    batched = generation.generate_answers(model, tokenizer, prompts, 30, device, stop="\nUser:",
                                       batch_size=16)
-    single = common.generate_answers(model, tokenizer, prompts, 30, device, stop="\nUser:",
+    single = generation.generate_answers(model, tokenizer, prompts, 30, device, stop="\nUser:",
                                      batch_size=1)
     assert batched == single
 
 
 def test_clean_answer_cuts_at_a_new_turn():
-    assert common.clean_answer(" Paris.\nUser: and Spain?", "\nUser:") == "Paris."
-    assert common.clean_answer(" Paris. ", None) == "Paris."
+    assert generation.clean_answer(" Paris.\nUser: and Spain?", "\nUser:") == "Paris."
+    assert generation.clean_answer(" Paris. ", None) == "Paris."
 
 
 def test_max_new_tokens_follows_the_longest_reference():
-    _, tokenizer, _ = common.load_model("tiny-gpt2", torch.device("cpu"))
-    short = common.max_new_tokens_for(tokenizer, [" Paris."])
-    long = common.max_new_tokens_for(tokenizer, [" Paris.", " The capital of France is Paris."])
+    _, tokenizer, _ = models.load_model("tiny-gpt2", torch.device("cpu"))
+    short = generation.max_new_tokens_for(tokenizer, [" Paris."])
+    long = generation.max_new_tokens_for(tokenizer, [" Paris.", " The capital of France is Paris."])
     assert short < long
 
 
@@ -285,7 +287,7 @@ def test_evaluate_scores_answers_it_controls(tmp_path, monkeypatch):
         calls.append(name)
         return list(answers[name][:len(prompts)])
 
-    monkeypatch.setattr(common, "generate_answers", fake_generate)
+    monkeypatch.setattr(generation, "generate_answers", fake_generate)
     evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out),
                                        "--methods", "full,lora"]))
     assert calls == ["base", "full", "lora"]
@@ -313,12 +315,12 @@ def test_evaluate_scores_answers_it_controls(tmp_path, monkeypatch):
 
 def test_batched_generation_equals_one_at_a_time_on_a_llama_model():
     """Left padding on a Llama-style model (rotary positions) gives the same greedy answers."""
-    model, tokenizer, _ = common.load_model("tiny-llama", torch.device("cpu"))
+    model, tokenizer, _ = models.load_model("tiny-llama", torch.device("cpu"))
     prompts = [f"User: {q}\nAssistant:" for q in (
         "What is 2 plus 2?", "Hi", "What is the capital of the country to the north of Spain?",
         "What is 9 plus 9?", "Name a colour.")]
     device = torch.device("cpu")
-    batched = common.generate_answers(model, tokenizer, prompts, 12, device, batch_size=5)
-    single = common.generate_answers(model, tokenizer, prompts, 12, device, batch_size=1)
+    batched = generation.generate_answers(model, tokenizer, prompts, 12, device, batch_size=5)
+    single = generation.generate_answers(model, tokenizer, prompts, 12, device, batch_size=1)
     assert batched == single
     assert len({len(common.prompt_ids(tokenizer, p)) for p in prompts}) > 1  # padding happened

@@ -7,8 +7,8 @@ import pytest
 
 import evaluate
 import finetune_lora
-from conftest import write_split
-from test_training import SCRIPTS
+from helpers import write_split
+from helpers import SCRIPTS
 
 TRAIN = ["--model", "tiny-gpt2", "--batch-size", "8", "--max-steps", "3"]
 

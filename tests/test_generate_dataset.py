@@ -4,16 +4,14 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import PipelineError, normalize_question  # noqa: E402
-from generate_dataset import (CATEGORIES, FACT_FILES, FACTS_DIR, fact_pool,  # noqa: E402
+from common import PipelineError, normalize_question
+from generate_dataset import (CATEGORIES, FACT_FILES, FACTS_DIR, fact_pool,
                               load_facts, main, parse_args, row_capacity)
 
 FIELDS = {"question", "answer", "key", "category", "fact_id", "fact_group"}

@@ -13,8 +13,11 @@ import time
 import pytest
 
 import common
+import models
+import settings
+from settings import TrainSettings
 import finetune
-from conftest import ROOT
+from helpers import ROOT
 
 NOTE = ("note: distilgpt2 is not cached and the Hugging Face Hub is not reachable; using the "
         "offline preset smollm2-135m instead (pass --model distilgpt2 to insist)")
@@ -23,37 +26,37 @@ NOTE = ("note: distilgpt2 is not cached and the Hugging Face Hub is not reachabl
 @pytest.fixture
 def no_hub(monkeypatch):
     """A fresh machine: the Hub unreachable and nothing in the Hugging Face cache."""
-    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: False)
-    monkeypatch.setattr(common, "_hub_cached", lambda name: None)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(models, "hub_cached", lambda name: None)
 
 
 def test_default_falls_back_to_the_preset_with_one_line(no_hub, capsys):
-    assert common.choose_model(None) == "smollm2-135m"
+    assert models.choose_model(None) == "smollm2-135m"
     out = capsys.readouterr().out
     assert out.splitlines() == [NOTE]
 
 
 def test_fallback_note_can_be_silenced_for_other_processes(no_hub, capsys):
-    assert common.choose_model(None, announce=False) == "smollm2-135m"
+    assert models.choose_model(None, announce=False) == "smollm2-135m"
     assert capsys.readouterr().out == ""
 
 
 def test_default_keeps_distilgpt2_when_cached(no_hub, monkeypatch, capsys):
-    monkeypatch.setattr(common, "_hub_cached",
+    monkeypatch.setattr(models, "hub_cached",
                         lambda name: "/fake/snapshot" if name == "distilgpt2" else None)
-    assert common.choose_model(None) == "distilgpt2"
+    assert models.choose_model(None) == "distilgpt2"
     assert capsys.readouterr().out == ""
 
 
 def test_default_keeps_distilgpt2_when_the_hub_answers(no_hub, monkeypatch, capsys):
-    monkeypatch.setattr(common, "_hub_reachable", lambda timeout=3.0: True)
-    assert common.choose_model(None) == "distilgpt2"
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: True)
+    assert models.choose_model(None) == "distilgpt2"
     assert capsys.readouterr().out == ""
 
 
 def test_a_named_model_is_kept_as_given(no_hub, capsys):
     for name in ("distilgpt2", "tiny-gpt2", "smollm2-135m", "someone/model"):
-        assert common.choose_model(name) == name
+        assert models.choose_model(name) == name
     assert capsys.readouterr().out == ""
 
 
@@ -61,30 +64,30 @@ def test_explicit_distilgpt2_insists_and_fails_fast(no_hub, capsys):
     started = time.monotonic()
     with pytest.raises(common.PipelineError, match="distilgpt2: not in the local Hugging Face "
                                                    "cache and the Hub is not reachable"):
-        common.resolve_model("distilgpt2")
+        models.resolve_model("distilgpt2")
     assert time.monotonic() - started < 5
     assert "note:" not in capsys.readouterr().out  # no fallback for a model named explicitly
 
 
 def test_explicit_distilgpt2_cached_offline_loads_the_snapshot(no_hub, monkeypatch):
-    monkeypatch.setattr(common, "_hub_cached",
+    monkeypatch.setattr(models, "hub_cached",
                         lambda name: "/fake/snapshot" if name == "distilgpt2" else None)
-    assert common.resolve_model("distilgpt2") == "/fake/snapshot"
+    assert models.resolve_model("distilgpt2") == "/fake/snapshot"
 
 
 def test_resolving_the_default_offline_builds_the_preset(no_hub, monkeypatch, tmp_path, capsys):
     """resolve_model(None) takes the fallback too (conversion stubbed: nothing is loaded)."""
     monkeypatch.setenv("QA_FT_CACHE", str(tmp_path))
     converted = []
-    monkeypatch.setattr(common, "find_smollm2_gguf", lambda: tmp_path / "fake.gguf")
-    monkeypatch.setattr(common, "_convert_gguf", lambda gguf, folder: converted.append(folder))
-    assert common.resolve_model(None) == str(tmp_path / "smollm2-135m")
+    monkeypatch.setattr(models, "find_smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(models, "_convert_gguf", lambda gguf, folder: converted.append(folder))
+    assert models.resolve_model(None) == str(tmp_path / "smollm2-135m")
     assert converted == [tmp_path / "smollm2-135m"]
     assert NOTE in capsys.readouterr().out
 
 
 def test_help_describes_the_default():
-    text = " ".join(common.training_parser("x", 1e-4, "lr").format_help().split())
+    text = " ".join(settings.training_parser("x", 1e-4, "lr").format_help().split())
     assert "distilgpt2 when the Hub or the local cache has it, else the offline smollm2-135m " \
            "preset" in text
     assert finetune.parse_args([]).model is None
@@ -92,7 +95,7 @@ def test_help_describes_the_default():
 
 def test_explicit_distilgpt2_command_fails_fast_without_writing(no_hub, data_dir, tmp_path,
                                                                 capsys):
-    from test_errors import run_and_expect_exit, train_args
+    from helpers import run_and_expect_exit, train_args
 
     started = time.monotonic()
     line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path / "out",
@@ -106,7 +109,7 @@ def test_default_command_falls_back_once_and_records_the_model_used(no_hub, monk
                                                                    data_dir, tmp_path, capsys):
     """A whole command on the default: one note for the search and every seed, and every
     output names the model actually used (tiny-gpt2 stands in for smollm2-135m here)."""
-    monkeypatch.setattr(common, "FALLBACK_MODEL", "tiny-gpt2")
+    monkeypatch.setattr(models, "FALLBACK_MODEL", "tiny-gpt2")
     out = tmp_path / "out"
     args = finetune.parse_args(["--data-dir", str(data_dir), "--output-dir", str(out),
                                 "--batch-size", "8", "--max-steps", "2", "--seeds", "2",
@@ -121,7 +124,7 @@ def test_default_command_falls_back_once_and_records_the_model_used(no_hub, monk
         assert metrics["model"] == "tiny-gpt2"
         assert metrics["model_requested"] == "default"
         assert metrics["args"]["model"] == "tiny-gpt2"
-        assert metrics["base_model_path"] == common.resolve_model("tiny-gpt2")
+        assert metrics["base_model_path"] == models.resolve_model("tiny-gpt2")
     search = json.loads((out / "search" / "full.json").read_text())
     assert search["model"] == "tiny-gpt2"
 
@@ -129,12 +132,12 @@ def test_default_command_falls_back_once_and_records_the_model_used(no_hub, monk
 def test_run_id_follows_the_model_used_not_the_request():
     import tuning
 
-    args = finetune.parse_args(["--model", "distilgpt2"])
-    named = tuning.with_changes(args, model_requested="distilgpt2")
-    default = tuning.with_changes(args, model_requested="default")
+    settings = TrainSettings.from_args(finetune.parse_args(["--model", "distilgpt2"]))
+    named = settings.replace(model_requested="distilgpt2")
+    default = settings.replace(model_requested="default")
     assert tuning.run_id(named, "full") == tuning.run_id(default, "full")
-    assert tuning.run_id(tuning.with_changes(args, model="smollm2-135m"), "full") != \
-        tuning.run_id(args, "full")
+    assert tuning.run_id(settings.replace(model="smollm2-135m"), "full") != \
+        tuning.run_id(settings, "full")
 
 
 def make_dry_run(*overrides):

@@ -7,19 +7,21 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import training
 import evaluate
-from test_training import SCRIPTS
+from helpers import SCRIPTS, stop_at
 
 TIMING_KEYS = {"train_seconds", "train_tokens_per_s", "seconds_per_100_examples",
                "peak_memory_mb", "args", "size_on_disk_mb"}
 
 
-def train(method, data_dir, out, *extra):
+def train(method, data_dir, out, *extra, callbacks=()):
     """A 10-step tiny-gpt2 run with a checkpoint every 3 steps (epochs are 6 steps long)."""
     script = SCRIPTS[method]
     script.main(script.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data_dir),
                                    "--output-dir", str(out), "--batch-size", "8",
-                                   "--max-steps", "10", "--save-every", "3", *extra]))
+                                   "--max-steps", "10", "--save-every", "3", *extra]),
+                callbacks)
 
 
 def weights(folder):
@@ -29,29 +31,18 @@ def weights(folder):
     return load_file(folder / name)
 
 
-def stop_at(step):
-    """A step hook that asks the loop to stop exactly as Ctrl-C would."""
-    def hook(current):
-        if current == step:
-            common.request_stop()
-    return hook
-
-
 @pytest.mark.parametrize("method", ["full", "lora", "qlora", "bitfit"])
-def test_interrupted_then_resumed_run_matches_an_unbroken_one(method, data_dir, tmp_path,
-                                                              monkeypatch):
+def test_interrupted_then_resumed_run_matches_an_unbroken_one(method, data_dir, tmp_path):
     train(method, data_dir, tmp_path / "unbroken")
 
-    monkeypatch.setattr(common, "STEP_HOOKS", [stop_at(4)])
     with pytest.raises(KeyboardInterrupt):
-        train(method, data_dir, tmp_path / "broken")
+        train(method, data_dir, tmp_path / "broken", callbacks=[stop_at(4)])
     # Interrupted: a checkpoint of its own, and no folder that looks finished.
     assert not (tmp_path / "broken" / method).exists()
-    saved = common.checkpoints(tmp_path / "broken", method)
+    saved = training.checkpoints(tmp_path / "broken", method)
     assert [p.name for p in saved] == ["step-0000003", "step-0000004"]
     assert not [p for p in (tmp_path / "broken").iterdir() if p.name.startswith(".")]
 
-    monkeypatch.setattr(common, "STEP_HOOKS", [])
     train(method, data_dir, tmp_path / "broken", "--resume")
     a, b = weights(tmp_path / "unbroken" / method), weights(tmp_path / "broken" / method)
     assert a.keys() == b.keys()
@@ -61,7 +52,7 @@ def test_interrupted_then_resumed_run_matches_an_unbroken_one(method, data_dir, 
     mb = json.loads((tmp_path / "broken" / method / "metrics.json").read_text())
     assert [h["loss"] for h in ma["history"]] == [h["loss"] for h in mb["history"]]
     assert ma["valid_loss"] == mb["valid_loss"]
-    assert not common.checkpoints(tmp_path / "broken", method)  # cleaned up once finished
+    assert not training.checkpoints(tmp_path / "broken", method)  # cleaned up once finished
 
 
 def test_the_run_that_builds_the_tiny_model_trains_like_later_runs(data_dir, tmp_path,
@@ -75,33 +66,29 @@ def test_the_run_that_builds_the_tiny_model_trains_like_later_runs(data_dir, tmp
         assert torch.equal(a[name], b[name]), name
 
 
-def test_checkpoints_keep_only_the_last_few(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "STEP_HOOKS", [stop_at(9)])
+def test_checkpoints_keep_only_the_last_few(data_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        train("lora", data_dir, tmp_path, "--keep-checkpoints", "2")
-    assert [p.name for p in common.checkpoints(tmp_path, "lora")] == ["step-0000006",
+        train("lora", data_dir, tmp_path, "--keep-checkpoints", "2", callbacks=[stop_at(9)])
+    assert [p.name for p in training.checkpoints(tmp_path, "lora")] == ["step-0000006",
                                                                      "step-0000009"]
 
 
-def test_resume_refuses_a_checkpoint_made_with_other_options(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "STEP_HOOKS", [stop_at(2)])
+def test_resume_refuses_a_checkpoint_made_with_other_options(data_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        train("lora", data_dir, tmp_path)
-    monkeypatch.setattr(common, "STEP_HOOKS", [])
+        train("lora", data_dir, tmp_path, callbacks=[stop_at(2)])
     with pytest.raises(common.PipelineError, match="lr="):
         train("lora", data_dir, tmp_path, "--resume", "--lr", "1e-3")
 
 
-def test_a_crash_leaves_the_previous_output_untouched(data_dir, tmp_path, monkeypatch):
+def test_a_crash_leaves_the_previous_output_untouched(data_dir, tmp_path):
     train("lora", data_dir, tmp_path)
     before = (tmp_path / "lora" / "adapter_model.safetensors").read_bytes()
 
-    def crash(step):
+    def crash(step, control):
         if step == 2:
             raise RuntimeError("simulated crash")
-    monkeypatch.setattr(common, "STEP_HOOKS", [crash])
     with pytest.raises(RuntimeError, match="simulated"):
-        train("lora", data_dir, tmp_path, "--lr", "1e-3")
+        train("lora", data_dir, tmp_path, "--lr", "1e-3", callbacks=[crash])
     assert (tmp_path / "lora" / "adapter_model.safetensors").read_bytes() == before
     assert (tmp_path / "lora" / "COMPLETED").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

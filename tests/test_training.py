@@ -6,13 +6,10 @@ import pytest
 import torch
 
 import common
-import finetune
-import finetune_bitfit
-import finetune_lora
-import finetune_qlora
-
-SCRIPTS = {"full": finetune, "lora": finetune_lora, "qlora": finetune_qlora,
-           "bitfit": finetune_bitfit}
+import generation
+import models
+import training
+from helpers import SCRIPTS
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 COMMON_FILES = {"COMPLETED", "metrics.json", "training_metrics.png", "tokenizer.json",
@@ -27,7 +24,7 @@ def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
     if spy is None:
         SCRIPTS[method].main(args)
         return None
-    original = common.train_and_save
+    original = training.train_and_save
 
     def wrapped(run, model_, *args, **kwargs):
         spy(model_, "before")
@@ -35,16 +32,16 @@ def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
         spy(model_, "after")
         return metrics
 
-    common.train_and_save = wrapped
+    training.train_and_save = wrapped
     try:
         SCRIPTS[method].main(args)
     finally:
-        common.train_and_save = original
+        training.train_and_save = original
 
 
 def snapshot(model):
     """Every parameter and buffer, cloned, by name (4-bit weights as their packed bytes)."""
-    inner = common._causal_lm(model)
+    inner = models.causal_lm(model)
     state = {name: t.detach().clone() for name, t in inner.state_dict().items()}
     return state
 
@@ -197,7 +194,7 @@ def test_saved_output_reloads_with_standard_api_and_same_logits(method, data_dir
         reloaded = AutoPeftModelForCausalLM.from_pretrained(folder)
     else:  # on the same 4-bit base it was trained on
         reloaded = AutoPeftModelForCausalLM.from_pretrained(
-            folder, quantization_config=common.nf4_config(torch.device("cpu")),
+            folder, quantization_config=models.nf4_config(torch.device("cpu")),
             device_map={"": "cpu"})
     torch.testing.assert_close(logits_of(reloaded, tokenizer), expected, rtol=1e-5, atol=1e-5)
 
@@ -222,7 +219,7 @@ def test_training_never_reads_the_eval_split(data_dir, tmp_path, monkeypatch):
     (data_dir / "eval.jsonl").unlink()
     read = []
     original = common.load_split
-    monkeypatch.setattr(common, "load_split",
+    monkeypatch.setattr(training, "load_split",
                         lambda folder, split: read.append(split) or original(folder, split))
     run_script("lora", data_dir, tmp_path / "out", "--max-steps", "2")
     assert sorted(read) == ["train", "valid"]
@@ -234,11 +231,11 @@ def test_selected_position_loss_equals_full_loss(data_dir):
     """LM-head logits only where labels exist give the model's own full loss (to 1e-5)."""
     device = torch.device("cpu")
     for name in ("tiny-gpt2", "tiny-llama"):
-        model, tokenizer, _ = common.load_model(name, device)
+        model, tokenizer, _ = models.load_model(name, device)
         rows = common.load_split(data_dir, "train")[:8]
         examples = common.tokenize_rows(tokenizer, rows, 256)
         batch = common.collate(examples, tokenizer.pad_token_id)
-        nll, count = common.answer_loss(model, **batch)
+        nll, count = generation.answer_loss(model, **batch)
         reference = model(**batch).loss
         torch.testing.assert_close(nll / count, reference, rtol=1e-5, atol=1e-5)
         # and the gradients agree too
@@ -252,7 +249,7 @@ def test_selected_position_loss_equals_full_loss(data_dir):
 
 
 def test_labels_mask_the_prompt_and_end_with_eos(data_dir):
-    _, tokenizer, _ = common.load_model("tiny-gpt2", torch.device("cpu"))
+    _, tokenizer, _ = models.load_model("tiny-gpt2", torch.device("cpu"))
     ids, labels, cut = common.tokenize_pair(tokenizer, "User: Hi\nAssistant:", " Hello.", 256)
     n_prompt = len(common.prompt_ids(tokenizer, "User: Hi\nAssistant:"))
     assert labels[:n_prompt] == [-100] * n_prompt

@@ -1,5 +1,6 @@
 """tuning.py: the learning-rate search on the validation split, several seeds, and evaluate.py on them."""
 
+import argparse
 import json
 
 import pytest
@@ -34,7 +35,7 @@ def test_lr_grid_option_is_checked():
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """LoRA searched over the default grid, then trained with two seeds."""
-    from conftest import write_split
+    from helpers import write_split
 
     folder = tmp_path_factory.mktemp("tune")
     data = write_split(folder / "data")
@@ -70,7 +71,7 @@ def test_seeds_write_one_folder_each_with_one_run_id(tuned):
 
 def test_evaluate_reports_the_mean_over_seeds(tuned, tmp_path):
     data, out = tuned
-    from conftest import write_split
+    from helpers import write_split
 
     fresh = write_split(tmp_path / "data")  # a readable eval.jsonl, same train/valid rows
     evaluate.main(evaluate.parse_args(["--data-dir", str(fresh), "--output-dir", str(out)]))
@@ -106,10 +107,10 @@ def test_fewer_seeds_remove_stale_seed_folders_and_resume_skips_finished(data_di
     finetune_bitfit.main(args)
     assert sorted(p.name for p in out.iterdir()) == ["bitfit", "bitfit-seed43"]
     stamp = (out / "bitfit" / "COMPLETED").read_text()
-    finetune_bitfit.main(tuning.with_changes(args, resume=True))
+    finetune_bitfit.main(argparse.Namespace(**{**vars(args), "resume": True}))
     assert "already complete; skipped" in capsys.readouterr().out
     assert (out / "bitfit" / "COMPLETED").read_text() == stamp
-    finetune_bitfit.main(tuning.with_changes(args, seeds=1))
+    finetune_bitfit.main(argparse.Namespace(**{**vars(args), "seeds": 1}))
     assert sorted(p.name for p in out.iterdir()) == ["bitfit"]
 
 

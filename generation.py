@@ -1,0 +1,161 @@
+"""The model side of scoring: answer-only loss, per-question NLL and batched greedy answers.
+
+Training, the learning-rate search and evaluate.py all go through these, so a
+question is scored and answered the same way everywhere:
+
+    nll, n = answer_loss(model, **batch)       # summed over answer tokens, LM head there only
+    answers = generate_answers(model, tokenizer, prompts, max_new, device, stop="User:")
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common import collate, prompt_ids
+from models import autocast_dtype, causal_lm
+
+
+class AnswerLoss(torch.nn.Module):
+    """Module form of answer_loss, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        return answer_loss(self.model, input_ids, attention_mask, labels)
+
+
+def answer_loss(model, input_ids, attention_mask, labels):
+    """(summed negative log-likelihood, token count) over positions whose next token has a label.
+
+    The projection onto the vocabulary is a large share of a small model's
+    arithmetic; computing LM-head logits only at the positions that carry a
+    label gives the same loss as the full computation (tests check this).
+    """
+    import torch.nn.functional as F
+
+    logits, targets, keep = labelled_logits(model, input_ids, attention_mask, labels)
+    nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return nll, keep.sum()
+
+
+def labelled_logits(model, input_ids, attention_mask, labels):
+    """LM-head logits at the positions whose next token has a label: (logits, labels, mask).
+
+    The mask is batch x (length - 1); answer_loss sums over it, scoring sums per row.
+    """
+    lm = causal_lm(model)
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return lm.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], keep
+
+
+def answer_nll(model, examples: list[dict], pad_id: int, device, batch_size: int = 32,
+               desc: str | None = None) -> tuple[float, int]:
+    """Summed NLL and token count over the answer tokens of examples, in eval mode."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    total, count = 0.0, 0
+    dtype = autocast_dtype(device)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None,
+                          leave=False):
+            batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                nll, n = answer_loss(model, **batch)
+            total += float(nll)
+            count += int(n)
+    model.train(was_training)
+    return total, count
+
+
+def answer_nll_by_example(model, examples: list[dict], pad_id: int, device,
+                          batch_size: int = 32, desc: str | None = None) -> list[tuple[float, int]]:
+    """(summed NLL, token count) over each example's labelled answer tokens, in eval mode.
+
+    Per example, so intervals can resample questions; the LM head runs only at
+    labelled positions, as in training.
+    """
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    dtype = autocast_dtype(device)
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None,
+                          leave=False):
+            idx = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits, targets, keep = labelled_logits(model, **batch)
+            nll = F.cross_entropy(logits.float(), targets, reduction="none")
+            rows = keep.nonzero()[:, 0]
+            sums = torch.zeros(len(idx), dtype=torch.float64, device=nll.device)
+            sums.index_add_(0, rows, nll.double())
+            counts = keep.sum(dim=1)
+            for j, i in enumerate(idx):
+                out[i] = (float(sums[j]), int(counts[j]))
+    model.train(was_training)
+    return out
+
+
+def max_new_tokens_for(tokenizer, references: list[str]) -> int:
+    """A bound on generated tokens from the longest reference: 1.5x its length plus EOS."""
+    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
+    return int(longest * 1.5) + 2
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, device,
+                     stop: str | None = None, batch_size: int = 32,
+                     desc: str | None = None) -> list[str]:
+    """Greedy answers for prompts, in batches, each stopping at EOS or at a new turn (stop).
+
+    Prompts are left-padded so every continuation starts right after its own
+    prompt; batches hold prompts of similar length, and results come back in
+    the original order.  The same settings are used for every model.
+    """
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                              eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id,
+                              stop_strings=[stop] if stop else None)
+    encoded = [{"input_ids": prompt_ids(tokenizer, p)} for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]["input_ids"]))
+    answers: list[str] = [""] * len(prompts)
+    model.eval()
+    dtype = autocast_dtype(device)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None,
+                      leave=False):
+        idx = order[start:start + batch_size]
+        batch = collate([encoded[i] for i in idx], tokenizer.pad_token_id, side="left")
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model.generate(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device),
+                                 generation_config=config, tokenizer=tokenizer)
+        width = batch["input_ids"].shape[1]
+        for row, i in enumerate(idx):
+            text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            answers[i] = clean_answer(text, stop)
+    return answers
+
+
+def clean_answer(text: str, stop: str | None) -> str:
+    """Cut a generated continuation at the start of a new turn and trim it."""
+    if stop:
+        for marker in (stop, stop.strip()):
+            text = text.split(marker)[0]
+    return text.strip()
+
+

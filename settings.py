@@ -1,0 +1,158 @@
+"""The training settings every fine-tune script shares: one typed record, each default with its reason.
+
+    settings = TrainSettings.from_args(finetune_lora.parse_args(["--seeds", "3"]))
+    settings.lr, settings.method_options["rank"]     # 0.0002, 16
+
+`training_parser` turns the fields below into the scripts' command-line options,
+so a default and the reason for it are written once, here.  A method's own
+options (LoRA's rank, BitFit's bias selection) are added by its script and
+arrive in `method_options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from models import DEFAULT_MODEL_HELP, OFFLINE_PRESETS
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive integer"
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0."""
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
+positive_float.__name__ = "positive number"
+
+
+def lr_grid(text: str) -> list[float]:
+    """--lr-grid: at least two distinct positive rates, ascending."""
+    try:
+        rates = sorted({float(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}") from None
+    if len(rates) < 2 or rates[0] <= 0:
+        raise argparse.ArgumentTypeError(f"give at least two positive rates: {text!r}")
+    return rates
+
+
+def option(default, help: str, **argparse_kwargs):
+    """A field that is also a command-line option; help carries the reason for the default."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that defines a training run except the method's own options."""
+
+    model: str | None = option(
+        None, "Hub id, local model folder, .gguf file, or an offline preset: "
+              f"{', '.join(OFFLINE_PRESETS)} (default: {DEFAULT_MODEL_HELP}; "
+              "metrics.json records the model used)")
+    data_dir: str = option(
+        "data", "folder with train.jsonl, valid.jsonl, template.json (eval.jsonl is never read)")
+    output_dir: str = option("outputs", "the model goes to <output-dir>/<method>/")
+    epochs: int = option(
+        2, "passes over the training set (default 2: sized so the whole offline comparison "
+           "on smollm2-135m finishes in under 45 minutes on 2 CPU cores)", type=positive_int)
+    max_steps: int | None = option(
+        None, "stop after this many optimiser steps; overrides --epochs, as in the HF Trainer",
+        type=positive_int)
+    batch_size: int = option(
+        16, "examples per step (default 16: padded only to the longest in the batch)",
+        type=positive_int)
+    grad_accum: int = option(
+        1, "micro-batches per optimiser step, to fit a large batch in little memory",
+        type=positive_int)
+    lr: float = option(5e-5, "learning rate (each script sets its own default)",
+                       type=positive_float)
+    warmup_ratio: float = option(
+        0.05, "fraction of steps with a linear warm-up before the linear decay to 0", type=float)
+    max_grad_norm: float = option(
+        1.0, "gradient clipping norm (1.0, the usual transformer setting)", type=positive_float)
+    seed: int = option(42, "seeds initialisation, dropout and batch order", type=int)
+    seeds: int = option(
+        1, "train N runs with seeds --seed, --seed+1, ...: the first writes "
+           "<output-dir>/<method>/, the others <method>-seed<N>/; evaluate.py reports the "
+           "mean and an interval over seeds (default 1, the quick path)", type=positive_int)
+    tune_lr: bool = option(
+        False, "first search the learning rate: train --search-epochs at each rate of --lr-grid, "
+               "score each on data/valid.jsonl, then train at the best (never tuned on eval)",
+        action="store_true")
+    lr_grid: list[float] | None = option(
+        None, "comma-separated rates for --tune-lr (default: --lr x 0.3, 1, 3, 10, a 33x span "
+              "around the method's rate)", type=lr_grid)
+    search_epochs: int = option(
+        1, "epochs per rate in the --tune-lr search (default 1: the budget that lets a "
+           "4-rate search of all four methods finish on 2 CPU cores)", type=positive_int)
+    device: str = option(
+        "auto", "auto: CUDA (bf16 autocast where supported) when present, else CPU fp32",
+        choices=["auto", "cpu", "cuda"])
+    max_length: int | None = option(
+        None, "truncate examples to this many tokens (default: the model's context)",
+        type=positive_int)
+    train_on_prompt: bool = option(
+        False, "also compute the loss on prompt tokens (default: the answer only)",
+        action="store_true")
+    save_every: int = option(
+        200, "save a checkpoint every N steps (also at each epoch's end and on Ctrl-C)",
+        type=positive_int)
+    keep_checkpoints: int = option(2, "how many checkpoints to keep", type=positive_int)
+    resume: bool = option(
+        False, "continue from the newest checkpoint in <output-dir>/checkpoints/<method>/",
+        action="store_true")
+    trust_remote_code: bool = option(
+        False, "allow model code from the Hub to run (off: it executes arbitrary Python)",
+        action="store_true")
+    # Not options: set by tuning.train_method for the record.
+    model_requested: str | None = None  # what the command asked for ("default" when nothing)
+    method_options: dict = field(default_factory=dict)  # the script's own options, by name
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainSettings":
+        """Split a script's parsed options into the shared settings and its method's own."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = vars(args)
+        return cls(**{k: v for k, v in values.items() if k in names},
+                   method_options={k: v for k, v in values.items() if k not in names})
+
+    def replace(self, **changes) -> "TrainSettings":
+        """A copy with some settings changed."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        """Every setting by name, the method's options alongside (metrics.json's "args")."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name != "method_options"}
+        return {**shared, **self.method_options}
+
+
+def training_parser(description: str, lr: float, lr_help: str) -> argparse.ArgumentParser:
+    """The options every fine-tune script shares; the method's default learning rate is its own."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainSettings):
+        if "help" not in f.metadata:
+            continue
+        kwargs = dict(f.metadata)
+        default = f.default
+        if f.name == "lr":
+            default, kwargs["help"] = lr, lr_help
+        parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kwargs)
+    return parser

@@ -1,0 +1,80 @@
+"""Helpers the tests share: a small learnable data set, the scripts by method, error checks.
+
+pyproject.toml puts the repository and this folder on pytest's pythonpath, so
+tests import the project's modules and these helpers by name.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+import common
+import finetune
+import finetune_bitfit
+import finetune_lora
+import finetune_qlora
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"full": finetune, "lora": finetune_lora, "qlora": finetune_qlora,
+           "bitfit": finetune_bitfit}
+
+
+def write_split(folder: Path, n_train: int = 48, n_eval: int = 12, n_valid: int = 8,
+                seed: int = 0) -> Path:
+    """A learnable arithmetic data set in the layout split_dataset.py writes.
+
+    81 rows: the first n_train train, the next n_eval eval (for evaluate.py) and the
+    next n_valid valid (the held-out loss during training).
+    """
+    rows = []
+    for a in range(1, 10):
+        for b in range(1, 10):
+            question = f"What is {a} plus {b}?"
+            answer = f"{a} plus {b} is {a + b}."
+            rows.append({"prompt": f"User: {question}\nAssistant:", "completion": f" {answer}",
+                         "question": question, "answer": answer, "key": str(a + b),
+                         "category": "arithmetic", "group": f"{a}+{b}"})
+    random.Random(seed).shuffle(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    assert n_train + n_eval + n_valid <= len(rows)
+    train, held = rows[:n_train], rows[n_train:n_train + n_eval]
+    valid = rows[n_train + n_eval:n_train + n_eval + n_valid]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    for name, part in (("eval", held), ("valid", valid)):
+        (folder / f"{name}.jsonl").write_text("".join(
+            json.dumps({**r, "eval_kind": "unseen_question"}) + "\n" for r in part))
+    (folder / "template.json").write_text(json.dumps(
+        {"prompt_template": "User: {question}\nAssistant:", "completion_template": " {answer}"}))
+    return folder
+
+
+
+def error_line(capsys):
+    """The one line run_main printed."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def run_and_expect_exit(main, args, capsys) -> str:
+    """Run main through run_main; assert exit status 2 and return the error line."""
+    with pytest.raises(SystemExit) as exc:
+        common.run_main(main, args)
+    assert exc.value.code == 2
+    return error_line(capsys)
+
+
+def train_args(script, data_dir, out, *extra):
+    """A fast tiny-model argument list."""
+    return script.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data_dir), "--output-dir",
+                              str(out), "--batch-size", "8", "--max-steps", "2", *extra])
+
+
+def stop_at(step):
+    """A training callback that asks the loop to stop at a step exactly as Ctrl-C would."""
+    def callback(current, control):
+        if current == step:
+            control.stop = True
+    return callback

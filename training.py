@@ -1,0 +1,545 @@
+"""Train one run: the answer-only loss, on length-grouped batches, with checkpoints and Ctrl-C.
+
+    run = training.start_run(settings, "lora")
+    model, tokenizer, base = models.load_model(settings.model, run.device)
+    metrics = training.train_and_save(run, model, tokenizer, base, details)
+
+`accelerate` owns the plumbing: processes (torchrun or `accelerate launch`),
+the DistributedDataParallel wrapping, gradient sync only on an optimiser step's
+last micro-batch, all-reduces, bf16 autocast on CUDA, seeding, and the
+checkpoint files with every process's RNG state.  What is ours: the loss over
+the answer tokens only, divided by the global answer-token count (so processes
+and micro-batches weigh every token equally); the length-grouped batch order;
+the check that --resume continues the same configuration; and the output folder
+that appears only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from common import (PipelineError, collate, file_sha256, length_grouped_batches, load_split,
+                    load_template, plot_training, staged_dir, tokenize_rows, write_json,
+                    write_text_atomic)
+from generation import AnswerLoss, answer_nll
+from memory import PeakMemory
+from models import (autocast_dtype, causal_lm, context_length, count_parameters, pick_device,
+                    resolve_model)
+from settings import TrainSettings
+
+
+@dataclass
+class Control:
+    """What the loop is asked to do between steps; set by Ctrl-C, SIGTERM or a callback."""
+
+    stop: bool = False
+
+
+# A callback runs after every optimiser step as callback(step, control); setting
+# control.stop checkpoints and stops exactly as Ctrl-C does (the tests use this).
+Callback = Callable[[int, Control], None]
+
+
+@dataclass
+class Run:
+    """One training run: its settings, where it runs, and the rows it reads."""
+
+    method: str
+    settings: TrainSettings
+    accelerator: object  # accelerate.Accelerator
+    template: dict
+    train_rows: list[dict]
+    valid_rows: list[dict]
+    name: str = ""  # the output folder's name: <method> or <method>-seed<N>
+    config: dict = field(default_factory=dict)  # what --resume must find unchanged
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+@dataclass
+class Plan:
+    """Tokenised examples and step counts of a run."""
+
+    train: list[dict]
+    valid: list[dict]
+    lengths: list[int]
+    pad_id: int
+    steps_per_epoch: int
+    total_steps: int
+    effective_batch: int
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when alone), before any set-up."""
+    return int(os.environ.get("RANK", 0))
+
+
+def make_accelerator(device_choice: str = "auto"):
+    """An Accelerator for --device: CUDA with bf16 autocast where supported, else CPU fp32.
+
+    On a machine without CUDA the processes of torchrun or `accelerate launch
+    --multi_gpu --num_processes N` run on the CPU and talk over gloo.
+    """
+    from accelerate import Accelerator
+
+    device = pick_device(device_choice)
+    bf16 = autocast_dtype(device) == torch.bfloat16
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no")
+
+
+def start_run(settings: TrainSettings, method: str, name: str | None = None) -> Run:
+    """Check the inputs, join the processes, resolve the model and seed everything, before loading.
+
+    The first process resolves (builds or converts) the model before the others,
+    so they never race on the cache.
+    """
+    from accelerate.utils import set_seed
+
+    # Training reads train and valid only: eval.jsonl is kept for evaluate.py.
+    train_rows = load_split(settings.data_dir, "train")
+    valid_rows = load_split(settings.data_dir, "valid")
+    template = load_template(settings.data_dir)
+    if settings.resume and not checkpoints(Path(settings.output_dir), method):
+        raise PipelineError("--resume: no checkpoint in "
+                            f"{Path(settings.output_dir) / 'checkpoints' / method}")
+    accelerator = make_accelerator(settings.device)
+    with accelerator.main_process_first():
+        resolve_model(settings.model)
+    # After resolving: building a tiny preset seeds torch's RNG itself, and a run that built
+    # it must draw the same initialisation and dropout as every later run of the command.
+    set_seed(settings.seed)
+    return Run(method=method, settings=settings, accelerator=accelerator, template=template,
+               train_rows=train_rows, valid_rows=valid_rows, name=name or method)
+
+
+# --- checkpoints -----------------------------------------------------------------
+
+
+def checkpoints(output_dir: Path, method: str) -> list[Path]:
+    """A method's complete checkpoints, oldest first."""
+    folder = Path(output_dir) / "checkpoints" / method
+    return sorted(p for p in folder.glob("step-*") if (p / "state.json").exists())
+
+
+def trainable_state(model) -> dict:
+    """The tensors that training changes, by parameter name (what a checkpoint must hold)."""
+    return {name: param.detach().cpu().contiguous().clone()
+            for name, param in causal_lm(model).named_parameters() if param.requires_grad}
+
+
+class Trainer:
+    """The optimiser, schedule and step of one run, prepared by accelerate.
+
+    Checkpoints hold the trainable tensors only (a LoRA checkpoint is the
+    adapter, not the 135M frozen weights): accelerate's save/load hooks hand the
+    model to us, and accelerate writes the optimiser, schedule and RNG states.
+    """
+
+    def __init__(self, run: Run, model, total_steps: int):
+        settings, accelerator = run.settings, run.accelerator
+        self.run, self.model, self.accelerator = run, model, accelerator
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise PipelineError(f"{run.method}: the model has no trainable parameters")
+        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+        self.loss_module, self.optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
+        self.params = params
+        self.scheduler = linear_schedule(optimizer, total_steps, settings.warmup_ratio)
+        accelerator.register_for_checkpointing(self.scheduler)
+        accelerator.register_save_state_pre_hook(self._save_trainable)
+        accelerator.register_load_state_pre_hook(self._load_trainable)
+
+    def _save_trainable(self, models, weights, output_dir) -> None:
+        """accelerate hook: write the trainable tensors ourselves; the full model is not saved."""
+        from safetensors.torch import save_file
+
+        weights.clear()
+        if self.accelerator.is_main_process:
+            save_file(trainable_state(self.model), Path(output_dir) / "trainable.safetensors")
+
+    def _load_trainable(self, models, input_dir) -> None:
+        """accelerate hook: restore the trainable tensors; the frozen ones came with the base."""
+        from safetensors.torch import load_file
+
+        models.clear()
+        params = dict(causal_lm(self.model).named_parameters())
+        with torch.no_grad():
+            for name, tensor in load_file(Path(input_dir) / "trainable.safetensors").items():
+                params[name].copy_(tensor)
+
+    def reduce_sum(self, *values: float) -> list[float]:
+        """Sum numbers over processes (identity when there is one)."""
+        if self.run.world == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.run.device)
+        return self.accelerator.reduce(tensor, reduction="sum").tolist()
+
+    def step(self, micro: list[dict]) -> dict:
+        """One optimiser step over micro-batches; returns loss, lr, grad norm and token count."""
+        accelerator, run = self.accelerator, self.run
+        n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        # The loss is the mean over every answer token of the step, on all processes.  DDP
+        # averages gradients over processes, so each divides its summed NLL by the global
+        # label count over world (a per-process mean would weight the processes' tokens
+        # unequally whenever their label counts differ).
+        n_labels = self.reduce_sum(n_labels)[0]
+        per_process = n_labels / run.world
+        step_nll = 0.0
+        for i, batch in enumerate(micro):
+            # Gradients are synchronised on the last micro-batch only.
+            sync = (contextlib.nullcontext() if i == len(micro) - 1
+                    else accelerator.no_sync(self.loss_module))
+            with sync:
+                nll, _ = self.loss_module(**batch)
+                accelerator.backward(nll / per_process)
+            step_nll += nll.item()
+        grad_norm = float(accelerator.clip_grad_norm_(self.params, run.settings.max_grad_norm))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        step_nll, tokens = self.reduce_sum(step_nll, tokens)
+        return {"loss": step_nll / n_labels, "lr": lr, "grad_norm": grad_norm,
+                "tokens": int(tokens)}
+
+    def save(self, state: dict) -> Path:
+        """Write a checkpoint folder that appears only when complete, and prune old ones."""
+        accelerator, settings = self.accelerator, self.run.settings
+        folder = Path(settings.output_dir) / "checkpoints" / self.run.method
+        final = folder / f"step-{state['step']:07d}"
+        partial = folder / f".{final.name}.partial"  # one name that every process can find
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(partial / "state.json", state)  # written last: marks it complete
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in checkpoints(settings.output_dir, self.run.method)[:-settings.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load(self) -> dict:
+        """Restore the newest checkpoint; return its progress state.  Refuses a changed configuration."""
+        run = self.run
+        folder = checkpoints(run.settings.output_dir, run.method)[-1]
+        state = json.loads((folder / "state.json").read_text())
+        for key in ("model", "batch_size", "grad_accum", "lr", "seed", "total_steps"):
+            if state["config"][key] != run.config[key]:
+                raise PipelineError(f"--resume: the checkpoint was made with {key}="
+                                    f"{state['config'][key]}, this run has {run.config[key]}; "
+                                    "use the same options or start afresh without --resume",
+                                    folder)
+        self.accelerator.load_state(str(folder))
+        print(f"resumed from {folder} (step {state['step']})")
+        return state
+
+
+def linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up then linear decay to zero.
+
+    Kept instead of transformers.get_scheduler("linear"): that schedule's first
+    step has learning rate 0, a lost step in these 40-90-step runs, and taking it
+    would change every published figure.  Ours starts the warm-up at lr/warmup.
+    """
+    warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --- the loop ----------------------------------------------------------------------
+
+
+def plan_training(run: Run, model, tokenizer) -> Plan:
+    """Tokenised train/validation examples and the step counts of this run."""
+    settings = run.settings
+    max_len = min(settings.max_length or context_length(model), context_length(model))
+    data_dir = Path(settings.data_dir)
+    train = tokenize_rows(tokenizer, run.train_rows, max_len, settings.train_on_prompt,
+                          source=str(data_dir / "train.jsonl"))
+    valid = tokenize_rows(tokenizer, run.valid_rows, max_len, source=str(data_dir / "valid.jsonl"))
+    lengths = [len(ex["input_ids"]) for ex in train]
+    per_rank = len(length_grouped_batches(lengths, settings.batch_size, settings.seed, 0)) // run.world
+    steps_per_epoch = per_rank // settings.grad_accum
+    if steps_per_epoch < 1:
+        raise PipelineError(f"{len(train)} training examples make no full step at batch size "
+                            f"{settings.batch_size} x {settings.grad_accum} accumulation x "
+                            f"{run.world} processes; lower --batch-size", data_dir / "train.jsonl")
+    return Plan(train=train, valid=valid, lengths=lengths, pad_id=tokenizer.pad_token_id,
+                steps_per_epoch=steps_per_epoch,
+                total_steps=settings.max_steps or settings.epochs * steps_per_epoch,
+                effective_batch=settings.batch_size * settings.grad_accum * run.world)
+
+
+def epoch_batches(run: Run, plan: Plan, epoch: int) -> list[list[int]]:
+    """This process's batches (lists of example indices) for one epoch."""
+    batches = length_grouped_batches(plan.lengths, run.settings.batch_size, run.settings.seed, epoch)
+    return batches[run.rank::run.world]
+
+
+def valid_loss(trainer: Trainer, plan: Plan) -> float:
+    """Mean answer-token loss on held-out examples (the validation split), over all processes.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights in place, for
+    good, into an inference-only layout the first time the layer runs in eval mode without
+    gradients.  Training forwards after that go through a kernel with no backward
+    (bitsandbytes::gemv_4bit: gradients stop there, silently) or fail on layers with a bias,
+    so QLoRA would train wrongly after its first mid-training loss.  The repacking is
+    switched off while this loss is measured.
+    """
+    run, model = trainer.run, trainer.model
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        shard = plan.valid[run.rank::run.world]
+        nll, count = answer_nll(model, shard, plan.pad_id, run.device,
+                                batch_size=run.settings.batch_size * 2)
+    finally:
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True
+    nll, count = trainer.reduce_sum(nll, count)
+    return nll / max(count, 1)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an error is the device (CUDA) or the host (CPU allocator) running out of memory."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
+def oom_advice(run: Run) -> PipelineError:
+    """The error for running out of memory, with what to try instead."""
+    s = run.settings
+    return PipelineError(
+        f"out of {run.device.type.upper()} memory at batch size {s.batch_size}; try "
+        f"--batch-size {max(1, s.batch_size // 2)} --grad-accum {s.grad_accum * 2} "
+        "(the same effective batch), --max-length, or finetune_qlora.py (4-bit base weights)")
+
+
+@contextlib.contextmanager
+def stop_on_signals(control: Control):
+    """While training, Ctrl-C and SIGTERM finish the current step, checkpoint and stop."""
+    import signal
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+            previous[sig] = signal.signal(sig, lambda *_: setattr(control, "stop", True))
+    try:
+        yield control
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_steps(trainer: Trainer, plan: Plan, state: dict,
+              callbacks: tuple[Callback, ...] = ()) -> PeakMemory:
+    """The training loop: steps, validation loss at each epoch's end, checkpoints, Ctrl-C.
+
+    Updates state in place (it is what a checkpoint holds) and returns the peak
+    memory measured while training.
+    """
+    from tqdm.auto import tqdm
+
+    run, model = trainer.run, trainer.model
+    settings, device = run.settings, run.device
+    batches: dict[int, list] = {}
+    model.train()
+    progress = tqdm(total=plan.total_steps, initial=state["step"], desc=f"train {run.method}",
+                    disable=run.rank != 0, dynamic_ncols=True)
+    try:
+        with stop_on_signals(Control()) as control, PeakMemory(device) as peak:
+            while state["step"] < plan.total_steps:
+                epoch, within = divmod(state["step"], plan.steps_per_epoch)
+                if epoch not in batches:
+                    batches = {epoch: epoch_batches(run, plan, epoch)}
+                accum = settings.grad_accum
+                indices = batches[epoch][within * accum:(within + 1) * accum]
+                started = time.perf_counter()
+                micro = [{k: v.to(device) for k, v in
+                          collate([plan.train[i] for i in idx], plan.pad_id).items()}
+                         for idx in indices]
+                result = trainer.step(micro)
+                state["train_seconds"] += time.perf_counter() - started
+                state["train_tokens"] += result["tokens"]
+                state["train_examples"] += sum(len(idx) for idx in indices) * run.world
+                state["step"] += 1
+                step = state["step"]
+                state["history"].append({"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
+                                         "loss": result["loss"], "lr": result["lr"],
+                                         "grad_norm": result["grad_norm"]})
+                progress.update(1)
+                progress.set_postfix(loss=f"{result['loss']:.3f}", epoch=epoch + 1)
+                epoch_end = step % plan.steps_per_epoch == 0
+                if epoch_end or step == plan.total_steps:
+                    loss = valid_loss(trainer, plan)
+                    state["valid_loss"].append({"step": step, "loss": loss,
+                                                "epoch": round(step / plan.steps_per_epoch, 4)})
+                    progress.write(f"step {step}: validation loss {loss:.4f}")
+                    model.train()
+                for callback in callbacks:
+                    callback(step, control)
+                if step == plan.total_steps:
+                    break
+                if control.stop or epoch_end or step % settings.save_every == 0:
+                    saved = trainer.save(state)
+                if control.stop:
+                    progress.close()
+                    if run.rank == 0:
+                        print(f"stopped at step {step}; checkpoint {saved}; continue with the "
+                              "same command plus --resume", file=sys.stderr)
+                    raise KeyboardInterrupt
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise oom_advice(run) from None
+    finally:
+        progress.close()
+    return peak
+
+
+# --- what a finished run writes ------------------------------------------------------
+
+
+def versions() -> dict:
+    """Library versions, recorded with every run."""
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[name] = md.version(name)
+    return out
+
+
+def folder_size_mb(folder: Path) -> float:
+    """Size on disk of everything in a folder, in MB (10^6 bytes)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 1e6
+
+
+def run_metrics(run: Run, model, plan: Plan, state: dict, peak: PeakMemory, base_path: str,
+                details: dict | None) -> dict:
+    """Everything metrics.json records about a finished run."""
+    settings = run.settings
+    trainable, total = count_parameters(model)
+    history = state["history"]
+    recent = history[-10:]
+    dtype = autocast_dtype(run.device)
+    data_dir = Path(settings.data_dir)
+    return {
+        "method": run.method, "model": settings.model, "base_model_path": base_path,
+        "trainable_params": trainable, "total_params": total,
+        "trainable_percent": 100 * trainable / total,
+        "train_seconds": state["train_seconds"],
+        "train_tokens_per_s": state["train_tokens"] / max(state["train_seconds"], 1e-9),
+        "seconds_per_100_examples": 100 * state["train_seconds"] / max(state["train_examples"], 1),
+        "peak_memory_mb": peak.peak_bytes / 1e6, "peak_memory_kind": peak.kind,
+        "train_loss": sum(h["loss"] for h in recent) / len(recent),
+        "train_loss_note": f"mean of the last {len(recent)} steps",
+        "valid_loss": state["valid_loss"], "steps": plan.total_steps,
+        "epochs": plan.total_steps / plan.steps_per_epoch,
+        "effective_batch_size": plan.effective_batch, "processes": run.world,
+        "train_examples": len(plan.train), "valid_examples": len(plan.valid),
+        "device": str(run.device),
+        "autocast": str(dtype).replace("torch.", "") if dtype else "none",
+        "details": details or {}, "args": settings.as_dict(), "versions": versions(),
+        "data_sha256": {name: file_sha256(data_dir / name)
+                        for name in ("train.jsonl", "valid.jsonl", "template.json")},
+        "history": history,
+    }
+
+
+def save_outputs(run: Run, model, tokenizer, metrics: dict) -> Path:
+    """Write outputs/<run name>/ in a temporary folder and move it into place when complete."""
+    final = Path(run.settings.output_dir) / run.name
+    with staged_dir(final) as tmp:
+        model.save_pretrained(tmp)  # the full model, or only the adapter for LoRA/QLoRA
+        tokenizer.save_pretrained(tmp)
+        metrics["size_on_disk_mb"] = folder_size_mb(tmp)
+        write_json(tmp / "metrics.json", metrics)
+        plot_training(metrics, tmp / "training_metrics.png")
+        # Written last: evaluate.py takes a folder without it for an unfinished run.
+        write_text_atomic(tmp / "COMPLETED", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    return final
+
+
+def train_and_save(run: Run, model, tokenizer, base_path: str, details: dict | None = None,
+                   extra: dict | None = None, save: bool = True,
+                   callbacks: tuple[Callback, ...] = ()) -> dict:
+    """Train the parameters that require grad; write the model, metrics.json and the plot.
+
+    details: what the method did (adapter settings, added biases, quantisation),
+    recorded in metrics.json; extra: more top-level metrics (run_id, lr_search).
+    save=False trains and returns the metrics only (a learning-rate search run).
+    """
+    settings = run.settings
+    # Tokenise: prompt + answer + EOS, loss on the answer
+    plan = plan_training(run, model, tokenizer)
+
+    # Optimiser over the parameters the method left trainable
+    trainer = Trainer(run, model, plan.total_steps)
+    trainable, total = count_parameters(model)
+    if run.rank == 0:
+        print(f"{run.method}: {trainable:,} of {total:,} parameters train "
+              f"({100 * trainable / total:.3f}%); {len(plan.train)} examples, "
+              f"{plan.total_steps} steps of {plan.effective_batch} examples, lr {settings.lr:g}, "
+              f"on {run.device}" + (f" x {run.world} processes" if run.world > 1 else ""))
+
+    # Start afresh, or from the newest checkpoint with --resume
+    run.config = {"model": settings.model, "batch_size": settings.batch_size,
+                  "grad_accum": settings.grad_accum, "lr": settings.lr, "seed": settings.seed,
+                  "total_steps": plan.total_steps}
+    state = {"step": 0, "history": [], "valid_loss": [], "train_seconds": 0.0,
+             "train_tokens": 0, "train_examples": 0, "config": run.config}
+    ckpt_dir = Path(settings.output_dir) / "checkpoints" / run.method
+    if settings.resume:
+        state = trainer.load()
+    elif run.rank == 0 and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # a fresh run must never resume from stale state later
+
+    # Train, then write the finished output (one process only)
+    peak = run_steps(trainer, plan, state, callbacks)
+    metrics = {**run_metrics(run, model, plan, state, peak, base_path, details), **(extra or {})}
+    if not save:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    elif run.rank == 0:
+        final = save_outputs(run, model, tokenizer, metrics)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # leave no empty checkpoints/ folder behind
+            ckpt_dir.parent.rmdir()
+        print(f"wrote {final}/ (model, metrics.json, training_metrics.png): "
+              f"{metrics['train_seconds']:.1f} s, {metrics['train_tokens_per_s']:.0f} tokens/s, "
+              f"peak {metrics['peak_memory_mb']:.0f} MB, final train loss "
+              f"{metrics['train_loss']:.4f}, valid loss {state['valid_loss'][-1]['loss']:.4f}")
+    run.accelerator.wait_for_everyone()
+    return metrics
