@@ -1,47 +1,45 @@
-"""Speed and memory: the original project's recipe against this project's, on one machine, in one run.
+"""Speed and memory: this project against the original recipe, TRL's SFTTrainer and an earlier commit, in one run.
 
-    python benchmarks/bench_speed.py                  # about 13 minutes on 2 idle cores (estimated)
-    python benchmarks/bench_speed.py --smollm2        # plus training speed on smollm2-135m (~8 min more)
+    python benchmarks/bench_speed.py                  # about 25 minutes on 2 idle cores
     python benchmarks/bench_speed.py --quick          # tiny sizes: checks that everything runs
-    python benchmarks/bench_speed.py --data-dir /path/to/data --repeats 5
+    python benchmarks/bench_speed.py --compare-ref HEAD~1        # also the previous commit's step
     python benchmarks/bench_speed.py --data-dir data --eval-model outputs/full   # a tuned model's eval
+    python benchmarks/bench_speed.py --smollm2        # plus training speed on smollm2-135m
 
-Measures, each configuration in its own Python process so that one's peak
-memory and warm caches never pollute another's:
+Each configuration runs in its own Python process (workers.py), so that one's
+peak memory and warm caches never pollute another's:
   training   the original recipe (Trainer-equivalent loop, every example padded
              to 128 tokens, batch 2, labels = input ids, logits over the whole
-             vocabulary everywhere) against this project's loop (common.answer_loss,
-             batch 16 padded to its longest, length-grouped batches), for full
-             fine-tuning, LoRA, QLoRA and BitFit: seconds per 100 examples,
-             non-pad tokens per second, model-FLOP utilisation, peak memory;
+             vocabulary everywhere), this project's (training.Trainer's step,
+             batch 16 padded to its longest, length-grouped batches, the LM head
+             at answer positions only; each model prepared by its script's
+             prepare()), TRL's SFTTrainer at its best CPU settings and with its
+             defaults (trl_runs.py; pip install --no-deps -r
+             benchmarks/requirements.txt), and with --compare-ref the same worker
+             of an earlier commit: non-pad tokens per second, seconds per 100
+             examples, model-FLOP utilisation, peak memory;
   evaluation the original's one question at a time with 50 free-running new
-             tokens against common.generate_answers (batched, stopping, bounded by
-             common.max_new_tokens_for): questions per second, peak memory; on the
-             distilgpt2-shaped model (random weights never stop early, so this
-             isolates batching and the bound) and on smollm2-135m untuned, or on a
-             fine-tuned model given with --eval-model, whose answers stop;
+             tokens against generation.generate_answers (batched, stopping):
+             questions per second, peak memory, on the distilgpt2-shaped model and
+             on smollm2-135m untuned, or on a fine-tuned model (--eval-model);
   peak       the fp32 matrix-multiply rate of this machine (2048x2048, median);
-  memory     peak memory of this project's full / LoRA / QLoRA / BitFit on
-             smollm2-135m with the same batches, split into weights, gradients,
-             AdamW state and activations.
+  memory     this project's full / LoRA / QLoRA / BitFit on smollm2-135m with the
+             same batches: the process's peak beside what torch's tensors needed
+             (MemTracker), by kind.
 The training comparison uses a distilgpt2-shaped model with random weights (the
 arithmetic is the same as distilgpt2's) and the smollm2-135m tokenizer, so token
-lengths are realistic; --smollm2 repeats it on smollm2-135m.
-Every configuration is warmed up, then timed --repeats times; tables give
-medians with [min-max], and speed-ups are computed per repeat pair, then the
-median taken.  Writes benchmarks/results.md and results.json (--output).
+lengths are realistic.  Every configuration is warmed up, then timed --repeats
+times; tables give medians with [min-max], and ratios are computed per repeat
+pair, then the median taken.  Writes benchmarks/results.md and results.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
-import random
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,13 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# --- The original recipe, as the original project ran it ----------------------
-ORIGINAL_MAX_LENGTH = 128        # tokenizer(padding="max_length", truncation=True, max_length=128)
-ORIGINAL_BATCH = 2               # per_device_train_batch_size=2
-ORIGINAL_LR = 5e-5               # the Trainer's default, used for every method
-ORIGINAL_LORA = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1}  # alpha/dropout do not change speed
-ORIGINAL_LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj"]}
-ORIGINAL_NEW_TOKENS = 50         # generate(max_new_tokens=50), one question at a time
+from workers import (ORIGINAL_BATCH, ORIGINAL_MAX_LENGTH, ORIGINAL_NEW_TOKENS,  # noqa: E402
+                     log, median_spread, worker_main)
 
 # --- The models -----------------------------------------------------------------
 # distilgpt2's shape (82 M parameters); random weights cost the same arithmetic.
@@ -68,9 +61,12 @@ TOKENIZER_PRESET = "smollm2-135m"  # realistic token lengths; its ids are all < 
 METHODS = ("full", "lora", "qlora", "bitfit")
 SEED = 42
 
+TRL_METHODS = ("full", "lora", "qlora")  # TRL's SFTTrainer has no BitFit
+
 # --- The issue's targets ----------------------------------------------------------
-TARGET_TRAIN_SPEEDUP = 7.0       # full and LoRA, per training example
-TARGET_EVAL_SPEEDUP = 20.0       # questions per second
+TARGET_TRAIN_SPEEDUP = 10.0      # full and LoRA against the original, non-pad tokens per second
+TARGET_TRL_SPEEDUP = 3.0         # full, LoRA, QLoRA against TRL's SFTTrainer at its best on a CPU
+TARGET_EVAL_SPEEDUP = 25.0       # questions per second, on a fine-tuned model
 TARGET_FULL_MFU = 0.60           # of the measured fp32 matmul peak
 
 FLOPS_DOC = """\
@@ -102,527 +98,6 @@ FLOPS_DOC = """\
 
 
 # =============================================================================
-# Small shared helpers
-# =============================================================================
-
-
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc)."""
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_split() -> dict:
-    """Resident memory split into anonymous and file-backed pages, in bytes (/proc/self/status)."""
-    with open("/proc/self/status") as fh:
-        fields = dict(line.split(":", 1) for line in fh if line.startswith("Rss"))
-    return {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
-
-
-def median_spread(values: list[float]) -> dict:
-    """Median, min and max of a list of measurements."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "n": len(values)}
-
-
-def log(message: str) -> None:
-    """Progress to stderr, so a worker's stdout carries only its JSON result."""
-    print(message, file=sys.stderr, flush=True)
-
-
-# =============================================================================
-# Worker: model set-up, exactly as the scripts do it
-# =============================================================================
-
-
-def family(model) -> str:
-    """'gpt2' or 'llama': which naming the original's LoRA targets use."""
-    return "gpt2" if model.config.model_type == "gpt2" else "llama"
-
-
-def setup_ours(model_dir: str, method: str):
-    """Load and prepare a model as finetune*.py do; returns (model, tokenizer, learning rate)."""
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    import common
-    import finetune
-    import finetune_bitfit
-    import finetune_lora
-
-    device = torch.device("cpu")
-    model, tokenizer, _ = common.load_model(model_dir, device, quantize_4bit=method == "qlora")
-    if method == "full":
-        model.requires_grad_(True)
-        return model, tokenizer, finetune.parse_args([]).lr
-    if method == "bitfit":
-        finetune_bitfit.add_missing_biases(model)
-        for name, param in model.named_parameters():
-            param.requires_grad = name.endswith("bias")
-        return model, tokenizer, finetune_bitfit.parse_args([]).lr
-    # LoRA and QLoRA: the scripts' own defaults (r=16, alpha=32, dropout 0.05, all-linear)
-    args = finetune_lora.parse_args([])
-    if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                        task_type="CAUSAL_LM",
-                        target_modules=common.target_modules(args.target_modules),
-                        fan_in_fan_out=common.uses_conv1d(model))
-    return get_peft_model(model, config), tokenizer, args.lr
-
-
-def setup_original(model_dir: str, method: str):
-    """Load and prepare a model as the original project did; returns (model, tokenizer, lr)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    import common
-    import finetune_bitfit
-
-    model, tokenizer, _ = common.load_model(model_dir, torch.device("cpu"))
-    if method == "full":
-        model.requires_grad_(True)
-    elif method == "bitfit":
-        # Llama-style models have no biases; the original would have trained nothing.
-        # Adding them (as finetune_bitfit.py does) keeps the cost comparison like for like.
-        finetune_bitfit.add_missing_biases(model)
-        for name, param in model.named_parameters():
-            param.requires_grad = name.endswith("bias")
-    else:  # lora; the original never quantised, so its "QLoRA" was this same recipe
-        config = LoraConfig(**ORIGINAL_LORA, task_type="CAUSAL_LM",
-                            target_modules=ORIGINAL_LORA_TARGETS[family(model)],
-                            fan_in_fan_out=common.uses_conv1d(model))
-        model = get_peft_model(model, config)
-    return model, tokenizer, ORIGINAL_LR
-
-
-# =============================================================================
-# Worker: batches and loss of each recipe
-# =============================================================================
-
-
-def ours_batches(tokenizer, rows, model, batch_size: int, warmup: int, steps: int):
-    """(warm-up batches, timed batches) as lists of examples, from common's length-grouped epoch.
-
-    Warm-up runs on the epoch's longest batch, so memory reaches its real peak
-    (AdamW state present, longest activations).  Timed batches are evenly
-    spaced quantiles of the epoch's batches by width, so a few steps carry the
-    epoch's mix of lengths.
-    """
-    import common
-
-    examples = common.tokenize_rows(tokenizer, rows, common.context_length(model),
-                                    source="train.jsonl")
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    epoch = common.length_grouped_batches(lengths, batch_size, SEED, 0)
-    full = [b for b in epoch if len(b) == batch_size] or epoch  # the last batch may be short
-    by_width = sorted(full, key=lambda b: (max(lengths[i] for i in b), sum(lengths[i] for i in b)))
-    timed = [by_width[int((k + 0.5) * len(by_width) / steps)] for k in range(steps)]
-    warm = [by_width[-1]] * warmup
-    return ([[examples[i] for i in b] for b in warm], [[examples[i] for i in b] for b in timed])
-
-
-def original_batches(tokenizer, rows, warmup: int, steps: int):
-    """(warm-up, timed) batches of the original: prompt+answer padded to 128, labels = input ids.
-
-    The original set labels to a copy of input_ids, so with pad == EOS the pad
-    positions stay in the loss (we do the same; nothing is masked to -100).
-    """
-    order = list(range(len(rows)))
-    random.Random(SEED).shuffle(order)  # the Trainer's shuffled sampler
-    needed = (warmup + steps) * ORIGINAL_BATCH
-    order = (order * (needed // len(order) + 1))[:needed]
-    texts = [rows[i]["prompt"] + rows[i]["completion"] for i in order]
-    enc = tokenizer(texts, padding="max_length", truncation=True,
-                    max_length=ORIGINAL_MAX_LENGTH)
-    examples = [{"input_ids": ids, "attention_mask": mask, "labels": list(ids)}
-                for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
-    batches = [examples[i:i + ORIGINAL_BATCH] for i in range(0, needed, ORIGINAL_BATCH)]
-    return batches[:warmup], batches[warmup:]
-
-
-def collate_original(examples: list[dict]) -> dict:
-    """The Trainer's default collator: stack already-padded rows."""
-    import torch
-
-    return {key: torch.tensor([ex[key] for ex in examples]) for key in examples[0]}
-
-
-def loss_ours(answer_loss, batch: dict):
-    """common.train_and_save's objective: answer-token NLL over the step's labelled tokens.
-
-    answer_loss is the common.AnswerLoss wrapped around the model, as the loop builds it.
-    """
-    n_labels = int((batch["labels"][:, 1:] != -100).sum())
-    nll, _ = answer_loss(**batch)
-    return nll / n_labels
-
-
-def loss_original(model, batch: dict):
-    """The original objective: the model's own loss over full logits at every position."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 labels=batch["labels"]).loss
-
-
-def lm_positions(recipe: str, batch: dict) -> int:
-    """Positions where the LM head is computed on a real token (see FLOPS_DOC)."""
-    if recipe == "ours":
-        return int((batch["labels"][:, 1:] != -100).sum())
-    return int(batch["attention_mask"].sum())
-
-
-# =============================================================================
-# Worker: FLOP counting
-# =============================================================================
-
-
-class MatmulRecorder:
-    """Forward hooks noting each linear layer's size and which of its gradients autograd needs."""
-
-    def __init__(self, head):
-        self.head, self.layers, self.head_info = head, {}, None
-
-    def hook(self, name, module, inputs, output):
-        """Record (MACs per token, input needs grad, weight trains) for one layer."""
-        weight = module.weight
-        if hasattr(module, "in_features"):  # nn.Linear and bitsandbytes' Linear4bit
-            macs = module.in_features * module.out_features
-        else:  # GPT-2's Conv1D: weight is (in, out)
-            macs = weight.shape[0] * weight.shape[1]
-        info = {"macs": macs, "input_grad": bool(inputs[0].requires_grad),
-                "weight_grad": bool(weight.requires_grad)}
-        if module is self.head:
-            self.head_info = info
-        else:
-            self.layers[name] = info
-
-
-def profile_matmuls(model, forward, batch) -> dict:
-    """Run forward(batch) once with hooks on model's layers; return what step_flops needs."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    import common
-
-    lm = common._causal_lm(model)
-    recorder = MatmulRecorder(lm.get_output_embeddings())
-    handles = [module.register_forward_hook(functools.partial(recorder.hook, name))
-               for name, module in model.named_modules()
-               if isinstance(module, (torch.nn.Linear, Conv1D))]
-    try:
-        forward(batch)  # the graph is dropped unused
-    finally:
-        for handle in handles:
-            handle.remove()
-    config = lm.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return {"layers": recorder.layers, "head": recorder.head_info,
-            "n_layers": config.num_hidden_layers, "d_attn": heads * head_dim}
-
-
-def profile_summary(profile: dict) -> dict:
-    """The profile in a few numbers, for results.json."""
-    layers = profile["layers"].values()
-    return {"n_layers": profile["n_layers"], "d_attn": profile["d_attn"], "head": profile["head"],
-            "linear_layers": len(layers), "macs_per_token": sum(i["macs"] for i in layers),
-            "layers_with_input_grad": sum(i["input_grad"] for i in layers),
-            "layers_with_weight_grad": sum(i["weight_grad"] for i in layers)}
-
-
-def step_flops(profile: dict, seq_lens: list[int], head_positions: int) -> dict:
-    """Counted forward and backward FLOPs of one step (see FLOPS_DOC)."""
-    tokens = sum(seq_lens)
-    fwd = bwd = 0.0
-    for info in profile["layers"].values():
-        per_token = 2 * info["macs"]
-        fwd += per_token * tokens
-        bwd += per_token * tokens * (info["input_grad"] + info["weight_grad"])
-    head = profile["head"]
-    fwd += 2 * head["macs"] * head_positions
-    bwd += 2 * head["macs"] * head_positions * (head["input_grad"] + head["weight_grad"])
-    pairs = sum(n * (n + 1) // 2 for n in seq_lens)
-    attention = 2 * 2 * profile["d_attn"] * pairs * profile["n_layers"]
-    return {"forward": fwd + attention, "backward": bwd + 2 * attention,
-            "total": fwd + bwd + 3 * attention}
-
-
-# =============================================================================
-# Worker: memory accounting
-# =============================================================================
-
-
-def tensor_bytes(obj) -> int:
-    """Bytes of the tensors held by a bitsandbytes QuantState (absmax, code, nested state)."""
-    import torch
-
-    total = 0
-    for attr in ("absmax", "code", "offset"):
-        value = getattr(obj, attr, None)
-        if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-    nested = getattr(obj, "state2", None)
-    return total + (tensor_bytes(nested) if nested is not None else 0)
-
-
-def memory_parts(model) -> dict:
-    """Weights as stored, gradients and AdamW state, in bytes, from parameter counts and dtypes."""
-    import common
-
-    weights = grads = 0
-    for param in model.parameters():  # tied weights come once
-        weights += param.numel() * param.element_size()  # NF4: 2 weights per byte
-        quant_state = getattr(param, "quant_state", None)
-        if quant_state is not None:
-            weights += tensor_bytes(quant_state)
-        if param.requires_grad:
-            grads += param.numel() * param.element_size()
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    trainable, total = common.count_parameters(model)
-    # AdamW keeps two moments (exp_avg, exp_avg_sq) in the parameter's dtype.
-    return {"weights": weights, "gradients": grads, "adam_state": 2 * grads,
-            "trainable_params": trainable, "total_params": total}
-
-
-# =============================================================================
-# Worker: the tasks
-# =============================================================================
-
-
-def train_step(target, params, optimizer, scheduler, examples, collate, loss_fn,
-               run=None) -> tuple:
-    """One timed optimiser step; returns (seconds, batch, loss).
-
-    Ours (run given) is common.train_step itself, the project's real step.  The
-    original's is the Trainer's step as a plain loop: its own loss, backward,
-    clipping at 1.0, AdamW, schedule.
-    """
-    import torch
-
-    import common
-
-    started = time.perf_counter()
-    batch = collate(examples)
-    if run is not None:
-        value = common.train_step(run, target, [batch], params, optimizer, scheduler)["loss"]
-    else:
-        loss = loss_fn(target, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        value = loss.item()
-    return time.perf_counter() - started, batch, value
-
-
-def task_train(config: dict, baseline: int) -> dict:
-    """Warm up, then time `steps` optimiser steps `repeats` times for one recipe and method."""
-    import torch
-
-    import common
-
-    torch.manual_seed(SEED)
-    recipe, method = config["recipe"], config["method"]
-    if recipe == "ours":
-        model, tokenizer, lr = setup_ours(config["model_dir"], method)
-    else:
-        model, tokenizer, lr = setup_original(config["model_dir"], method)
-    rows = common.load_split(config["data_dir"], "train")
-    if recipe == "ours":
-        warm, timed = ours_batches(tokenizer, rows, model, config["batch_size"],
-                                   config["warmup"], config["steps"])
-        collate = functools.partial(common.collate, pad_id=tokenizer.pad_token_id)
-        loss_fn, target = loss_ours, common.AnswerLoss(model)
-    else:
-        warm, timed = original_batches(tokenizer, rows, config["warmup"], config["steps"])
-        collate, loss_fn, target = collate_original, loss_original, model
-
-    # What this path computes, read off the model (before any timing)
-    model.train()
-    profile = profile_matmuls(model, functools.partial(loss_fn, target), collate(timed[0][:1]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    total_steps = len(warm) + config["steps"] * config["repeats"]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    # Ours warms the rate up over 5% of steps (train_and_save); the Trainer decays linearly.
-    scheduler = common.linear_schedule(optimizer, total_steps, 0.05 if recipe == "ours" else 0.0)
-    parts = memory_parts(model)
-    # What common.train_step reads of the run: clipping norm, device, process count.
-    run = argparse.Namespace(args=argparse.Namespace(max_grad_norm=1.0),
-                             device=torch.device("cpu"), world=1) if recipe == "ours" else None
-    common.release_free_heap()
-    loaded, loaded_split = rss_bytes(), rss_split()
-
-    repeats = []
-    with common.PeakMemory(torch.device("cpu")) as peak:
-        for examples in warm:
-            seconds, _, loss = train_step(target, params, optimizer, scheduler, examples,
-                                          collate, loss_fn, run)
-            log(f"    warm-up step: {seconds:.2f} s, loss {loss:.3f}")
-        for r in range(config["repeats"]):
-            steps = []
-            for examples in timed:
-                seconds, batch, loss = train_step(target, params, optimizer, scheduler,
-                                                  examples, collate, loss_fn, run)
-                seq_lens = batch["attention_mask"].sum(1).tolist()
-                head_positions = lm_positions(recipe, batch)
-                steps.append({"seconds": seconds, "examples": len(examples),
-                              "real_tokens": sum(seq_lens),
-                              "padded_tokens": int(batch["attention_mask"].numel()),
-                              "lm_positions": head_positions,
-                              "flops": step_flops(profile, seq_lens, head_positions)["total"],
-                              "loss": loss})
-            repeats.append(summarise_steps(steps))
-            last = repeats[-1]
-            log(f"    repeat {r + 1}/{config['repeats']}: {last['seconds']:.2f} s for "
-                f"{last['examples']} examples ({last['s_per_100_examples']:.1f} s/100 ex, "
-                f"{last['tokens_per_s']:.0f} tok/s)")
-    return {"config": config, "repeats": repeats, "peak_bytes": peak.peak_bytes,
-            "baseline_bytes": baseline, "loaded_bytes": loaded, "memory_parts": parts,
-            "rss_split_loaded": loaded_split, "rss_split_end": rss_split(),
-            "profile": profile_summary(profile), "threads": torch.get_num_threads()}
-
-
-def summarise_steps(steps: list[dict]) -> dict:
-    """One repeat's totals and rates from its steps."""
-    seconds = sum(s["seconds"] for s in steps)
-    examples = sum(s["examples"] for s in steps)
-    real = sum(s["real_tokens"] for s in steps)
-    return {"seconds": seconds, "examples": examples, "real_tokens": real,
-            "padded_tokens": sum(s["padded_tokens"] for s in steps),
-            "lm_positions": sum(s["lm_positions"] for s in steps),
-            "flops": sum(s["flops"] for s in steps),
-            "s_per_100_examples": 100 * seconds / examples, "tokens_per_s": real / seconds,
-            "step_seconds": [s["seconds"] for s in steps], "losses": [s["loss"] for s in steps]}
-
-
-class ForwardCounter:
-    """Counts the model's forward passes (one per generated token per batch)."""
-
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.register_forward_pre_hook(self.hook)
-
-    def hook(self, module, args):
-        """Count one call."""
-        self.calls += 1
-
-
-def answers_original(model, tokenizer, prompts: list[str]) -> list[str]:
-    """The original evaluation: one question at a time, 50 new tokens, greedy, no stop string."""
-    import torch
-
-    answers = []
-    for prompt in prompts:
-        enc = tokenizer(prompt, return_tensors="pt")
-        with torch.no_grad():
-            # The original decoded 50 free-running tokens per question; min_new_tokens
-            # keeps a model that would emit EOS early doing that same work.
-            out = model.generate(**enc, max_new_tokens=ORIGINAL_NEW_TOKENS,
-                                 min_new_tokens=ORIGINAL_NEW_TOKENS, do_sample=False,
-                                 pad_token_id=tokenizer.eos_token_id)
-        answers.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:],
-                                        skip_special_tokens=True))
-    return answers
-
-
-def task_eval(config: dict, baseline: int) -> dict:
-    """Warm up, then time answering the same questions `repeats` times with one recipe."""
-    import torch
-
-    import common
-    import evaluate
-
-    device = torch.device("cpu")
-    model, tokenizer, _ = common.load_model(config["model_dir"], device)
-    model.eval()
-    rows = common.load_split(config["data_dir"], "eval")
-    prompts = [r["prompt"] for r in rows[:config["questions"]]]
-    if config["recipe"] == "original":
-        answer = functools.partial(answers_original, model, tokenizer)
-        bound = ORIGINAL_NEW_TOKENS
-    else:
-        # As evaluate.py does: the bound from every eval reference, its batch size, its stop
-        bound = common.max_new_tokens_for(tokenizer, [r["completion"] for r in rows])
-        answer = functools.partial(common.generate_answers, model, tokenizer,
-                                   max_new_tokens=bound, device=device,
-                                   stop=common.turn_marker(common.load_template(config["data_dir"])),
-                                   batch_size=evaluate.parse_args([]).batch_size)
-    common.release_free_heap()
-    loaded = rss_bytes()
-    counter = ForwardCounter(model)
-    repeats = []
-    with common.PeakMemory(device) as peak:
-        started = time.perf_counter()
-        answer(prompts[:1] if config["recipe"] == "original" else prompts[:8])
-        log(f"    warm-up: {time.perf_counter() - started:.2f} s")
-        for r in range(config["repeats"]):
-            counter.calls = 0
-            started = time.perf_counter()
-            answers = answer(prompts)
-            seconds = time.perf_counter() - started
-            repeats.append({"seconds": seconds, "questions": len(prompts),
-                            "questions_per_s": len(prompts) / seconds,
-                            "forward_passes": counter.calls,
-                            "mean_answer_chars": sum(map(len, answers)) / len(answers)})
-            log(f"    repeat {r + 1}/{config['repeats']}: {seconds:.2f} s for {len(prompts)} "
-                f"questions ({len(prompts) / seconds:.2f} q/s, {counter.calls} forward passes)")
-    return {"config": config, "repeats": repeats, "max_new_tokens": bound,
-            "peak_bytes": peak.peak_bytes, "baseline_bytes": baseline, "loaded_bytes": loaded,
-            "threads": torch.get_num_threads()}
-
-
-def task_matmul(config: dict, baseline: int) -> dict:
-    """The fp32 matmul rate: median over several n x n products after a warm-up."""
-    import torch
-
-    n = config["size"]
-    torch.manual_seed(0)
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    for _ in range(3):
-        torch.mm(a, b, out=out)
-    times = []
-    for _ in range(config["runs"]):
-        started = time.perf_counter()
-        torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - started)
-    rates = [2 * n ** 3 / t for t in times]
-    log(f"    {n}x{n} fp32 matmul: median {statistics.median(rates) / 1e9:.1f} GFLOP/s "
-        f"over {len(rates)} runs, {torch.get_num_threads()} threads")
-    return {"config": config, "flops_per_s": median_spread(rates),
-            "threads": torch.get_num_threads()}
-
-
-TASKS = {"train": task_train, "eval": task_eval, "matmul": task_matmul}
-
-
-def worker_main(config_json: str) -> None:
-    """Run one configuration; print its result as one JSON line on stdout."""
-    import warnings
-
-    config = json.loads(config_json)
-    real_stdout = sys.stdout
-    # peft calls a transformers API deprecated for v6; the warning says nothing about speed.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    with contextlib.redirect_stdout(sys.stderr):  # library prints must not mix with the JSON
-        # Import every library before the baseline, so each configuration's
-        # baseline holds the same code and the rest is the model and training.
-        import torch
-
-        if config.get("threads"):
-            torch.set_num_threads(config["threads"])
-        import transformers  # noqa: F401
-        import peft  # noqa: F401
-        with contextlib.suppress(ImportError):
-            import bitsandbytes  # noqa: F401
-        import common  # noqa: F401
-
-        common.release_free_heap()
-        result = TASKS[config["task"]](config, rss_bytes())
-    real_stdout.write(json.dumps(result) + "\n")
-
-
-# =============================================================================
 # Parent: data, model and plan
 # =============================================================================
 
@@ -648,9 +123,10 @@ def build_gpt2_shaped(folder: Path, shape: dict) -> Path:
     from transformers.utils import logging as hf_logging
 
     import common
+    import models
 
     hf_logging.disable_progress_bar()
-    tokenizer = common.load_tokenizer(common.resolve_model(TOKENIZER_PRESET))
+    tokenizer = models.load_tokenizer(models.resolve_model(TOKENIZER_PRESET))
     ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     if len(tokenizer) > shape["vocab_size"]:  # smollm2's 49,152 ids fit GPT-2's 50,257
         raise common.PipelineError(f"the {TOKENIZER_PRESET} tokenizer has ids beyond the "
@@ -666,7 +142,8 @@ def build_gpt2_shaped(folder: Path, shape: dict) -> Path:
 
 def settings_from(args) -> dict:
     """The run's sizes: the options, or tiny ones with --quick."""
-    shared = {"batch_size": args.batch_size, "threads": args.threads}
+    shared = {"batch_size": args.batch_size, "threads": args.threads,
+              "trl": args.trl and trl_available(), "trl_defaults_limit": args.trl_defaults_limit}
     if args.quick:
         # The real-model section reuses the tiny model unless one is named.
         return {**shared, "shape": QUICK_SHAPE, "repeats": 1, "steps": 1, "steps_original": 2,
@@ -687,12 +164,20 @@ def eval_configs(s: dict, key: str, model_dir: str, data_dir: str) -> list[tuple
             for recipe in ("original", "ours")]
 
 
-def build_plan(s: dict, methods: list[str], models: dict[str, str], data_dir: str,
-               real: tuple[str, str] | None,
-               tuned: tuple[str, str] | None) -> list[tuple[str, dict]]:
-    """The workers to run, in order: (label, config).  Original and ours alternate per method.
+def trl_available() -> bool:
+    """Whether TRL is installed (pip install --no-deps -r benchmarks/requirements.txt)."""
+    import importlib.util
 
-    models get the whole comparison; real the memory table (and an evaluation
+    return importlib.util.find_spec("trl") is not None
+
+
+def build_plan(s: dict, methods: list[str], models: dict[str, str], data_dir: str,
+               real: tuple[str, str] | None, tuned: tuple[str, str] | None,
+               previous: str | None = None) -> list[tuple[str, dict]]:
+    """The workers to run, in order: (label, config).  The recipes alternate per method.
+
+    models get the whole comparison (the original recipe, ours, the previous
+    commit's code when given, TRL); real the memory table (and an evaluation
     unless a tuned model is given); tuned an evaluation.
     """
     matmul = {"task": "matmul", "size": s["matmul_size"], "runs": s["matmul_runs"],
@@ -706,19 +191,28 @@ def build_plan(s: dict, methods: list[str], models: dict[str, str], data_dir: st
                 plan.append((f"{key}/train/original/{method}",
                              {**base, "recipe": "original", "method": method,
                               "steps": s["steps_original"], "batch_size": ORIGINAL_BATCH}))
-            plan.append((f"{key}/train/ours/{method}",
-                         {**base, "recipe": "ours", "method": method, "steps": s["steps"],
-                          "batch_size": s["batch_size"]}))
+            ours = {**base, "recipe": "ours", "method": method, "steps": s["steps"],
+                    "batch_size": s["batch_size"]}
+            plan.append((f"{key}/train/ours/{method}", ours))
+            if previous:  # the same worker of the previous commit, from its own checkout
+                plan.append((f"{key}/train/previous/{method}", {**ours, "root": previous}))
+            if s["trl"] and method in TRL_METHODS:
+                plan.append((f"{key}/train/trl/{method}", {**ours, "task": "trl", "preset": "best"}))
+        if s["trl"] and "full" in methods:  # what a newcomer gets: one capped run
+            plan.append((f"{key}/train/trl-defaults/full",
+                         {**base, "task": "trl", "preset": "defaults", "method": "full",
+                          "warmup": 1, "steps": 1, "repeats": 1, "batch_size": s["batch_size"],
+                          "time_limit_s": s["trl_defaults_limit"]}))
         plan += eval_configs(s, key, model_dir, data_dir)
-    if real is not None and real[0] not in models:
-        # Memory only: the longest batch twice (AdamW state, then the real peak), one timed step
+    if real is not None:
+        # Memory: the longest batch twice (AdamW state, then the real peak), one more step
         key, model_dir = real
-        memory = {"task": "train", "recipe": "ours", "model_dir": model_dir,
-                  "data_dir": data_dir, "steps": 1, "repeats": 1, "warmup": 2,
-                  "batch_size": s["batch_size"], "threads": s["threads"]}
+        memory = {"task": "memory", "model_dir": model_dir, "data_dir": data_dir, "steps": 1,
+                  "repeats": 1, "warmup": 2, "batch_size": s["batch_size"],
+                  "threads": s["threads"]}
         for method in methods:
-            plan.append((f"{key}/train/ours/{method}", {**memory, "method": method}))
-        if tuned is None:  # a pretrained model's answers stop at least sometimes
+            plan.append((f"{key}/memory/{method}", {**memory, "method": method}))
+        if tuned is None and key not in models:  # a pretrained model's answers stop sometimes
             plan += eval_configs(s, key, model_dir, data_dir)
     if tuned is not None:  # a fine-tuned model stops after its answer, as in evaluate.py
         plan += eval_configs(s, *tuned, data_dir)
@@ -727,12 +221,20 @@ def build_plan(s: dict, methods: list[str], models: dict[str, str], data_dir: st
     return plan
 
 
+def checkout(rev: str, folder: Path) -> Path:
+    """A detached git worktree of rev (removed again at the end of the run)."""
+    subprocess.run(["git", "worktree", "add", "--detach", str(folder), rev], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    return folder
+
+
 def run_worker(label: str, config: dict, index: int, count: int) -> dict:
     """Run one configuration in a fresh Python process; its JSON result, or an error record."""
     log(f"[{index}/{count}] {label}")
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
-                           json.dumps(config)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    root = Path(config.get("root", ROOT))  # another commit's checkout runs its own worker
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_speed.py"), "--worker",
+                           json.dumps(config)], cwd=root, stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - started
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode != 0 or not lines:
@@ -769,27 +271,39 @@ def pair_ratios(numerators: list[float], denominators: list[float]) -> dict | No
     return median_spread(pairs) if pairs else None
 
 
+def training_stats(worker: dict | None, peak: float) -> dict | None:
+    """Medians of one training worker's per-repeat rates, and the rates themselves."""
+    if worker is None or "error" in worker or not worker.get("repeats"):
+        return None
+    rates = repeat_rates(worker, peak)
+    stats = {field: median_spread([r[field] for r in rates])
+             for field in ("s_per_100", "tokens_per_s", "mfu", "pad_share")}
+    stats["peak_mb"] = worker["peak_bytes"] / 1e6
+    stats["per_repeat_tokens_per_s"] = [r["tokens_per_s"] for r in rates]
+    return stats
+
+
 def summarise_training(workers: dict, key: str, methods: list[str], peak: float) -> list[dict]:
-    """One row per method: both recipes' rates, the speed-up and the peak memory."""
+    """One row per method: every recipe's rates and ours' speed-up over each, per repeat pair."""
     rows = []
     for method in methods:
-        ours = workers.get(f"{key}/train/ours/{method}")
         orig_method = "lora" if method == "qlora" else method
-        orig = workers.get(f"{key}/train/original/{orig_method}")
-        row = {"method": method, "original_is": orig_method}
-        for name, worker in (("original", orig), ("ours", ours)):
-            if worker is None or "error" in worker:
-                row[name] = None
-                continue
-            rates = repeat_rates(worker, peak)
-            row[name] = {field: median_spread([r[field] for r in rates])
-                         for field in ("s_per_100", "tokens_per_s", "mfu", "pad_share")}
-            row[name]["peak_mb"] = worker["peak_bytes"] / 1e6
-            row[name]["per_repeat_s_per_100"] = [r["s_per_100"] for r in rates]
-        if row["original"] and row["ours"]:
-            row["speedup"] = pair_ratios(row["original"]["per_repeat_s_per_100"],
-                                         row["ours"]["per_repeat_s_per_100"])
+        row = {"method": method, "original_is": orig_method,
+               "original": training_stats(workers.get(f"{key}/train/original/{orig_method}"), peak)}
+        for recipe in ("ours", "previous", "trl"):
+            row[recipe] = training_stats(workers.get(f"{key}/train/{recipe}/{method}"), peak)
+        for other in ("original", "previous", "trl"):
+            if row["ours"] and row[other]:
+                row[f"vs_{other}"] = pair_ratios(row["ours"]["per_repeat_tokens_per_s"],
+                                                 row[other]["per_repeat_tokens_per_s"])
         rows.append(row)
+    defaults = training_stats(workers.get(f"{key}/train/trl-defaults/full"), peak)
+    if defaults:
+        worker = workers[f"{key}/train/trl-defaults/full"]
+        rows.append({"method": "full", "trl_defaults": defaults,
+                     "settings_used": worker.get("settings_used", {}),
+                     "finished_steps": worker.get("finished_steps"),
+                     "stopped_early": worker.get("stopped_early")})
     return rows
 
 
@@ -812,43 +326,44 @@ def summarise_eval(workers: dict, key: str) -> dict | None:
 
 
 def summarise_memory(workers: dict, key: str, methods: list[str]) -> list[dict]:
-    """Peak memory per method split into weights, gradients, AdamW state and the rest."""
+    """Per method: the process's peak (RSS) and what torch's tensors needed at their peak, by kind."""
     rows = []
     for method in methods:
-        worker = workers.get(f"{key}/train/ours/{method}")
+        worker = workers.get(f"{key}/memory/{method}")
         if not worker or "error" in worker:
             continue
-        parts = worker["memory_parts"]
-        above = worker["peak_bytes"] - worker["baseline_bytes"]
-        split = {"weights": parts["weights"], "gradients": parts["gradients"],
-                 "adam_state": parts["adam_state"]}
-        # Whatever the peak holds beyond the process baseline and the three above:
-        # activations kept for backward, plus temporaries and allocator slack.
-        split["activations_other"] = above - sum(split.values())
-        # Of that, what was already resident before the first step (data, tokenizer, caches).
-        at_start = worker["loaded_bytes"] - worker["baseline_bytes"] - parts["weights"]
+        parts, tensors = worker["memory_parts"], worker["tensor_peak"]
         rows.append({"method": method, "peak_mb": worker["peak_bytes"] / 1e6,
-                     "file_backed_at_start_mb": worker["rss_split_loaded"].get("RssFile", 0) / 1e6,
-                     "other_at_start_mb": at_start / 1e6, "warmup": worker["config"]["warmup"],
-                     "baseline_mb": worker["baseline_bytes"] / 1e6, "above_mb": above / 1e6,
+                     "baseline_mb": worker["baseline_bytes"] / 1e6,
+                     "above_mb": (worker["peak_bytes"] - worker["baseline_bytes"]) / 1e6,
+                     "tensor_mb": {k: v / 1e6 for k, v in tensors.items()},
                      "total_params": parts["total_params"],
                      "trainable_params": parts["trainable_params"],
-                     "bytes_per_param": worker["peak_bytes"] / parts["total_params"],
-                     "above_bytes_per_param": above / parts["total_params"],
-                     "parts_mb": {k: v / 1e6 for k, v in split.items()},
-                     "dominant": max(split, key=split.get)})
+                     "weights_mb": parts["weights"] / 1e6,
+                     "warmup": worker["config"]["warmup"]})
     return rows
 
 
 def target_checks(summary: dict, main_key: str, memory_key: str | None) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) for each of the issue's targets."""
     checks = []
-    rows = {r["method"]: r for r in summary["training"].get(main_key, [])}
+    rows = {r["method"]: r for r in summary["training"].get(main_key, []) if "ours" in r}
+
+    def check(label: str, ratio: dict | None, target: float) -> None:
+        checks.append((label, f"{ratio['median']:.2f}x" if ratio else "not measured",
+                       ratio["median"] >= target if ratio else None))
+
     for method in ("full", "lora"):
-        sp = rows.get(method, {}).get("speedup")
-        checks.append((f"{method}: >= {TARGET_TRAIN_SPEEDUP:g}x faster per training example",
-                       f"{sp['median']:.1f}x" if sp else "not measured",
-                       sp["median"] >= TARGET_TRAIN_SPEEDUP if sp else None))
+        check(f"{method}: >= {TARGET_TRAIN_SPEEDUP:g}x the original's non-pad tokens per second",
+              rows.get(method, {}).get("vs_original"), TARGET_TRAIN_SPEEDUP)
+    for method in TRL_METHODS:
+        check(f"{method}: >= {TARGET_TRL_SPEEDUP:g}x TRL SFTTrainer (best CPU settings), tokens/s",
+              rows.get(method, {}).get("vs_trl"), TARGET_TRL_SPEEDUP)
+    for method in METHODS:
+        ratio = rows.get(method, {}).get("vs_previous")
+        if ratio:
+            checks.append((f"{method}: not slower than the previous commit", f"{ratio['median']:.2f}x",
+                           ratio["median"] >= 0.97))  # within 3%: the noise of paired repeats
     for key, ev in summary["evaluation"].items():
         checks.append((f"evaluation on {key}: >= {TARGET_EVAL_SPEEDUP:g}x questions per second",
                        f"{ev['speedup']['median']:.1f}x" if ev else "not measured",
@@ -858,12 +373,15 @@ def target_checks(summary: dict, main_key: str, memory_key: str | None) -> list[
     checks.append((f"full fine-tuning: MFU >= {TARGET_FULL_MFU:.0%} of the matmul peak",
                    f"{mfu:.0%}" if mfu == mfu else "not measured",
                    mfu >= TARGET_FULL_MFU if mfu == mfu else None))
-    mem = {r["method"]: r["peak_mb"] for r in summary["memory"].get(memory_key or "", [])}
+    mem = {r["method"]: r for r in summary["memory"].get(memory_key or "", [])}
     if {"full", "lora", "qlora"} <= mem.keys():
-        checks.append((f"memory on {memory_key}: QLoRA < LoRA < full",
-                       f"{mem['qlora']:.0f} < {mem['lora']:.0f} < {mem['full']:.0f} MB",
-                       mem["qlora"] < mem["lora"] < mem["full"]))
-    if not checks[-1][0].startswith("memory"):
+        rss = {m: mem[m]["peak_mb"] for m in mem}
+        tensor = {m: mem[m]["tensor_mb"].get("total", float("nan")) for m in mem}
+        for name, values in (("process RSS", rss), ("torch tensors", tensor)):
+            checks.append((f"memory on {memory_key} ({name}): QLoRA < LoRA < full",
+                           f"{values['qlora']:.0f} < {values['lora']:.0f} < {values['full']:.0f} MB",
+                           values["qlora"] < values["lora"] < values["full"]))
+    else:
         checks.append(("memory: QLoRA < LoRA < full", "not measured", None))
     return checks
 
@@ -921,24 +439,41 @@ def hardware() -> dict:
 
 
 def training_table(rows: list[dict]) -> list[str]:
-    """Markdown: per method, both recipes side by side."""
-    out = ["| method | original s/100 ex | ours s/100 ex | speed-up | original tok/s | "
-           "ours tok/s | original MFU | ours MFU | original peak MB | ours peak MB |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown: per method, every recipe's non-pad tokens per second and ours' speed-ups."""
+    out = ["| method | original tok/s | TRL tok/s | previous commit tok/s | ours tok/s | "
+           "ours / original | ours / TRL | ours / previous | ours s/100 ex | ours MFU | "
+           "ours peak MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        o, u = row["original"] or {}, row["ours"] or {}
+        if "ours" not in row:
+            continue
+        o, t, p, u = (row[k] or {} for k in ("original", "trl", "previous", "ours"))
         label = row["method"] + (" (original = its LoRA)" if row["original_is"] != row["method"] else "")
-        out.append(f"| {label} | {fmt(o.get('s_per_100'))} | {fmt(u.get('s_per_100'))} | "
-                   f"{fmt(row.get('speedup'), '.1f', unit='x')} | "
-                   f"{fmt(o.get('tokens_per_s'), '.0f')} | {fmt(u.get('tokens_per_s'), '.0f')} | "
-                   f"{fmt(o.get('mfu'), '.0f', 100, '%')} | {fmt(u.get('mfu'), '.0f', 100, '%')} | "
-                   f"{megabytes(o.get('peak_mb'))} | {megabytes(u.get('peak_mb'))} |")
-    pads = [(r["method"], r["original"]["pad_share"]["median"], r["ours"]["pad_share"]["median"])
-            for r in rows if r["original"] and r["ours"]]
-    if pads:
-        out.append("")
-        out.append("Share of computed token positions that are padding (original / ours): "
-                   + "; ".join(f"{m} {a:.0%} / {b:.0%}" for m, a, b in pads) + ".")
+        out.append(f"| {label} | {fmt(o.get('tokens_per_s'), '.0f')} | "
+                   f"{fmt(t.get('tokens_per_s'), '.0f')} | {fmt(p.get('tokens_per_s'), '.0f')} | "
+                   f"{fmt(u.get('tokens_per_s'), '.0f')} | "
+                   + " | ".join(fmt(row.get(f"vs_{k}"), ".2f", unit="x")
+                                for k in ("original", "trl", "previous"))
+                   + f" | {fmt(u.get('s_per_100'))} | {fmt(u.get('mfu'), '.0f', 100, '%')} | "
+                   f"{megabytes(u.get('peak_mb'))} |")
+    pads = [(r["method"], *(r[k]["pad_share"]["median"] if r.get(k) else None
+                            for k in ("original", "trl", "ours")))
+            for r in rows if "ours" in r]
+    out += ["", "Share of computed token positions that are padding (original / TRL / ours): "
+            + "; ".join(f"{m} " + " / ".join("n/a" if v is None else f"{v:.0%}" for v in vals)
+                        for m, *vals in pads) + "."]
+    for row in rows:
+        if "trl_defaults" in row:
+            d, used = row["trl_defaults"], row["settings_used"]
+            ours = next((r["ours"] for r in rows if r.get("ours") and r["method"] == "full"), None)
+            ratio = (ours["tokens_per_s"]["median"] / d["tokens_per_s"]["median"]
+                     if ours else float("nan"))
+            shown = ", ".join(f"{k}={used[k]}" for k in ("bf16", "gradient_checkpointing",
+                                                           "train_sampling_strategy", "optim")
+                              if k in used)
+            out += ["", f"TRL with its defaults (full fine-tuning; {shown}): "
+                        f"{fmt(d['tokens_per_s'], '.0f')} tok/s over {row['finished_steps']} timed "
+                        f"step(s){' (stopped at the time limit)' if row['stopped_early'] else ''}; "
+                        f"ours is {ratio:.1f}x that."]
     return out
 
 
@@ -950,36 +485,31 @@ def eval_table(ev: dict) -> list[str]:
             f"| original: one at a time, {ORIGINAL_NEW_TOKENS} free-running tokens | "
             f"{fmt(o['questions_per_s'], '.2f')} | {o['max_new_tokens']} | "
             f"{o['forward_passes_per_question']:.1f} | {o['peak_mb']:.0f} |",
-            f"| ours: common.generate_answers, batched, stopping | "
+            f"| ours: generation.generate_answers, batched, stopping | "
             f"{fmt(u['questions_per_s'], '.2f')} | {u['max_new_tokens']} | "
             f"{u['forward_passes_per_question']:.2f} | {u['peak_mb']:.0f} |",
             "", f"Speed-up (questions/s, per repeat pair): **{fmt(ev['speedup'], '.1f', unit='x')}** "
                 f"on the same {ev['questions']} questions."]
 
 
-DOMINANT_NAMES = {"weights": "weights", "gradients": "gradients", "adam_state": "AdamW state",
-                  "activations_other": "activations & other"}
-
-
 def memory_table(rows: list[dict]) -> list[str]:
-    """Markdown: peak memory and its parts per method."""
-    out = ["| method | peak MB | above baseline MB | bytes/param (peak) | bytes/param (above baseline) "
-           "| weights MB | gradients MB | AdamW MB | activations & other MB | of which before step 1 MB "
-           "| dominant |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown: the process peak beside what torch's tensors needed, by kind."""
+    kinds = ("param", "grad", "opt", "act", "temp", "buffer", "oth")
+    names = {"param": "weights", "grad": "gradients", "opt": "AdamW state", "act": "activations",
+             "temp": "temporaries", "buffer": "buffers", "oth": "other"}
+    out = ["| method | process peak MB (RSS) | above baseline MB | torch tensors at peak MB | "
+           + " | ".join(f"{names[k]} MB" for k in kinds) + " |",
+           "|---|---|---|---|" + "---|" * len(kinds)]
     for r in rows:
-        p = r["parts_mb"]
+        t = r["tensor_mb"]
         out.append(f"| {r['method']} | {r['peak_mb']:.0f} | {r['above_mb']:.0f} | "
-                   f"{r['bytes_per_param']:.1f} | {r['above_bytes_per_param']:.1f} | "
-                   f"{p['weights']:.0f} | {p['gradients']:.0f} | {p['adam_state']:.0f} | "
-                   f"{p['activations_other']:.0f} | {r['other_at_start_mb']:.0f} | "
-                   f"{DOMINANT_NAMES[r['dominant']]} |")
+                   f"{t.get('total', float('nan')):.0f} | "
+                   + " | ".join(f"{t.get(k, 0):.0f}" for k in kinds) + " |")
     if rows:
         out += ["", f"Process baseline (libraries imported, no model): {rows[0]['baseline_mb']:.0f} MB. "
                 f"Parameters: {rows[0]['total_params']:,} (4-bit weights counted unpacked). "
-                "File-backed resident pages before the first step: "
-                + ", ".join(f"{r['method']} {r['file_backed_at_start_mb']:.0f} MB" for r in rows)
-                + "."]
+                "Tensor peaks are torch's MemTracker (torch.distributed._tools), which follows every "
+                "tensor storage on the CPU; the kinds are its split at the moment of the peak."]
     return out
 
 
@@ -1009,6 +539,7 @@ def render(report: dict) -> str:
              f"after {s['warmup']} warm-up steps; {s['questions']} evaluation questions; "
              f"torch threads {s['threads'] or 'default'}.",
              *contention_warning(hw),
+             *([f"- Previous commit: {report['previous']}"] if report.get("previous") else []),
              "", "Values are medians with [min-max] over repeats; speed-ups are computed per "
                  "repeat pair (repeat i of each recipe), then the median taken.", ""]
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
@@ -1028,9 +559,7 @@ def render(report: dict) -> str:
         warmup = rows[0]["warmup"] if rows else 0
         lines += [f"## Memory: {key}, this project's recipe, the same batches", "",
                   f"Batch {s['batch_size']}; the peak covers {warmup} warm-up step(s) on the "
-                  "epoch's longest batch (the first allocates AdamW's state) and the timed steps. "
-                  "Weights, gradients and AdamW state are computed from parameter counts and "
-                  "dtypes; activations & other = peak - baseline - those three.", ""]
+                  "epoch's longest batch (the first allocates AdamW's state) and one more step.", ""]
         lines += memory_table(rows) + [""]
     lines += ["## What is compared", "",
               f"- Original: a plain loop equivalent to its Trainer run (the Trainer adds almost "
@@ -1040,21 +569,28 @@ def render(report: dict) -> str:
               "over full-vocabulary logits, AdamW, clipping at 1.0, linear decay. LoRA r=8 on "
               "c_attn (q/k/v_proj on Llama). The original never quantised: its QLoRA row is its "
               "LoRA run. Its BitFit trains every *bias with the same recipe.",
-              "- Ours: common.train_and_save's step (collate to the longest, answer_loss with the "
-              f"LM head at labelled positions only, AdamW, clipping at 1.0) at batch "
-              f"{s['batch_size']} on length-grouped batches; each method set up as its "
-              "finetune_*.py script does. Timed batches are evenly spaced quantiles (by width) of "
-              "the epoch's batches; warm-up runs the longest batch.",
+              "- Ours: training.Trainer's step (collate to the longest, the answer-only loss with "
+              f"the LM head at labelled positions only, AdamW, clipping at 1.0) at batch "
+              f"{s['batch_size']} on length-grouped batches; each model prepared by its "
+              "finetune_*.py script's own prepare(). Timed batches are evenly spaced quantiles "
+              "(by width) of the epoch's batches; warm-up runs the longest batch.",
+              "- Previous commit (with --compare-ref): the same worker of that commit, run from a "
+              "checkout of it on the same model, rows and batches, alternating with ours.",
+              "- TRL: trl.SFTTrainer (trl_runs.py) on the same model, prepared by the same "
+              "prepare(), the same rows and batch size, at its best CPU settings: fp32, no "
+              "gradient checkpointing, completion-only loss, length-grouped batches; its own "
+              "sampler picks the batches, so tokens per second is compared. Its QLoRA is the same "
+              "NF4 model with the same adapters.",
               "- Evaluation: the same questions; the original generates greedily one question at "
               f"a time, always {ORIGINAL_NEW_TOKENS} new tokens (min_new_tokens = max_new_tokens, "
               "as its free-running decoding did); ours is "
-              "common.generate_answers with evaluate.py's batch size, stop string and "
-              "common.max_new_tokens_for bound over all eval references. A batch ends when its "
+              "generation.generate_answers with evaluate.py's batch size, stop string and "
+              "generation.max_new_tokens_for bound over all eval references. A batch ends when its "
               "last answer stops. A model with random weights never stops early, and an untuned "
               "model often rambles to the bound, so there the speed-up comes from batching and "
               "the bound; a fine-tuned model (--eval-model) stops after its answer.",
               "- Peak memory is the process's resident set (sampled every 10 ms by "
-              "common.PeakMemory) over warm-up and timed steps; freed heap is returned to the "
+              "memory.PeakMemory) over warm-up and timed steps; freed heap is returned to the "
               "OS after loading. The baseline is measured after importing torch, transformers, "
               "peft and bitsandbytes, before the model loads.", "",
               "## How FLOPs are counted", "", FLOPS_DOC, ""]
@@ -1100,6 +636,14 @@ def parse_args(argv=None):
              "run, trained on data like --data-dir's) for the second evaluation: its answers "
              "stop after the answer, as in evaluate.py, where an untuned model often rambles to "
              "the bound (default: evaluate --real-model untuned)")
+    add("--compare-ref", default=None, metavar="REV",
+        help="also time the training step of this git commit (e.g. HEAD~1), checked out in a "
+             "temporary worktree, side by side with this one")
+    add("--no-trl", dest="trl", action="store_false",
+        help="skip TRL's SFTTrainer (it runs when installed: "
+             "pip install --no-deps -r benchmarks/requirements.txt)")
+    add("--trl-defaults-limit", type=int, default=300,
+        help="seconds allowed to TRL with its defaults (default 300; on a CPU it is very slow)")
     add("--threads", type=int, default=None,
         help="torch threads in every worker (default: torch's own choice, all cores)")
     add("--data-dir", default=None,
@@ -1132,6 +676,7 @@ def main(args) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here needs the network; never wait on it
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import common
+    import models
 
     started, s = time.time(), settings_from(args)
     report = {"command": "python " + shlex.join(sys.argv),
@@ -1152,38 +697,53 @@ def main(args) -> None:
         report["data"] += f": {n_train} train, {n_eval} eval rows"
         main_key = "gpt2-tiny-shape" if args.quick else "distilgpt2-shape"
         log(f"building the {main_key} model (random weights, {TOKENIZER_PRESET} tokenizer) ...")
-        models = {main_key: str(build_gpt2_shaped(tmp / "model", s["shape"]))}
+        train_models = {main_key: str(build_gpt2_shaped(tmp / "model", s["shape"]))}
         if args.smollm2:
-            models["smollm2-135m"] = common.resolve_model("smollm2-135m")
+            train_models["smollm2-135m"] = models.resolve_model("smollm2-135m")
         tuned = None
         if args.eval_model:
             tuned = (f"tuned-{Path(args.eval_model).name}", str(Path(args.eval_model).resolve()))
         real = None
         if s["real_model"] is None:
-            real = (main_key, models[main_key])
+            real = (main_key, train_models[main_key])
         elif s["real_model"] != "none":
             try:
-                real = (Path(s["real_model"]).name, common.resolve_model(s["real_model"]))
+                real = (Path(s["real_model"]).name, models.resolve_model(s["real_model"]))
             except common.PipelineError as exc:  # the rest of the benchmark still stands
                 log(f"skipping the memory table on {s['real_model']}: {exc}")
 
+        previous = None
+        if args.compare_ref:
+            previous = checkout(args.compare_ref, tmp / "previous")
+            report["previous"] = f"{args.compare_ref} = " + subprocess.run(
+                ["git", "log", "-1", "--format=%h %s", args.compare_ref], cwd=ROOT,
+                capture_output=True, text=True, check=True).stdout.strip()
+        if not s["trl"] and args.trl:
+            log("TRL is not installed: pip install --no-deps -r benchmarks/requirements.txt")
+
         # Every configuration in its own process
-        plan = build_plan(s, args.methods, models, str(data_dir), real, tuned)
+        plan = build_plan(s, args.methods, train_models, str(data_dir), real, tuned,
+                          str(previous) if previous else None)
         workers = {}
         for i, (label, config) in enumerate(plan, start=1):
             workers[label] = run_worker(label, config, i, len(plan))
             log(f"    elapsed {(time.time() - started) / 60:.1f} min")
+
+        if previous:
+            subprocess.run(["git", "worktree", "remove", "--force", str(previous)], cwd=ROOT,
+                           check=False)
 
     # Summary and report
     report["hardware"]["cpu_busy_end"] = cpu_busy()
     report["workers"] = workers
     peak = peak_flops(workers)
     memory_key = real[0] if real else None
-    eval_keys = [k for k in (*models, memory_key, tuned[0] if tuned else None)
+    eval_keys = [k for k in (*train_models, memory_key, tuned[0] if tuned else None)
                  if k and any(label.startswith(f"{k}/eval/") for label in workers)]
     eval_keys = list(dict.fromkeys(eval_keys))
     summary = {"peak_flops": peak,
-               "training": {k: summarise_training(workers, k, args.methods, peak) for k in models},
+               "training": {k: summarise_training(workers, k, args.methods, peak)
+                            for k in train_models},
                "evaluation": {k: summarise_eval(workers, k) for k in eval_keys},
                "memory": {memory_key: summarise_memory(workers, memory_key, args.methods)}
                if memory_key else {}}

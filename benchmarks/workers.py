@@ -1,0 +1,547 @@
+"""The benchmark's workers: each configuration runs in its own Python process (bench_speed.py starts them).
+
+    python benchmarks/bench_speed.py --worker '{"task": "train", "recipe": "ours", ...}'
+
+Tasks: train (this project's step, or the original recipe's), eval (answering
+questions), memory (tensor-level and process peak of this project's step),
+matmul (the machine's fp32 peak); TRL's trainer is in trl_runs.py.  This
+project's side never re-implements a method: each model is prepared by its
+script's own prepare() and trained by training.Trainer's step, exactly as
+finetune_*.py do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import json
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+import common
+import generation
+import memory
+import models
+import training
+from settings import TrainSettings
+
+# --- The original recipe, as the original project ran it ----------------------
+ORIGINAL_MAX_LENGTH = 128        # tokenizer(padding="max_length", truncation=True, max_length=128)
+ORIGINAL_BATCH = 2               # per_device_train_batch_size=2
+ORIGINAL_LR = 5e-5               # the Trainer's default, used for every method
+ORIGINAL_LORA = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1}  # alpha/dropout do not change speed
+ORIGINAL_LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj"]}
+ORIGINAL_NEW_TOKENS = 50         # generate(max_new_tokens=50), one question at a time
+
+SCRIPTS = {"full": "finetune", "lora": "finetune_lora", "qlora": "finetune_qlora",
+           "bitfit": "finetune_bitfit"}
+SEED = 42
+
+
+def median_spread(values: list[float]) -> dict:
+    """Median, min and max of a list of measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values)}
+
+
+def log(message: str) -> None:
+    """Progress to stderr, so a worker's stdout carries only its JSON result."""
+    print(message, file=sys.stderr, flush=True)
+
+
+
+# --- set-up: this project's (each script's prepare) and the original's --------------
+
+
+def settings_of(method: str) -> TrainSettings:
+    """A method script's default settings, as its command line with no options gives them."""
+    script = importlib.import_module(SCRIPTS[method])
+    return TrainSettings.from_args(script.parse_args([]))
+
+
+def evaluate_batch_size() -> int:
+    """evaluate.py's default batch size."""
+    import evaluate
+
+    return evaluate.parse_args([]).batch_size
+
+
+def family(model) -> str:
+    """'gpt2' or 'llama': which naming the original's LoRA targets use."""
+    return "gpt2" if model.config.model_type == "gpt2" else "llama"
+
+
+def setup_ours(model_dir: str, method: str):
+    """Load a model and apply the method with its script's prepare(); returns (model, tokenizer, settings)."""
+    settings = settings_of(method)
+    model, tokenizer, _ = models.load_model(model_dir, torch.device("cpu"),
+                                            quantize_4bit=method == "qlora")
+    model, _ = importlib.import_module(SCRIPTS[method]).prepare(model, settings)
+    return model, tokenizer, settings
+
+
+def setup_original(model_dir: str, method: str):
+    """Load and prepare a model as the original project did; returns (model, tokenizer, lr)."""
+    from peft import LoraConfig, get_peft_model
+
+    import finetune_bitfit
+
+    model, tokenizer, _ = models.load_model(model_dir, torch.device("cpu"))
+    if method == "full":
+        model.requires_grad_(True)
+    elif method == "bitfit":
+        # Llama-style models have no biases; the original would have trained nothing.
+        # Adding them (as finetune_bitfit.py does) keeps the cost comparison like for like.
+        model, _ = finetune_bitfit.prepare(model, settings_of("bitfit"))
+    else:  # lora; the original never quantised, so its "QLoRA" was this same recipe
+        config = LoraConfig(**ORIGINAL_LORA, task_type="CAUSAL_LM",
+                            target_modules=ORIGINAL_LORA_TARGETS[family(model)],
+                            fan_in_fan_out=models.uses_conv1d(model))
+        model = get_peft_model(model, config)
+    return model, tokenizer, ORIGINAL_LR
+
+
+
+# --- batches and loss of each recipe ---------------------------------------------
+
+
+def ours_batches(tokenizer, rows, model, batch_size: int, warmup: int, steps: int):
+    """(warm-up batches, timed batches) as lists of examples, from common's length-grouped epoch.
+
+    Warm-up runs on the epoch's longest batch, so memory reaches its real peak
+    (AdamW state present, longest activations).  Timed batches are evenly
+    spaced quantiles of the epoch's batches by width, so a few steps carry the
+    epoch's mix of lengths.
+    """
+
+    examples = common.tokenize_rows(tokenizer, rows, models.context_length(model),
+                                    source="train.jsonl")
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    epoch = common.length_grouped_batches(lengths, batch_size, SEED, 0)
+    full = [b for b in epoch if len(b) == batch_size] or epoch  # the last batch may be short
+    by_width = sorted(full, key=lambda b: (max(lengths[i] for i in b), sum(lengths[i] for i in b)))
+    timed = [by_width[int((k + 0.5) * len(by_width) / steps)] for k in range(steps)]
+    warm = [by_width[-1]] * warmup
+    return ([[examples[i] for i in b] for b in warm], [[examples[i] for i in b] for b in timed])
+
+
+def original_batches(tokenizer, rows, warmup: int, steps: int):
+    """(warm-up, timed) batches of the original: prompt+answer padded to 128, labels = input ids.
+
+    The original set labels to a copy of input_ids, so with pad == EOS the pad
+    positions stay in the loss (we do the same; nothing is masked to -100).
+    """
+    order = list(range(len(rows)))
+    random.Random(SEED).shuffle(order)  # the Trainer's shuffled sampler
+    needed = (warmup + steps) * ORIGINAL_BATCH
+    order = (order * (needed // len(order) + 1))[:needed]
+    texts = [rows[i]["prompt"] + rows[i]["completion"] for i in order]
+    enc = tokenizer(texts, padding="max_length", truncation=True,
+                    max_length=ORIGINAL_MAX_LENGTH)
+    examples = [{"input_ids": ids, "attention_mask": mask, "labels": list(ids)}
+                for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    batches = [examples[i:i + ORIGINAL_BATCH] for i in range(0, needed, ORIGINAL_BATCH)]
+    return batches[:warmup], batches[warmup:]
+
+
+def collate_original(examples: list[dict]) -> dict:
+    """The Trainer's default collator: stack already-padded rows."""
+
+    return {key: torch.tensor([ex[key] for ex in examples]) for key in examples[0]}
+
+
+def loss_ours(answer_loss, batch: dict):
+    """train_and_save's objective: answer-token NLL over the step's labelled tokens (for profiling)."""
+    n_labels = int((batch["labels"][:, 1:] != -100).sum())
+    nll, _ = answer_loss(**batch)
+    return nll / n_labels
+
+
+def loss_original(model, batch: dict):
+    """The original objective: the model's own loss over full logits at every position."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 labels=batch["labels"]).loss
+
+
+def lm_positions(recipe: str, batch: dict) -> int:
+    """Positions where the LM head is computed on a real token (see FLOPS_DOC)."""
+    if recipe == "ours":
+        return int((batch["labels"][:, 1:] != -100).sum())
+    return int(batch["attention_mask"].sum())
+
+
+# --- FLOP counting (see bench_speed.FLOPS_DOC) ------------------------------------
+
+
+class MatmulRecorder:
+    """Forward hooks noting each linear layer's size and which of its gradients autograd needs."""
+
+    def __init__(self, head):
+        self.head, self.layers, self.head_info = head, {}, None
+
+    def hook(self, name, module, inputs, output):
+        """Record (MACs per token, input needs grad, weight trains) for one layer."""
+        weight = module.weight
+        if hasattr(module, "in_features"):  # nn.Linear and bitsandbytes' Linear4bit
+            macs = module.in_features * module.out_features
+        else:  # GPT-2's Conv1D: weight is (in, out)
+            macs = weight.shape[0] * weight.shape[1]
+        info = {"macs": macs, "input_grad": bool(inputs[0].requires_grad),
+                "weight_grad": bool(weight.requires_grad)}
+        if module is self.head:
+            self.head_info = info
+        else:
+            self.layers[name] = info
+
+
+def profile_matmuls(model, forward, batch) -> dict:
+    """Run forward(batch) once with hooks on model's layers; return what step_flops needs."""
+    from transformers.pytorch_utils import Conv1D
+
+    lm = models.causal_lm(model)
+    recorder = MatmulRecorder(lm.get_output_embeddings())
+    handles = [module.register_forward_hook(functools.partial(recorder.hook, name))
+               for name, module in model.named_modules()
+               if isinstance(module, (torch.nn.Linear, Conv1D))]
+    try:
+        forward(batch)  # the graph is dropped unused
+    finally:
+        for handle in handles:
+            handle.remove()
+    config = lm.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {"layers": recorder.layers, "head": recorder.head_info,
+            "n_layers": config.num_hidden_layers, "d_attn": heads * head_dim}
+
+
+def profile_summary(profile: dict) -> dict:
+    """The profile in a few numbers, for results.json."""
+    layers = profile["layers"].values()
+    return {"n_layers": profile["n_layers"], "d_attn": profile["d_attn"], "head": profile["head"],
+            "linear_layers": len(layers), "macs_per_token": sum(i["macs"] for i in layers),
+            "layers_with_input_grad": sum(i["input_grad"] for i in layers),
+            "layers_with_weight_grad": sum(i["weight_grad"] for i in layers)}
+
+
+def step_flops(profile: dict, seq_lens: list[int], head_positions: int) -> dict:
+    """Counted forward and backward FLOPs of one step (see FLOPS_DOC)."""
+    tokens = sum(seq_lens)
+    fwd = bwd = 0.0
+    for info in profile["layers"].values():
+        per_token = 2 * info["macs"]
+        fwd += per_token * tokens
+        bwd += per_token * tokens * (info["input_grad"] + info["weight_grad"])
+    head = profile["head"]
+    fwd += 2 * head["macs"] * head_positions
+    bwd += 2 * head["macs"] * head_positions * (head["input_grad"] + head["weight_grad"])
+    pairs = sum(n * (n + 1) // 2 for n in seq_lens)
+    attention = 2 * 2 * profile["d_attn"] * pairs * profile["n_layers"]
+    return {"forward": fwd + attention, "backward": bwd + 2 * attention,
+            "total": fwd + bwd + 3 * attention}
+
+
+# --- memory accounting --------------------------------------------------------------
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors held by a bitsandbytes QuantState (absmax, code, nested state)."""
+
+    total = 0
+    for attr in ("absmax", "code", "offset"):
+        value = getattr(obj, attr, None)
+        if isinstance(value, torch.Tensor):
+            total += value.numel() * value.element_size()
+    nested = getattr(obj, "state2", None)
+    return total + (tensor_bytes(nested) if nested is not None else 0)
+
+
+def memory_parts(model) -> dict:
+    """Weights as stored, gradients and AdamW state, in bytes, from parameter counts and dtypes."""
+
+    weights = grads = 0
+    for param in model.parameters():  # tied weights come once
+        weights += param.numel() * param.element_size()  # NF4: 2 weights per byte
+        quant_state = getattr(param, "quant_state", None)
+        if quant_state is not None:
+            weights += tensor_bytes(quant_state)
+        if param.requires_grad:
+            grads += param.numel() * param.element_size()
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    trainable, total = models.count_parameters(model)
+    # AdamW keeps two moments (exp_avg, exp_avg_sq) in the parameter's dtype.
+    return {"weights": weights, "gradients": grads, "adam_state": 2 * grads,
+            "trainable_params": trainable, "total_params": total}
+
+
+# --- the tasks ------------------------------------------------------------------------
+
+
+def ours_trainer(model, method: str, settings: TrainSettings, total_steps: int):
+    """training.Trainer for a model, on the CPU, as train_and_save builds it."""
+    run = training.Run(method=method, settings=settings, accelerator=training.make_accelerator("cpu"),
+                       template={}, train_rows=[], valid_rows=[])
+    return training.Trainer(run, model, total_steps)
+
+
+class OriginalStep:
+    """The original's optimiser step as a plain loop (its Trainer adds almost nothing per step):
+    its own loss, backward, clipping at 1.0, AdamW, linear decay."""
+
+    def __init__(self, model, lr: float, total_steps: int):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.scheduler = training.linear_schedule(self.optimizer, total_steps, 0.0)
+
+    def step(self, micro: list[dict]) -> dict:
+        loss = loss_original(self.model, micro[0])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item()}
+
+
+def prepared(config: dict):
+    """(model, stepper, forward for profiling, warm-up batches, timed batches, collate) of a config."""
+    recipe, method = config["recipe"], config["method"]
+    rows = common.load_split(config["data_dir"], "train")
+    total_steps = config["warmup"] + config["steps"] * config["repeats"]
+    if recipe == "ours":
+        model, tokenizer, settings = setup_ours(config["model_dir"], method)
+        warm, timed = ours_batches(tokenizer, rows, model, config["batch_size"],
+                                   config["warmup"], config["steps"])
+        collate = functools.partial(common.collate, pad_id=tokenizer.pad_token_id)
+        stepper = ours_trainer(model, method, settings, total_steps)
+        forward = functools.partial(loss_ours, generation.AnswerLoss(model))
+    else:
+        model, tokenizer, lr = setup_original(config["model_dir"], method)
+        warm, timed = original_batches(tokenizer, rows, config["warmup"], config["steps"])
+        collate, stepper = collate_original, OriginalStep(model, lr, total_steps)
+        forward = functools.partial(loss_original, model)
+    return model, stepper, forward, warm, timed, collate
+
+
+def timed_step(stepper, examples, collate) -> tuple[float, dict, float]:
+    """One optimiser step, timed from collating the batch to the zeroed gradients."""
+    started = time.perf_counter()
+    batch = collate(examples)
+    loss = stepper.step([batch])["loss"]
+    return time.perf_counter() - started, batch, loss
+
+
+def task_train(config: dict, baseline: int) -> dict:
+    """Warm up, then time `steps` optimiser steps `repeats` times for one recipe and method."""
+    torch.manual_seed(SEED)
+    model, stepper, forward, warm, timed, collate = prepared(config)
+    # What this path computes, read off the model (before any timing)
+    model.train()
+    profile = profile_matmuls(model, forward, collate(timed[0][:1]))
+    parts = memory_parts(model)
+    memory.release_free_heap()
+    loaded, loaded_split = memory.rss_bytes(), memory.rss_split()
+    repeats = []
+    with memory.PeakMemory(torch.device("cpu")) as peak:
+        for examples in warm:
+            seconds, _, loss = timed_step(stepper, examples, collate)
+            log(f"    warm-up step: {seconds:.2f} s, loss {loss:.3f}")
+        for r in range(config["repeats"]):
+            steps = []
+            for examples in timed:
+                seconds, batch, loss = timed_step(stepper, examples, collate)
+                seq_lens = batch["attention_mask"].sum(1).tolist()
+                head_positions = lm_positions(config["recipe"], batch)
+                steps.append({"seconds": seconds, "examples": len(examples),
+                              "real_tokens": sum(seq_lens),
+                              "padded_tokens": int(batch["attention_mask"].numel()),
+                              "lm_positions": head_positions,
+                              "flops": step_flops(profile, seq_lens, head_positions)["total"],
+                              "loss": loss})
+            repeats.append(summarise_steps(steps))
+            last = repeats[-1]
+            log(f"    repeat {r + 1}/{config['repeats']}: {last['seconds']:.2f} s for "
+                f"{last['examples']} examples ({last['s_per_100_examples']:.1f} s/100 ex, "
+                f"{last['tokens_per_s']:.0f} tok/s)")
+    return {"config": config, "repeats": repeats, "peak_bytes": peak.peak_bytes,
+            "baseline_bytes": baseline, "loaded_bytes": loaded, "memory_parts": parts,
+            "rss_split_loaded": loaded_split, "rss_split_end": memory.rss_split(),
+            "profile": profile_summary(profile), "threads": torch.get_num_threads()}
+
+
+def task_memory(config: dict, baseline: int) -> dict:
+    """Peak memory of this project's step: what torch allocates (by kind) and the process's RSS.
+
+    torch's MemTracker (torch.distributed._tools, which works on the CPU) follows
+    every tensor storage: parameters, gradients, optimiser state, activations and
+    temporaries; its peak is what the tensors need, where RSS adds the libraries,
+    the allocator's slack and the memory-mapped checkpoint.  The warm-up steps run
+    the epoch's longest batch (the first allocates AdamW's state).
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    torch.manual_seed(SEED)
+    model, stepper, _, warm, timed, collate = prepared({**config, "recipe": "ours"})
+    parts = memory_parts(model)
+    model.train()
+    tracker = MemTracker()
+    tracker.track_external(model, stepper.optimizer.optimizer)
+    with memory.PeakMemory(torch.device("cpu")) as peak, tracker:
+        for examples in warm + timed:
+            seconds, _, loss = timed_step(stepper, examples, collate)
+            tracker.reset_mod_stats()  # MemTracker's per-module records are per iteration
+            log(f"    step: {seconds:.2f} s (tracked), loss {loss:.3f}")
+    snapshot = tracker.get_tracker_snapshot("peak")
+    tensors = {}
+    for device, kinds in snapshot.items():
+        for kind, value in kinds.items():
+            name = str(kind).rsplit(".", 1)[-1].lower()
+            tensors[name] = tensors.get(name, 0) + value
+    log(f"    tensor peak {tensors.get('total', 0) / 1e6:.0f} MB, process peak "
+        f"{peak.peak_bytes / 1e6:.0f} MB")
+    return {"config": config, "tensor_peak": tensors, "peak_bytes": peak.peak_bytes,
+            "baseline_bytes": baseline, "memory_parts": parts,
+            "threads": torch.get_num_threads()}
+
+
+def summarise_steps(steps: list[dict]) -> dict:
+    """One repeat's totals and rates from its steps."""
+    seconds = sum(s["seconds"] for s in steps)
+    examples = sum(s["examples"] for s in steps)
+    real = sum(s["real_tokens"] for s in steps)
+    return {"seconds": seconds, "examples": examples, "real_tokens": real,
+            "padded_tokens": sum(s["padded_tokens"] for s in steps),
+            "lm_positions": sum(s["lm_positions"] for s in steps),
+            "flops": sum(s["flops"] for s in steps),
+            "s_per_100_examples": 100 * seconds / examples, "tokens_per_s": real / seconds,
+            "step_seconds": [s["seconds"] for s in steps], "losses": [s["loss"] for s in steps]}
+
+
+class ForwardCounter:
+    """Counts the model's forward passes (one per generated token per batch)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self.hook)
+
+    def hook(self, module, args):
+        """Count one call."""
+        self.calls += 1
+
+
+def answers_original(model, tokenizer, prompts: list[str]) -> list[str]:
+    """The original evaluation: one question at a time, 50 new tokens, greedy, no stop string."""
+
+    answers = []
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            # The original decoded 50 free-running tokens per question; min_new_tokens
+            # keeps a model that would emit EOS early doing that same work.
+            out = model.generate(**enc, max_new_tokens=ORIGINAL_NEW_TOKENS,
+                                 min_new_tokens=ORIGINAL_NEW_TOKENS, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+        answers.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:],
+                                        skip_special_tokens=True))
+    return answers
+
+
+def task_eval(config: dict, baseline: int) -> dict:
+    """Warm up, then time answering the same questions `repeats` times with one recipe."""
+
+    device = torch.device("cpu")
+    model, tokenizer, _ = models.load_model(config["model_dir"], device)
+    model.eval()
+    rows = common.load_split(config["data_dir"], "eval")
+    prompts = [r["prompt"] for r in rows[:config["questions"]]]
+    if config["recipe"] == "original":
+        answer = functools.partial(answers_original, model, tokenizer)
+        bound = ORIGINAL_NEW_TOKENS
+    else:
+        # As evaluate.py does: the bound from every eval reference, its batch size, its stop
+        bound = generation.max_new_tokens_for(tokenizer, [r["completion"] for r in rows])
+        answer = functools.partial(generation.generate_answers, model, tokenizer,
+                                   max_new_tokens=bound, device=device,
+                                   stop=common.turn_marker(common.load_template(config["data_dir"])),
+                                   batch_size=evaluate_batch_size())
+    memory.release_free_heap()
+    loaded = memory.rss_bytes()
+    counter = ForwardCounter(model)
+    repeats = []
+    with memory.PeakMemory(device) as peak:
+        started = time.perf_counter()
+        answer(prompts[:1] if config["recipe"] == "original" else prompts[:8])
+        log(f"    warm-up: {time.perf_counter() - started:.2f} s")
+        for r in range(config["repeats"]):
+            counter.calls = 0
+            started = time.perf_counter()
+            answers = answer(prompts)
+            seconds = time.perf_counter() - started
+            repeats.append({"seconds": seconds, "questions": len(prompts),
+                            "questions_per_s": len(prompts) / seconds,
+                            "forward_passes": counter.calls,
+                            "mean_answer_chars": sum(map(len, answers)) / len(answers)})
+            log(f"    repeat {r + 1}/{config['repeats']}: {seconds:.2f} s for {len(prompts)} "
+                f"questions ({len(prompts) / seconds:.2f} q/s, {counter.calls} forward passes)")
+    return {"config": config, "repeats": repeats, "max_new_tokens": bound,
+            "peak_bytes": peak.peak_bytes, "baseline_bytes": baseline, "loaded_bytes": loaded,
+            "threads": torch.get_num_threads()}
+
+
+def task_matmul(config: dict, baseline: int) -> dict:
+    """The fp32 matmul rate: median over several n x n products after a warm-up."""
+
+    n = config["size"]
+    torch.manual_seed(0)
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    times = []
+    for _ in range(config["runs"]):
+        started = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - started)
+    rates = [2 * n ** 3 / t for t in times]
+    log(f"    {n}x{n} fp32 matmul: median {statistics.median(rates) / 1e9:.1f} GFLOP/s "
+        f"over {len(rates)} runs, {torch.get_num_threads()} threads")
+    return {"config": config, "flops_per_s": median_spread(rates),
+            "threads": torch.get_num_threads()}
+
+
+def task_trl(config: dict, baseline: int) -> dict:
+    """TRL's SFTTrainer on the same model and rows (trl_runs.py; TRL is a benchmark-only install)."""
+    import trl_runs
+
+    return trl_runs.task_trl(config, baseline)
+
+
+TASKS = {"train": task_train, "memory": task_memory, "eval": task_eval, "matmul": task_matmul,
+         "trl": task_trl}
+
+
+def worker_main(config_json: str) -> None:
+    """Run one configuration; print its result as one JSON line on stdout."""
+    import warnings
+
+    config = json.loads(config_json)
+    real_stdout = sys.stdout
+    # peft calls a transformers API deprecated for v6; the warning says nothing about speed.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    with contextlib.redirect_stdout(sys.stderr):  # library prints must not mix with the JSON
+        # Import every library before the baseline, so each configuration's
+        # baseline holds the same code and the rest is the model and training.
+        if config.get("threads"):
+            torch.set_num_threads(config["threads"])
+        import peft  # noqa: F401  (imported before the baseline is read)
+        import transformers  # noqa: F401
+        with contextlib.suppress(ImportError):
+            import bitsandbytes  # noqa: F401
+        memory.release_free_heap()
+        result = TASKS[config["task"]](config, memory.rss_bytes())
+    real_stdout.write(json.dumps(result) + "\n")
