@@ -188,6 +188,31 @@ def test_batched_generation_equals_one_at_a_time(stopping_model):
     assert batched == single
 
 
+def test_rows_leaving_the_batch_give_generates_answers(stopping_model):
+    """greedy_rows drops finished rows from the batch; the answers are generate()'s, row by row.
+
+    The prompts mix answers that stop at once (trained questions) with ones that run to
+    the bound or into a new turn (unseen questions), so rows leave at different steps.
+    """
+    model, tokenizer, rows = stopping_model
+    prompts = [r["prompt"] for r in rows] + ["User: What is 9 plus 9?\nAssistant:",
+                                             "User: Hello there, who are you?\nAssistant:",
+                                             "User: Hi\nAssistant:"]
+    device = torch.device("cpu")
+    for stop in ("\nUser:", None):
+        shrinking = generation.generate_answers(model, tokenizer, prompts, 30, device, stop=stop,
+                                                batch_size=16)
+        whole = generation.generate_answers(model, tokenizer, prompts, 30, device, stop=stop,
+                                            batch_size=16, shrink=False)
+        assert shrinking == whole
+    llama, llama_tokenizer, _ = models.load_model("tiny-llama", device)
+    shrinking = generation.generate_answers(llama, llama_tokenizer, prompts, 12, device,
+                                            stop="\nUser:", batch_size=16)
+    whole = generation.generate_answers(llama, llama_tokenizer, prompts, 12, device,
+                                        stop="\nUser:", batch_size=16, shrink=False)
+    assert shrinking == whole
+
+
 def test_clean_answer_cuts_at_a_new_turn():
     assert generation.clean_answer(" Paris.\nUser: and Spain?", "\nUser:") == "Paris."
     assert generation.clean_answer(" Paris. ", None) == "Paris."

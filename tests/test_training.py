@@ -1,6 +1,7 @@
 """The four fine-tuning scripts, end to end on tiny models (seconds each)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,7 +204,7 @@ def test_adapter_records_a_loadable_local_base(data_dir, tmp_path):
     run_script("lora", data_dir, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "lora" / "adapter_config.json").read_text())
     base = config["base_model_name_or_path"]
-    assert base != "tiny-gpt2" and (common.Path(base) / "config.json").exists()
+    assert base != "tiny-gpt2" and (Path(base) / "config.json").exists()
 
 
 def test_loss_goes_down_on_learnable_data(data_dir, tmp_path):
