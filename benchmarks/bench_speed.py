@@ -143,6 +143,7 @@ def build_gpt2_shaped(folder: Path, shape: dict) -> Path:
 def settings_from(args) -> dict:
     """The run's sizes: the options, or tiny ones with --quick."""
     shared = {"batch_size": args.batch_size, "threads": args.threads,
+              "eval_repeats": 1 if args.quick else args.eval_repeats,
               "trl": args.trl and trl_available(), "trl_defaults_limit": args.trl_defaults_limit}
     if args.quick:
         # The real-model section reuses the tiny model unless one is named.
@@ -160,7 +161,8 @@ def eval_configs(s: dict, key: str, model_dir: str, data_dir: str) -> list[tuple
     """Both evaluation paths on one model."""
     return [(f"{key}/eval/{recipe}",
              {"task": "eval", "recipe": recipe, "model_dir": model_dir, "data_dir": data_dir,
-              "questions": s["questions"], "repeats": s["repeats"], "threads": s["threads"]})
+              "questions": s["questions"], "repeats": s["eval_repeats"],
+              "threads": s["threads"]})
             for recipe in ("original", "ours")]
 
 
@@ -536,7 +538,8 @@ def render(report: dict) -> str:
              f"- Data: {report['data']}",
              f"- Sizes: {s['repeats']} repeats; per repeat {s['steps_original']} steps of "
              f"{ORIGINAL_BATCH} (original) and {s['steps']} steps of {s['batch_size']} (ours), "
-             f"after {s['warmup']} warm-up steps; {s['questions']} evaluation questions; "
+             f"after {s['warmup']} warm-up steps; {s['questions']} evaluation questions, "
+             f"{s['eval_repeats']} timed repeats; "
              f"torch threads {s['threads'] or 'default'}.",
              *contention_warning(hw),
              *([f"- Previous commit: {report['previous']}"] if report.get("previous") else []),
@@ -621,8 +624,11 @@ def parse_args(argv=None):
         help="untimed steps first (default 2: the first allocates AdamW's state, the second "
              "reaches the steady peak)")
     add("--batch-size", type=int, default=16, help="this project's batch (default 16, its default)")
-    add("--eval-questions", type=int, default=32,
-        help="questions both evaluation paths answer (default 32: one batch of ours)")
+    add("--eval-questions", type=int, default=64,
+        help="questions both evaluation paths answer (default 64: one batch of evaluate.py's)")
+    add("--eval-repeats", type=int, default=2,
+        help="timed repeats of each evaluation (default 2: the original answers one question "
+             "in 2-4 s, so each repeat of it takes minutes)")
     add("--methods", default=",".join(METHODS), help="comma-separated subset of full,lora,qlora,bitfit")
     add("--smollm2", action="store_true",
         help="also run the training comparison on smollm2-135m (adds roughly 8 minutes, "
@@ -659,7 +665,7 @@ def parse_args(argv=None):
     add("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
     args = parser.parse_args(argv)
     for name in ("repeats", "steps", "steps_original", "warmup", "batch_size", "eval_questions",
-                 "threads"):
+                 "eval_repeats", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.eval_model and not (Path(args.eval_model) / "config.json").exists():
