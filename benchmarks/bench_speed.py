@@ -334,11 +334,15 @@ def summarise_memory(workers: dict, key: str, methods: list[str]) -> list[dict]:
         worker = workers.get(f"{key}/memory/{method}")
         if not worker or "error" in worker:
             continue
-        parts, tensors = worker["memory_parts"], worker["tensor_peak"]
+        parts, tensor_peak = worker["memory_parts"], worker["tensor_peak_bytes"]
+        fixed = {"weights": parts["weights"], "gradients": parts["gradients"],
+                 "adam_state": parts["adam_state"]}
         rows.append({"method": method, "peak_mb": worker["peak_bytes"] / 1e6,
                      "baseline_mb": worker["baseline_bytes"] / 1e6,
                      "above_mb": (worker["peak_bytes"] - worker["baseline_bytes"]) / 1e6,
-                     "tensor_mb": {k: v / 1e6 for k, v in tensors.items()},
+                     "tensor_mb": {"total": tensor_peak / 1e6,
+                                   **{k: v / 1e6 for k, v in fixed.items()},
+                                   "rest": (tensor_peak - sum(fixed.values())) / 1e6},
                      "total_params": parts["total_params"],
                      "trainable_params": parts["trainable_params"],
                      "weights_mb": parts["weights"] / 1e6,
@@ -495,23 +499,23 @@ def eval_table(ev: dict) -> list[str]:
 
 
 def memory_table(rows: list[dict]) -> list[str]:
-    """Markdown: the process peak beside what torch's tensors needed, by kind."""
-    kinds = ("param", "grad", "opt", "act", "temp", "buffer", "oth")
-    names = {"param": "weights", "grad": "gradients", "opt": "AdamW state", "act": "activations",
-             "temp": "temporaries", "buffer": "buffers", "oth": "other"}
+    """Markdown: the process peak beside what torch's tensors needed at their peak."""
     out = ["| method | process peak MB (RSS) | above baseline MB | torch tensors at peak MB | "
-           + " | ".join(f"{names[k]} MB" for k in kinds) + " |",
-           "|---|---|---|---|" + "---|" * len(kinds)]
+           "weights MB | gradients MB | AdamW state MB | rest MB (activations, temporaries) |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["tensor_mb"]
         out.append(f"| {r['method']} | {r['peak_mb']:.0f} | {r['above_mb']:.0f} | "
-                   f"{t.get('total', float('nan')):.0f} | "
-                   + " | ".join(f"{t.get(k, 0):.0f}" for k in kinds) + " |")
+                   f"{t['total']:.0f} | {t['weights']:.0f} | {t['gradients']:.0f} | "
+                   f"{t['adam_state']:.0f} | {t['rest']:.0f} |")
     if rows:
         out += ["", f"Process baseline (libraries imported, no model): {rows[0]['baseline_mb']:.0f} MB. "
                 f"Parameters: {rows[0]['total_params']:,} (4-bit weights counted unpacked). "
-                "Tensor peaks are torch's MemTracker (torch.distributed._tools), which follows every "
-                "tensor storage on the CPU; the kinds are its split at the moment of the peak."]
+                "The tensor peak follows every tensor storage through torch's dispatcher "
+                "(workers.TensorPeak). Weights (as stored: NF4 packs two per byte), gradients "
+                "and AdamW's two moments are computed from the parameters; the rest is "
+                "activations kept for the backward pass and temporaries at the peak, "
+                "including gradients not yet freed."]
     return out
 
 

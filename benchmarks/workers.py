@@ -375,37 +375,77 @@ def task_train(config: dict, baseline: int) -> dict:
             "profile": profile_summary(profile), "threads": torch.get_num_threads()}
 
 
-def task_memory(config: dict, baseline: int) -> dict:
-    """Peak memory of this project's step: what torch allocates (by kind) and the process's RSS.
+class TensorPeak:
+    """The peak of live tensor memory on the CPU: what torch's tensors need, not what the process holds.
 
-    torch's MemTracker (torch.distributed._tools, which works on the CPU) follows
-    every tensor storage: parameters, gradients, optimiser state, activations and
-    temporaries; its peak is what the tensors need, where RSS adds the libraries,
-    the allocator's slack and the memory-mapped checkpoint.  The warm-up steps run
-    the epoch's longest batch (the first allocates AdamW's state).
+    A dispatch mode sees every operation, forward and backward; each new storage
+    counts until it is freed (a weak reference tells), on top of the tensors that
+    exist when tracking starts.  (torch's MemTracker does this too, but its
+    per-module hooks fail on frozen layers, whose outputs need no gradient.)
     """
-    from torch.distributed._tools.mem_tracker import MemTracker
 
+    def __init__(self, existing):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for leaf in torch.utils._pytree.tree_leaves(out):
+                    tracker.count(leaf)
+                return out
+
+        self.mode, self.seen, self.current, self.peak = Mode(), WeakIdKeyDictionary(), 0, 0
+        for tensor in existing:
+            self.count(tensor)
+
+    def count(self, tensor) -> None:
+        """Add a tensor's storage, once, until it is freed."""
+        import weakref
+
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+            return
+        storage = tensor.untyped_storage()
+        if storage in self.seen:
+            return
+        size = storage.nbytes()
+        self.seen[storage] = size
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self.free, size)
+
+    def free(self, size: int) -> None:
+        self.current -= size
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def task_memory(config: dict, baseline: int) -> dict:
+    """Peak memory of this project's step: what torch's tensors need, and the process's RSS.
+
+    TensorPeak follows every tensor storage (weights, gradients, optimiser state,
+    activations, temporaries); RSS adds the libraries, the allocator's slack and
+    any memory-mapped file.  The warm-up steps run the epoch's longest batch (the
+    first allocates AdamW's state).
+    """
     torch.manual_seed(SEED)
     model, stepper, _, warm, timed, collate = prepared({**config, "recipe": "ours"})
     parts = memory_parts(model)
     model.train()
-    tracker = MemTracker()
-    tracker.track_external(model, stepper.optimizer.optimizer)
-    with memory.PeakMemory(torch.device("cpu")) as peak, tracker:
+    existing = [*model.parameters(), *model.buffers()]
+    with memory.PeakMemory(torch.device("cpu")) as peak, TensorPeak(existing) as tensors:
         for examples in warm + timed:
             seconds, _, loss = timed_step(stepper, examples, collate)
-            tracker.reset_mod_stats()  # MemTracker's per-module records are per iteration
             log(f"    step: {seconds:.2f} s (tracked), loss {loss:.3f}")
-    snapshot = tracker.get_tracker_snapshot("peak")
-    tensors = {}
-    for device, kinds in snapshot.items():
-        for kind, value in kinds.items():
-            name = str(kind).rsplit(".", 1)[-1].lower()
-            tensors[name] = tensors.get(name, 0) + value
-    log(f"    tensor peak {tensors.get('total', 0) / 1e6:.0f} MB, process peak "
-        f"{peak.peak_bytes / 1e6:.0f} MB")
-    return {"config": config, "tensor_peak": tensors, "peak_bytes": peak.peak_bytes,
+    log(f"    tensor peak {tensors.peak / 1e6:.0f} MB, process peak {peak.peak_bytes / 1e6:.0f} MB")
+    return {"config": config, "tensor_peak_bytes": tensors.peak, "peak_bytes": peak.peak_bytes,
             "baseline_bytes": baseline, "memory_parts": parts,
             "threads": torch.get_num_threads()}
 
