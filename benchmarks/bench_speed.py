@@ -528,6 +528,30 @@ def contention_warning(hw: dict) -> list[str]:
                 "(sampled while none of it ran); the timings are unreliable.**"]
 
 
+def bounds(summary: dict, main_key: str | None) -> list[str]:
+    """For each missed speed-up target: the share of the matmul peak that meeting it would need."""
+    out = []
+    for row in summary["training"].get(main_key or "", []):
+        ours = row.get("ours")
+        if not ours or ours["mfu"]["median"] != ours["mfu"]["median"]:
+            continue
+        mfu = ours["mfu"]["median"]
+        for other, target in (("original", TARGET_TRAIN_SPEEDUP), ("trl", TARGET_TRL_SPEEDUP)):
+            ratio = row.get(f"vs_{other}")
+            if ratio and ratio["median"] < target:
+                need = mfu * target / ratio["median"]
+                out.append(f"- {row['method']}: {target:g}x {'TRL' if other == 'trl' else 'the original'} "
+                           f"would need our step at {need:.0%} of the measured fp32 matmul peak, "
+                           f"doing the same arithmetic; it runs at {mfu:.0%}.")
+    if not out:
+        return []
+    return ["", "### What bounds the missed training targets", "",
+            "Our step's FLOPs are fixed by the model and batch (the same loss positions as TRL's); "
+            "time is the only lever left:", "", *out, "",
+            "Where the rest of our step's time goes: benchmarks/profile.md "
+            "(python benchmarks/profile_step.py)."]
+
+
 def render(report: dict) -> str:
     """The whole results.md, from the measurements only."""
     hw, s, summary = report["hardware"], report["settings"], report["summary"]
@@ -552,6 +576,7 @@ def render(report: dict) -> str:
     lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for target, measured, met in summary["targets"]:
         lines.append(f"| {target} | {measured} | {'yes' if met else 'no' if met is False else 'n/a'} |")
+    lines += bounds(summary, report.get("main_key"))
     lines += ["", "## Matrix-multiply peak", "",
               f"fp32 {s['matmul_size']}x{s['matmul_size']} matmul, median of {s['matmul_runs']}: "
               + ("; ".join(f"{k.split('/')[1]} of run {fmt(w['flops_per_s'], '.1f', 1e-9, ' GFLOP/s')}"
@@ -592,8 +617,8 @@ def render(report: dict) -> str:
               f"a time, always {ORIGINAL_NEW_TOKENS} new tokens (min_new_tokens = max_new_tokens, "
               "as its free-running decoding did); ours is "
               "generation.generate_answers with evaluate.py's batch size, stop string and "
-              "generation.max_new_tokens_for bound over all eval references. A batch ends when its "
-              "last answer stops. A model with random weights never stops early, and an untuned "
+              "generation.max_new_tokens_for bound over all eval references; each answer leaves the "
+              "batch when it ends. A model with random weights never stops early, and an untuned "
               "model often rambles to the bound, so there the speed-up comes from batching and "
               "the bound; a fine-tuned model (--eval-model) stops after its answer.",
               "- Peak memory is the process's resident set (sampled every 10 ms by "
@@ -759,6 +784,7 @@ def main(args) -> None:
                if memory_key else {}}
     summary["targets"] = target_checks(summary, main_key, memory_key)
     report["summary"], report["wall_s"] = summary, time.time() - started
+    report["main_key"] = main_key
     output = Path(args.output or Path(__file__).parent / (
         "results-quick.md" if args.quick else "results.md"))
     common.write_text_atomic(output, render(report) + "\n")
