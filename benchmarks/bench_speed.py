@@ -49,8 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workers import (ORIGINAL_BATCH, ORIGINAL_MAX_LENGTH, ORIGINAL_NEW_TOKENS,  # noqa: E402
-                     log, median_spread, worker_main)
+from workers import (FLOPS_DOC, ORIGINAL_BATCH, ORIGINAL_MAX_LENGTH,  # noqa: E402
+                     ORIGINAL_NEW_TOKENS, log, median_spread, worker_main)
 
 # --- The models -----------------------------------------------------------------
 # distilgpt2's shape (82 M parameters); random weights cost the same arithmetic.
@@ -59,7 +59,6 @@ DISTILGPT2_SHAPE = {"n_layer": 6, "n_embd": 768, "n_head": 12, "n_positions": 10
 QUICK_SHAPE = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 1024, "vocab_size": 50257}
 TOKENIZER_PRESET = "smollm2-135m"  # realistic token lengths; its ids are all < 50257
 METHODS = ("full", "lora", "qlora", "bitfit")
-SEED = 42
 
 TRL_METHODS = ("full", "lora", "qlora")  # TRL's SFTTrainer has no BitFit
 
@@ -68,33 +67,6 @@ TARGET_TRAIN_SPEEDUP = 10.0      # full and LoRA against the original, non-pad t
 TARGET_TRL_SPEEDUP = 3.0         # full, LoRA, QLoRA against TRL's SFTTrainer at its best on a CPU
 TARGET_EVAL_SPEEDUP = 25.0       # questions per second, on a fine-tuned model
 TARGET_FULL_MFU = 0.60           # of the measured fp32 matmul peak
-
-FLOPS_DOC = """\
-- **Useful tokens** are the non-pad tokens. Padding is computed by a path but never counted.
-- **Forward**: 2 FLOPs per multiply-accumulate. Every linear layer (attention and MLP
-  projections, LoRA's A and B) costs 2 x in x out per useful token. Attention scores (QK^T)
-  and the weighted sum of values (AV) cost 2 x 2 x d_attn per (query, key) pair, counting only
-  causal pairs between real tokens: n(n+1)/2 pairs per sequence of n real tokens, per layer.
-  The LM head costs 2 x d_model x vocab at each position where the path computes it *and*
-  the position holds a real token: this project computes it only at labelled (answer)
-  positions; the original at all 128 positions, of which only the real tokens count.
-- **Backward** = activation gradients + weight gradients. A linear layer's activation
-  gradient (same cost as its forward) is counted only where autograd needs it, that is where
-  the layer's input requires a gradient; its weight gradient (same cost again) only when
-  that weight trains. Both are read off the real model by forward hooks (input.requires_grad,
-  weight.requires_grad), so frozen weights add no weight-gradient work and a frozen first
-  layer adds no input gradient. Attention's backward is 2x its forward (both operands are
-  activations).
-- **Not counted**: embedding look-ups, norms, activation functions, softmax, dropout, bias
-  gradients, the optimiser step and NF4 dequantisation. They take real time but are not
-  matrix multiplies, so they lower the utilisation.
-- **MFU** = counted FLOPs / measured step time / the fp32 matmul peak measured in the same run
-  (the higher of the runs at the start and the end, so utilisation is not flattered).
-- **Check**: on unpadded single examples this count agreed with
-  torch.utils.flop_counter.FlopCounterMode within 1% for GPT-2 (full, LoRA, BitFit, both
-  recipes) once attention is counted as the full square PyTorch computes; on a Llama model
-  the linear layers agreed to 4 significant digits (FlopCounterMode counts neither its
-  grouped-query attention kernel nor bitsandbytes' 4-bit matmul)."""
 
 
 # =============================================================================

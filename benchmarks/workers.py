@@ -38,6 +38,33 @@ ORIGINAL_LORA = {"r": 8, "lora_alpha": 32, "lora_dropout": 0.1}  # alpha/dropout
 ORIGINAL_LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "k_proj", "v_proj"]}
 ORIGINAL_NEW_TOKENS = 50         # generate(max_new_tokens=50), one question at a time
 
+FLOPS_DOC = """\
+- **Useful tokens** are the non-pad tokens. Padding is computed by a path but never counted.
+- **Forward**: 2 FLOPs per multiply-accumulate. Every linear layer (attention and MLP
+  projections, LoRA's A and B) costs 2 x in x out per useful token. Attention scores (QK^T)
+  and the weighted sum of values (AV) cost 2 x 2 x d_attn per (query, key) pair, counting only
+  causal pairs between real tokens: n(n+1)/2 pairs per sequence of n real tokens, per layer.
+  The LM head costs 2 x d_model x vocab at each position where the path computes it *and*
+  the position holds a real token: this project computes it only at labelled (answer)
+  positions; the original at all 128 positions, of which only the real tokens count.
+- **Backward** = activation gradients + weight gradients. A linear layer's activation
+  gradient (same cost as its forward) is counted only where autograd needs it, that is where
+  the layer's input requires a gradient; its weight gradient (same cost again) only when
+  that weight trains. Both are read off the real model by forward hooks (input.requires_grad,
+  weight.requires_grad), so frozen weights add no weight-gradient work and a frozen first
+  layer adds no input gradient. Attention's backward is 2x its forward (both operands are
+  activations).
+- **Not counted**: embedding look-ups, norms, activation functions, softmax, dropout, bias
+  gradients, the optimiser step and NF4 dequantisation. They take real time but are not
+  matrix multiplies, so they lower the utilisation.
+- **MFU** = counted FLOPs / measured step time / the fp32 matmul peak measured in the same run
+  (the higher of the runs at the start and the end, so utilisation is not flattered).
+- **Check**: on unpadded single examples this count agreed with
+  torch.utils.flop_counter.FlopCounterMode within 1% for GPT-2 (full, LoRA, BitFit, both
+  recipes) once attention is counted as the full square PyTorch computes; on a Llama model
+  the linear layers agreed to 4 significant digits (FlopCounterMode counts neither its
+  grouped-query attention kernel nor bitsandbytes' 4-bit matmul)."""
+
 SCRIPTS = {"full": "finetune", "lora": "finetune_lora", "qlora": "finetune_qlora",
            "bitfit": "finetune_bitfit"}
 SEED = 42
@@ -52,7 +79,6 @@ def median_spread(values: list[float]) -> dict:
 def log(message: str) -> None:
     """Progress to stderr, so a worker's stdout carries only its JSON result."""
     print(message, file=sys.stderr, flush=True)
-
 
 
 # --- set-up: this project's (each script's prepare) and the original's --------------
@@ -104,7 +130,6 @@ def setup_original(model_dir: str, method: str):
                             fan_in_fan_out=models.uses_conv1d(model))
         model = get_peft_model(model, config)
     return model, tokenizer, ORIGINAL_LR
-
 
 
 # --- batches and loss of each recipe ---------------------------------------------
@@ -175,7 +200,7 @@ def lm_positions(recipe: str, batch: dict) -> int:
     return int(batch["attention_mask"].sum())
 
 
-# --- FLOP counting (see bench_speed.FLOPS_DOC) ------------------------------------
+# --- FLOP counting (see FLOPS_DOC) ------------------------------------
 
 
 class MatmulRecorder:
