@@ -476,6 +476,18 @@ def summarise(records: list[dict]) -> dict:
     return out
 
 
+def quality_key(summaries: list[dict]) -> tuple[str, str, str]:
+    """The headline measure: key accuracy where the data has keys (given or derived), else F1.
+
+    summaries are summarise()'s results (or table rows holding them).  Returns
+    (summary field, per-question record field, label); the learning-rate search
+    and evaluate.py both rank by it.
+    """
+    if all(s.get("key_accuracy") is not None for s in summaries):
+        return "key_accuracy", "key_match", "key-answer accuracy"
+    return "token_f1", "token_f1", "token F1"
+
+
 def perplexity(nll_sum: float, n_tokens: int) -> float:
     """exp of the mean negative log-likelihood per token."""
     import math

@@ -299,20 +299,10 @@ def comparison_row(name: str, runs: list[list[dict]], metrics: list[dict] | None
     return row
 
 
-def quality_key(rows: list[dict]) -> tuple[str, str, str]:
-    """The headline measure: key accuracy where the data has keys (given or derived), else F1.
-
-    Returns (table field, per-question record field, label).
-    """
-    if all(r.get("key_accuracy") is not None for r in rows):
-        return "key_accuracy", "key_match", "key-answer accuracy"
-    return "token_f1", "token_f1", "token F1"
-
-
 def add_intervals(table: list[dict], all_runs: dict[str, list[list[dict]]]) -> None:
     """Add <metric>_ci95 to each row: two-level bootstrap over questions and seeds."""
     fields = {"exact_match": "exact_match", "token_f1": "token_f1"}
-    if quality_key(table)[0] == "key_accuracy":
+    if common.quality_key(table)[0] == "key_accuracy":
         fields["key_accuracy"] = "key_match"
     tokens = np.array([r["answer_tokens"] for r in next(iter(all_runs.values()))[0]], dtype=float)
     nll = {name: np.array([[r["answer_nll"] for r in records] for records in runs])
@@ -377,7 +367,7 @@ def markdown_table(rows: list[dict], breakdowns: dict, pairs: list[dict], recomm
     out.write("|" + "---|" * len(COLUMNS) + "\n")
     for row in rows:
         out.write("| " + " | ".join(cell(row, k, d) for k, _, d in COLUMNS) + " |\n")
-    key, _, label = quality_key(rows)
+    key, _, label = common.quality_key(rows)
     out.write(f"\n## Paired comparisons ({label})\n\n"
               "Paired bootstrap interval of the difference; exact McNemar test (sign-flip test "
               "over seed means when there are several seeds), Holm-adjusted over all "
@@ -453,7 +443,7 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
 def plot_quality_vs_cost(rows: list[dict], path: Path) -> None:
     """Quality against training time and against peak memory: the trade-off to choose from."""
     plt = common.pyplot()
-    key, _, label = quality_key(rows)
+    key, _, label = common.quality_key(rows)
     trained = [r for r in rows if r["method"] != "base"]
     base = next((r for r in rows if r["method"] == "base"), None)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
@@ -578,7 +568,7 @@ def main(args):
     # Means, intervals, paired tests, and the recommendation that follows from them
     table = [comparison_row(name, runs, trained.get(name)) for name, runs in all_runs.items()]
     add_intervals(table, all_runs)
-    key, record_key, label = quality_key(table)
+    key, record_key, label = common.quality_key(table)
     pairs = verdict.pairwise(all_runs, record_key)
     for pair in pairs:
         pair["metric"] = key

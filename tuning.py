@@ -69,13 +69,12 @@ def validation_score(run: training.Run, model, tokenizer) -> tuple[float, str, s
     rows = run.valid_rows
     stop = common.turn_marker(run.template)
     max_new = generation.max_new_tokens_for(tokenizer, [r["completion"] for r in rows])
-    predictions = generation.generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new,
-                                          run.device, stop=stop,
-                                          desc=f"{run.method}: validation answers")
+    predictions = generation.generate_answers(model, tokenizer, [r["prompt"] for r in rows],
+                                              max_new, run.device, stop=stop,
+                                              desc=f"{run.method}: validation answers")
     summary = common.summarise(common.score_rows(rows, predictions))
-    if summary["key_accuracy"] is not None:
-        return summary["key_accuracy"], "key_accuracy", "key-answer accuracy"
-    return summary["token_f1"], "token_f1", "token F1"
+    field, _, label = common.quality_key([summary])
+    return summary[field], field, label
 
 
 def lr_grid(settings: TrainSettings) -> list[float]:
