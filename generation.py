@@ -130,10 +130,10 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                              eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id,
-                              stop_strings=[stop] if stop else None)
+    config = None if shrink else GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        stop_strings=[stop] if stop else None)
     encoded = [{"input_ids": prompt_ids(tokenizer, p)} for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]["input_ids"]))
     answers: list[str] = [""] * len(prompts)

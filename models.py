@@ -324,9 +324,8 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def causal_lm(model):
-    """The transformers model inside DDP, accelerate and PEFT wrappers."""
+    """The transformers model inside DDP and PEFT wrappers."""
     model = getattr(model, "module", model)
-    model = getattr(model, "model", model) if model.__class__.__name__ == "AnswerLoss" else model
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
