@@ -50,10 +50,10 @@ from __future__ import annotations
 import tempfile
 import time
 
-SEED = 42
+import workers  # this project's worker: set-up, FLOP counting, summaries
+
 LOSS_CHECK_ROWS = 64          # rows whose loss positions are compared with ours
 DEFAULTS_TIME_LIMIT_S = 300   # the "defaults" preset's wall-clock cap
-SCRIPTS = {"full": "finetune", "lora": "finetune_lora", "qlora": "finetune_qlora"}
 
 
 # =============================================================================
@@ -65,11 +65,7 @@ def setup_model(model_dir: str, method: str):
     """(model, tokenizer, settings): loaded and prepared exactly as bench_speed's own worker does."""
     import torch
 
-    import workers
-
-    if method not in SCRIPTS:
-        raise ValueError(f"method {method!r}: TRL runs support {', '.join(SCRIPTS)}")
-    torch.manual_seed(SEED)  # as bench_speed's own worker: the same LoRA initialisation
+    torch.manual_seed(workers.SEED)  # as bench_speed's own worker: the same LoRA initialisation
     return workers.setup_ours(model_dir, method)
 
 
@@ -117,7 +113,7 @@ def sft_config(preset: str, output_dir: str, max_steps: int, batch_size: int, lr
         dataloader_num_workers=0, dataloader_pin_memory=False,
         # Optimisation as our loop (TRL's default adamw_torch_fused is kept: its best)
         learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, seed=SEED,
+        max_grad_norm=1.0, seed=workers.SEED,
         # Nothing but training: no logs, checkpoints, evaluation or progress bar
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True,
@@ -217,23 +213,12 @@ class RecordingCollator:
 
 
 def summarise(steps: list[dict]) -> dict:
-    """One repeat's totals and rates from its steps (as workers.summarise_steps, plus TRL's extras)."""
-    seconds = sum(s["seconds"] for s in steps)
-    examples = sum(s["examples"] for s in steps)
-    real = sum(s["real_tokens"] for s in steps)
-    flops = [s["flops"] for s in steps]
-    return {"seconds": seconds, "examples": examples, "real_tokens": real,
-            "padded_tokens": sum(s["padded_tokens"] for s in steps),
-            "lm_positions": sum(s["lm_positions"] for s in steps),
+    """One repeat's totals and rates, as workers.summarise_steps gives ours, plus TRL's extras."""
+    return {**workers.summarise_steps(steps),
             "label_positions": sum(s["label_positions"] for s in steps),
-            "flops": None if None in flops else sum(flops),
-            "s_per_100_examples": 100 * seconds / examples if examples else None,
-            "tokens_per_s": real / seconds if seconds else None,
-            "step_seconds": [s["seconds"] for s in steps],
             "callback_seconds": [s["callback_seconds"] for s in steps],
             "cycle_seconds": [s["cycle_seconds"] for s in steps],
             "collate_seconds": [s["collate_seconds"] for s in steps],
-            "losses": [s["loss"] for s in steps],
             "step_seq_lens": [s["seq_lens"] for s in steps],
             "step_lm_positions": [s["lm_positions"] for s in steps]}
 
@@ -293,9 +278,6 @@ def compare_loss_positions(tokenizer, rows: list[dict], prepared, max_len: int) 
 def task_trl(config: dict, baseline: int) -> dict:
     """Train with TRL's SFTTrainer on our prepared model; time warm-up + repeats x steps."""
     import torch
-
-    if config.get("threads"):
-        torch.set_num_threads(int(config["threads"]))
     import transformers
     import trl
     from datasets import Dataset
@@ -388,12 +370,10 @@ def task_trl(config: dict, baseline: int) -> dict:
         batch = collator.batches[i]
         previous_end = timer.ends[i - 1] if i else timer.train_begin
         in_step = timer.ends[i] - timer.begins[i]
-        flops = (flop_counter(batch["seq_lens"], batch["lm_positions"])["total"]
-                 if flop_counter else None)
         records.append({**batch, "seconds": in_step + batch["collate_seconds"],
                         "callback_seconds": in_step,
                         "cycle_seconds": timer.ends[i] - previous_end,
-                        "flops": flops,
+                        "flops": flop_counter(batch["seq_lens"], batch["lm_positions"])["total"],
                         "loss": float(losses[i]) if i < len(losses) else None})
     warm, timed = records[:warmup], records[warmup:]
     groups = [timed[k * steps:(k + 1) * steps] for k in range(repeats)]
@@ -440,7 +420,6 @@ def flop_profile(model, tokenizer, rows: list[dict], max_len: int):
 
     import common
     import generation
-    import workers
 
     examples = common.tokenize_rows(tokenizer, rows[:1], max_len, source="train.jsonl")
     batch = common.collate(examples, pad_id=tokenizer.pad_token_id)
