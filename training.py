@@ -38,6 +38,13 @@ from models import (autocast_dtype, causal_lm, context_length, count_parameters,
 from settings import TrainSettings
 
 
+class Diverged(PipelineError):
+    """The loss or gradient norm became non-finite: the run stops there, and nothing is marked complete.
+
+    The learning-rate search records such a rate as diverged and never chooses it.
+    """
+
+
 @dataclass
 class Control:
     """What the loop is asked to do between steps; set by Ctrl-C, SIGTERM or a callback."""
