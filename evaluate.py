@@ -348,7 +348,7 @@ def pairwise_table(pairs: list[dict], label: str) -> str:
     out.write(f"| a | b | {label} a - b (points) | 95% CI | p (exact) | p (Holm) | verdict |\n"
               "|---|---|---|---|---|---|---|\n")
     for p in pairs:
-        significant = verdict.is_significant(p)
+        significant = p["significant"]
         word = ("a better" if p["difference"] > 0 else "b better") if significant else "not shown"
         out.write(f"| {p['a']} | {p['b']} | {p['difference']:+.1f} | "
                   f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] | {p['p_value']:.3g} | "
@@ -569,7 +569,7 @@ def main(args):
     table = [comparison_row(name, runs, trained.get(name)) for name, runs in all_runs.items()]
     add_intervals(table, all_runs)
     key, record_key, label = common.quality_key(table)
-    pairs = verdict.pairwise(all_runs, record_key)
+    pairs = verdict.pairwise(all_runs, record_key, alpha=args.alpha)
     for pair in pairs:
         pair["metric"] = key
     recommendation = verdict.recommend(table, pairs, key, label, args.alpha)
@@ -586,8 +586,12 @@ def main(args):
         "model": next(iter(trained.values()))[0]["model"], "base_model_path": base_path,
         "questions": len(rows), "max_new_tokens": max_new, "stop": stop,
         "headline_metric": key, "alpha": args.alpha, "perplexity": PERPLEXITY_NOTE,
-        "intervals": "95% percentile bootstrap over questions and seeds (two levels, "
-                     f"{verdict.BOOTSTRAP} replicates); see verdict.py",
+        "intervals": "95% t intervals, cluster-robust over fact groups plus seed variance; "
+                     "see verdict.py",
+        "procedure": verdict.procedure(
+            args.alpha, len(pairs), max(p["n_questions"] for p in pairs),
+            max(p["n_groups"] for p in pairs),
+            {name: len(runs) for name, runs in all_runs.items()}, key),
         "rows": table, "pairwise": pairs, "breakdowns": breakdowns,
         "lr_search": {name: {k: s[k] for k in ("grid", "chosen_lr", "metric", "budget")}
                       for name, s in searches.items()},
