@@ -96,8 +96,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CUDA when present, else CPU")
     parser.add_argument("--alpha", type=float, default=verdict.ALPHA,
-                        help="significance level of the paired tests after Holm's adjustment "
-                             "(default 0.05)")
+                        help="family-wise significance level of the paired comparisons, "
+                             "Bonferroni-adjusted (default 0.05)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model code from the Hub to run (off by default)")
     return parser.parse_args(argv)
@@ -300,7 +300,7 @@ def comparison_row(name: str, runs: list[list[dict]], metrics: list[dict] | None
 
 
 def add_intervals(table: list[dict], all_runs: dict[str, list[list[dict]]]) -> None:
-    """Add <metric>_ci95 to each row: two-level bootstrap over questions and seeds."""
+    """Add <metric>_ci95 to each row: clustered t intervals with a seed component (verdict.py)."""
     fields = {"exact_match": "exact_match", "token_f1": "token_f1"}
     if common.quality_key(table)[0] == "key_accuracy":
         fields["key_accuracy"] = "key_match"

@@ -264,6 +264,17 @@ def procedure(alpha: float, n_comparisons: int, n_questions: int | None = None,
         "references": list(REFERENCES)}
 
 
+def describe(found: dict) -> str:
+    """procedure()'s dict as two sentences for comparison.md and the HTML report."""
+    return (f"Differences a - b on the same {found['questions']} questions in "
+            f"{found['groups']} fact groups, standard errors clustered by group, with each "
+            "method's seed-to-seed variation added; t intervals with "
+            f"Satterthwaite degrees of freedom, Bonferroni-adjusted over {found['n_comparisons']} "
+            f"comparisons (each interval at {100 * found['interval_level']:.2f}%). A difference "
+            f"is significant exactly when its adjusted interval excludes 0 (adjusted p < "
+            f"{found['alpha']:g}); training variation {found['training_variation']}.")
+
+
 def _find(pairs: list[dict], a: str, b: str) -> tuple[float, dict]:
     """The comparison of a with b, as (difference a - b, its row), whichever way it was stored."""
     for row in pairs:

@@ -1,4 +1,4 @@
-"""verdict.py: clustered paired intervals, seed components, one decision rule, the recommendation."""
+"""verdict.py: clustered paired intervals, seed components, one rule, the recommendation."""
 
 import numpy as np
 import pytest
@@ -269,6 +269,9 @@ def test_procedure_describes_the_method_and_unmeasured_training_variation():
     assert "analytic" in one["resampling"]
     many = verdict.procedure(0.05, 1, 10, 10, {"base": 1, "full": 3})
     assert many["training_variation"].startswith("measured")
+    text = verdict.describe(one)
+    assert "394 questions in 312 fact groups" in text and "99.50%" in text
+    assert "not measured for full" in text
 
 
 # --- The recommendation --------------------------------------------------------------
