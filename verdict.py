@@ -77,9 +77,15 @@ def score_matrix(runs: list[list[dict]], metric: str) -> np.ndarray:
                       for record in records] for records in runs])
 
 
-def _codes(groups) -> np.ndarray:
-    """Cluster ids as integer codes 0..G-1."""
-    return np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+def _check_groups(groups, runs: dict[str, list[list[dict]]]) -> np.ndarray:
+    """Cluster ids as integer codes 0..G-1, after checking every run has one record a question."""
+    codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+    for name, seeds in runs.items():
+        for records in seeds:
+            if len(records) != len(codes):
+                raise ValueError(f"{name}: {len(records)} records for {len(codes)} questions; "
+                                 "every model must be scored on the same questions")
+    return codes
 
 
 def cluster_variance(values: np.ndarray, codes: np.ndarray) -> tuple[float, int]:
@@ -144,6 +150,11 @@ def _p_value(estimate: dict) -> float:
     return float(min(1.0, 2 * t.sf(abs(estimate["mean"]) / estimate["se"], estimate["df"])))
 
 
+def _finite(value: float) -> float | None:
+    """value for JSON: None in place of inf or NaN (e.g. df when the standard error is 0)."""
+    return float(value) if np.isfinite(value) else None
+
+
 def _kept(matrices: list[np.ndarray]) -> np.ndarray:
     """Questions scored by every seed of every matrix (key_match is absent on unkeyed rows)."""
     return np.all([~np.isnan(m).any(axis=0) for m in matrices], axis=0)
@@ -160,7 +171,7 @@ def method_intervals(runs: dict[str, list[list[dict]]], nll: dict[str, np.ndarra
     only the questions that have a key.
     """
     groups = group_ids(next(iter(runs.values()))[0]) if groups is None else groups
-    codes = _codes(groups)
+    codes = _check_groups(groups, runs)
     tokens = np.asarray(tokens, dtype=float)
     out = {}
     for name, records in runs.items():
@@ -172,7 +183,10 @@ def method_intervals(runs: dict[str, list[list[dict]]], nll: dict[str, np.ndarra
                 row[metric], counts[metric], clusters[metric] = None, 0, 0
                 continue
             found = _estimate(matrix[:, keep].mean(axis=0), codes[keep], [matrix[:, keep]])
-            row[metric] = [100 * v for v in _t_interval(found, 0.95)]
+            low, high = _t_interval(found, 0.95)
+            # a mean score lies in [0, 100]%; None when one group leaves nothing to estimate
+            row[metric] = [max(0.0, 100 * low), min(100.0, 100 * high)] if np.isfinite(
+                found["se"]) else None
             counts[metric], clusters[metric] = found["n_questions"], found["n_groups"]
         row["answer_perplexity"] = perplexity_interval(np.asarray(nll[name], dtype=float),
                                                        tokens, codes)
@@ -185,6 +199,8 @@ def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, codes: np.ndarray,
                         level: float = 0.95) -> list[float]:
     """Interval of exp(summed NLL / summed tokens): delta method on the log scale, then exp.
 
+    None when there are fewer than two groups.
+
     The log perplexity R = mean_q(nll_q) / mean_q(tokens_q) is linearised as
     (nll_q - R tokens_q) / mean(tokens); the seed component is that of the
     seeds x questions matrix nll / mean(tokens), whose seed means are the per-seed R.
@@ -194,7 +210,7 @@ def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, codes: np.ndarray,
     linear = (nll.mean(axis=0) - ratio * tokens) / scale + ratio   # mean of this is R
     found = _estimate(linear, codes, [nll / scale])
     low, high = _t_interval(found, level)
-    return [float(np.exp(low)), float(np.exp(high))]
+    return [float(np.exp(low)), float(np.exp(high))] if np.isfinite(found["se"]) else None
 
 
 def comparisons(names: list[str], base: str = "base") -> list[tuple[str, str]]:
@@ -208,13 +224,13 @@ def pairwise(runs: dict[str, list[list[dict]]], metric: str, base: str = "base",
              alpha: float = ALPHA) -> list[dict]:
     """Every comparison in the family: difference, adjusted interval, p-values, decision.
 
-    difference = a - b in points; a positive value means a scored higher.  ci95
-    is the Bonferroni-adjusted interval (its level is 1 - alpha/m overall 1 - alpha;
-    the name is kept for the renderers); significant <=> p_adjusted < alpha <=>
-    ci95 excludes 0.
+    difference = a - b in points; a positive value means a scored higher.  ci95 is
+    the Bonferroni-adjusted interval (each at level 1 - alpha/m, so all m hold
+    together with probability at least 1 - alpha; the name is kept for the
+    renderers).  significant <=> p_adjusted < alpha <=> ci95 excludes 0.
     """
     groups = group_ids(next(iter(runs.values()))[0]) if groups is None else groups
-    codes = _codes(groups)
+    codes = _check_groups(groups, runs)
     matrices = {name: score_matrix(records, metric) for name, records in runs.items()}
     family = comparisons(list(runs), base)
     rows = []
@@ -230,7 +246,7 @@ def pairwise(runs: dict[str, list[list[dict]]], metric: str, base: str = "base",
         rows.append({"a": a, "b": b, "metric": metric, "difference": 100 * found["mean"],
                      # clipped to the possible range of a difference of two % scores
                      "ci95": [max(-100.0, 100 * low), min(100.0, 100 * high)],
-                     "se": 100 * found["se"], "df": found["df"],
+                     "se": _finite(100 * found["se"]), "df": _finite(found["df"]),
                      "p_value": p, "p_adjusted": adjusted, "alpha": alpha,
                      "significant": adjusted < alpha, "stable": True,  # analytic: no RNG
                      "n_questions": found["n_questions"], "n_groups": found["n_groups"],

@@ -1,5 +1,7 @@
 """verdict.py: clustered paired intervals, seed components, one rule, the recommendation."""
 
+import json
+
 import numpy as np
 import pytest
 from scipy.stats import t
@@ -232,6 +234,22 @@ def test_no_keys_at_all_gives_no_interval_and_no_decision():
                                     np.ones(4), ["key_match"])["full"]["key_match"] is None
     row = verdict.pairwise(runs, "key_match")[0]
     assert row["n_questions"] == 0 and not row["significant"] and row["p_value"] == 1.0
+
+
+def test_degenerate_results_are_strict_json():
+    """Zero standard error (df infinite) and no keys (no SE at all) write no NaN or Infinity."""
+    runs = {"base": [[{"token_f1": 0.1}] * 4], "full": [[{"token_f1": 0.9}] * 4]}
+    rows = verdict.pairwise(runs, "token_f1") + verdict.pairwise(runs, "key_match")
+    found = verdict.method_intervals(runs, {"base": np.ones((1, 4)), "full": np.ones((1, 4))},
+                                     np.ones(4), ["token_f1", "key_match"])
+    json.dumps([rows, found], allow_nan=False)
+    assert rows[0]["significant"] and rows[0]["df"] is None and rows[1]["se"] is None
+
+
+def test_runs_of_different_lengths_are_refused():
+    runs = {"base": [[{"token_f1": 0.1}] * 4], "full": [[{"token_f1": 0.9}] * 3]}
+    with pytest.raises(ValueError, match="full: 3 records for 4 questions"):
+        verdict.pairwise(runs, "token_f1")
 
 
 # --- Per-model intervals -------------------------------------------------------------
