@@ -449,7 +449,8 @@ def published_runs() -> dict:
     results/smollm2-135m/comparison.json keeps only aggregates: 394 questions over
     312 fact groups of 1-3 wordings, 3 seeds per method.  Each fact has a difficulty
     shared by its wordings and by every model; each seed answers the questions whose
-    difficulty plus its own noise is lowest, so each seed's accuracy is the published one.
+    difficulty plus its own noise is lowest.  The per-seed accuracies are not published,
+    so the three seeds sit 4 questions (1 point) apart around the published mean.
     """
     rng = np.random.default_rng(2024)
     sizes = np.array([1] * 248 + [2] * 46 + [3] * 18)       # 312 facts, 394 wordings
@@ -458,10 +459,10 @@ def published_runs() -> dict:
     runs = {}
     for name, accuracy in PUBLISHED.items():
         seeds = []
-        for _ in range(1 if name == "base" else 3):
+        for offset in ([0] if name == "base" else [-4, 0, 4]):
             noisy = difficulty + rng.normal(0, 0.6, 394)
             correct = np.zeros(394)
-            correct[np.argsort(noisy)[:round(accuracy * 394 / 100)]] = 1
+            correct[np.argsort(noisy)[:round(accuracy * 394 / 100) + offset]] = 1
             seeds.append(correct)
         runs[name] = records(*seeds, groups=[f"fact {g}" for g in groups])
     return runs
@@ -471,7 +472,8 @@ def test_published_fixture_matches_the_published_aggregates():
     runs = published_runs()
     for name, accuracy in PUBLISHED.items():
         means = [100 * np.mean([r["key_match"] for r in seed]) for seed in runs[name]]
-        assert means == pytest.approx([accuracy] * len(means), abs=0.15)
+        assert np.mean(means) == pytest.approx(accuracy, abs=0.15)
+        assert np.ptp(means) == pytest.approx(0 if name == "base" else 800 / 394)
     assert len(set(verdict.group_ids(runs["base"][0]))) == 312
 
 
