@@ -9,14 +9,14 @@ The procedure (analytic; no resampling, so no result depends on an RNG seed):
   unit          the fact group: the wordings of one fact are one cluster, because
                 they succeed or fail together.  Rows without a `group` are each
                 their own cluster.  Every result reports questions and groups.
-  score         per question, the mean over a method's seeds (Miller 2024, sec. 3:
+  score         per question, the mean over a method's seeds (Miller 2024:
                 average repeated samples per question before comparing).
   difference    a - b = mean over questions of the per-question paired differences
-                of seed means (Miller 2024, sec. 4: paired differences).
+                of seed means (Miller 2024: paired differences).
   standard error  SE^2 = V_q + sum over the two methods of s2_seed,m / k_m, where
                 V_q is the cluster-robust (CR1) variance of the mean of the
                 per-question differences, G/(G-1) * sum_g (sum_{q in g} e_q)^2 / n^2
-                (Miller 2024, sec. 2.2: clustered standard errors), and s2_seed,m
+                (Miller 2024: clustered standard errors), and s2_seed,m
                 is method m's seed main effect from the crossed seeds x questions
                 design (Owen 2007, "The pigeonhole bootstrap", Ann. Appl. Stat. 1(2):
                 Var(mean) = s2_seed/k + s2_question/n + s2_interaction/(k n)),
@@ -31,13 +31,16 @@ The procedure (analytic; no resampling, so no result depends on an RNG seed):
                 Bonferroni, p_adj = min(1, m p); the adjusted interval is
                 difference +- t(df, 1 - alpha/(2m)) * SE.  Significant exactly when
                 p_adj < alpha, which is exactly when that interval excludes 0.
+                Bonferroni rather than Holm: Holm's step-down has no matching
+                simultaneous intervals, so the two could disagree again.
   one model     mean +- t(df, 0.975) * SE with the same SE (no pairing, no adjustment).
   perplexity    exp of the ratio (summed NLL / summed tokens): delta-method
                 cluster-robust SE of the ratio on the log scale, plus the seed
                 component of the NLL-per-token, then exp of the interval's ends.
   recommendation  only a method significantly better than the base qualifies;
                 among those not significantly worse than the best, the cheapest
-                (training time, then peak memory).
+                (training time, then peak memory).  When a learning rate was not
+                searched, the text says the ranking may not hold and names TUNE=1.
 
 Valid for 0/1 scores (key accuracy, exact match) and continuous ones (F1): the
 t interval needs only a mean and a variance, not a rounding of differences.
