@@ -66,8 +66,8 @@ def test_key_match_is_not_satisfied_by_echoing_the_question():
     assert common.key_match("It is 8.", "8", "Calculate 8 * 1.")
     assert not common.key_match("8 minus 8 is 8.", "0", "What is 8 minus 8?")
     assert common.key_match("8 minus 8 is 0.", "0", "What is 8 minus 8?")
-    # without the question the echo cannot be told apart (the old behaviour)
-    assert common.key_match("8 times 1 equals 9.", "8")
+    # a numeric key is the stated result, the last number, with or without the question
+    assert not common.key_match("8 times 1 equals 9.", "8")
 
 
 def test_key_match_needs_whole_words():
