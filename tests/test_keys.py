@@ -1,5 +1,7 @@
 """Key matching (common.key_match) and derived keys (format_dataset.derive_key)."""
 
+import shutil
+
 import pytest
 
 import common
@@ -146,3 +148,23 @@ def test_derived_key_is_the_answer_part(question, answer, acceptable):
 
 def test_enough_derived_cases():
     assert len(MORE) >= 30
+
+
+# --- Bad fact tables stop generation with one line ------------------------------
+
+
+@pytest.mark.parametrize("broken, field", [
+    ("Japan,Japanese yen,euro", "field key 'euro' is not in its answer"),
+    ("Japan,Japanese yen,Japan", "does not give field key 'Japan'"),
+])
+def test_bad_fact_key_is_a_pipeline_error(tmp_path, broken, field):
+    """A key the answer lacks, or gives only as an echo of the question, names the fact."""
+    facts = tmp_path / "facts"
+    shutil.copytree(generate_dataset.FACTS_DIR, facts)
+    lines = (facts / "currencies.csv").read_text(encoding="utf-8").splitlines()
+    lines[1] = broken
+    (facts / "currencies.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(common.PipelineError) as exc:
+        generate_dataset.fact_pool(facts)
+    assert str(exc.value).startswith(f"{facts}: fact geography/")
+    assert field in str(exc.value)
