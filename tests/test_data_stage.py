@@ -128,7 +128,7 @@ def test_original_user_assistant_format(tmp_path, capsys):
     assert (first["key"], first["key_source"]) == ("thing 0", "derived")
     assert {row["key_source"] for row in formatted} == {"derived"}
     assert formatted[-1]["key"] == "Another answer"
-    assert "keys: 0 given, 21 derived" in out and "'What is item number 0?' -> 'thing'" in out
+    assert "keys: 0 given, 21 derived" in out and "'What is item number 0?' -> 'thing 0'" in out
 
     train, valid, evaluation, report = run_split(tmp_path / "out" / "formatted.jsonl",
                                                  tmp_path / "split")
