@@ -432,11 +432,12 @@ def _echoed_key(pred: list[str], i: int, n: int, question: list[str]) -> bool:
     before = [t for t in pred[:i] if t not in _ARTICLES][-1:]
     after = [t for t in pred[i + n:] if t not in _ARTICLES][:1]
     key = [t for t in pred[i:i + n] if t not in _ARTICLES]
-    return (bool(before) and tuple(before + key) in runs) or (bool(after) and tuple(key + after) in runs)
+    return ((bool(before) and tuple(before + key) in runs)
+            or (bool(after) and tuple(key + after) in runs))
 
 
 def _stands_alone(prediction: str, symbol: str) -> bool:
-    """A one- or two-letter symbol given as the answer: the reply's last word, or in brackets or quotes."""
+    """A one- or two-letter symbol given as the answer: the last word, or in brackets or quotes."""
     s = re.escape(symbol)
     return bool(re.search(rf"(?<!\w){s}\W*$", prediction.strip())
                 or re.search(rf"[(\[\"'\u201c\u2018]\s*{s}\s*[)\]\"'\u201d\u2019]", prediction))
@@ -493,7 +494,8 @@ def key_match(prediction: str, key: str, question: str | None = None) -> bool:
 def _gives_key(prediction: str, key: str, question: str | None) -> bool:
     """key_match for one form of the key."""
     if key.strip().lower() in _YES_NO:  # "No" here is the answer no, not nobelium's symbol
-        return key.strip().lower() in (answer_tokens(prediction)[:1] + answer_tokens(prediction)[-1:])
+        words = answer_tokens(prediction)
+        return key.strip().lower() in words[:1] + words[-1:]
     lower = not _case_sensitive(key)
     key_tokens, pred = answer_tokens(key, lower), answer_tokens(prediction, lower)
     if not key_tokens:

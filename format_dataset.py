@@ -498,7 +498,7 @@ def word_form(word: str) -> str:
 
 
 def singular(word: str) -> str:
-    """A compared word without a plural s ("legs" -> "leg"), so plurals of question words stay frame."""
+    """A compared word without a plural s ("legs" -> "leg"): plurals of question words are frame."""
     return word[:-1] if len(word) >= 4 and word.endswith("s") and not word.endswith("ss") else word
 
 

@@ -284,7 +284,8 @@ def main(args: argparse.Namespace) -> None:
     kept, counts = remove_overlap(train, candidates)
     splits = {"train": train, "valid": kept["valid"], "eval": kept["eval"]}
     found = overlaps(splits)
-    leaks = [f"{what} {pair}: {n}" for what, pairs in found.items() for pair, n in pairs.items() if n]
+    leaks = [f"{what} {pair}: {n}" for what, pairs in found.items()
+             for pair, n in pairs.items() if n]
     if leaks:  # remove_overlap should leave none; writing the files would leak held-out data
         raise PipelineError(f"field question/fact_group shared between files after removing "
                             f"overlap ({', '.join(leaks)}); no files written", source)
