@@ -66,7 +66,7 @@ COST_FIELDS = ("train_loss", "train_seconds", "train_tokens_per_s", "peak_memory
                "trainable_params", "trainable_percent", "size_on_disk_mb")
 # Bump when scoring, decoding or metric code changes what a run's predictions hold: every
 # saved prediction file then counts as stale and is scored again.
-SCORING_VERSION = "2026-11-29.1"
+SCORING_VERSION = "2026-12-04.1"
 # Taken from the first seed's run: the same for every seed, or (peak memory) measured in a
 # process that had loaded nothing before it but the discarded learning-rate search models.
 SAME_FOR_EVERY_SEED = ("trainable_params", "trainable_percent", "size_on_disk_mb",

@@ -59,7 +59,16 @@ COLUMN_PAIRS = (
 EXTRA_FIELDS = ("category", "fact_id", "fact_group")
 # Words that never make a derived key on their own: articles, copulas and question words.
 FRAME_WORDS = frozenset("the a an is are was were of in on to it its and or for that this be "
-                        "by as at with which what who where when how".split())
+                        "by as at with which what who where when how "
+                        # verbs and comparatives that only link the answer to the question
+                        "has have had do does did there than equals can".split())
+# Number words: a derived key prefers a number ("A spider has eight legs." -> "eight").
+NUMBER_WORDS = frozenset("zero one two three four five six seven eight nine ten eleven twelve "
+                         "thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty "
+                         "thirty forty fifty sixty seventy eighty ninety hundred thousand million "
+                         "billion dozen".split())
+# Copulas: a capitalised run right before one is the answer's subject ("Jupiter is ...").
+COPULAS = frozenset("is are was were".split())
 # Stripped from the ends of a derived key: "Paris." -> "Paris", '"yes"' -> 'yes'; a leading
 # "-" ("-40") and marks such as "°" or "%" stay.
 KEY_TRAILING = ".,;:!?\"'”’)]}"
@@ -488,21 +497,60 @@ def word_form(word: str) -> str:
     return number.group(1).replace(",", "") if number else normalize_question(word)
 
 
+def singular(word: str) -> str:
+    """A compared word without a plural s ("legs" -> "leg"): plurals of question words are frame."""
+    return word[:-1] if len(word) >= 4 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def is_number(word: str) -> bool:
+    """A word_form that is a number: digits ("-4", "4.5") or a number word ("eight")."""
+    return bool(re.fullmatch(r"-?\d+(?:\.\d+)*", word)) or word in NUMBER_WORDS
+
+
 def derive_key(question: str, answer: str) -> str:
-    """The answer's longest run of words not in the question nor FRAME_WORDS (first if tied)."""
-    frame = {word_form(word) for word in question.split()} | FRAME_WORDS
+    """The part of the answer a correct reply must give, from the words the question lacks.
+
+    Leftover runs are the answer's runs of words not in the question (singular or plural)
+    nor FRAME_WORDS.  In order of preference:
+    1. "Yes" or "No" when the answer opens with one;
+    2. the first number in a run, with the run's words after it ("0 degrees Celsius");
+    3. a named entity: a run that opens with a capital letter, not as the answer's first
+       word unless a copula follows it ("Jupiter is the largest planet ..." -> "Jupiter");
+    4. the longest run (the first if tied), with a number right after it ("thing 7");
+    5. with no run at all, the whole answer.
+    """
+    frame = {singular(word_form(word)) for word in question.split()} | FRAME_WORDS
+    words = list(re.finditer(r"\S+", answer))
+    forms = [word_form(match.group()) for match in words]
+    if forms and forms[0] in ("yes", "no"):
+        return trim_key(words[0].group())
     runs, run = [], []
-    for match in re.finditer(r"\S+", answer):
-        bare = word_form(match.group())
-        if bare and bare not in frame:
-            run.append(match)
+    for index, bare in enumerate(forms):
+        if bare and bare not in frame and singular(bare) not in frame:
+            run.append(index)
         elif run:
             runs, run = runs + [run], []
     runs += [run] if run else []
     if not runs:  # every word is in the question: the whole answer is the key
         return answer.strip().removesuffix(".").strip() or answer.strip()
+    numbered = [(r, i) for r in runs for i in r if is_number(forms[i])]
+    if numbered:
+        chosen, first = numbered[0]
+        return span(answer, words, first, chosen[-1])
+    for r in runs:
+        opens = words[r[0]].group().lstrip(KEY_LEADING)[:1]
+        after = forms[r[-1] + 1] if r[-1] + 1 < len(forms) else ""
+        if opens.isupper() and (r[0] > 0 or after in COPULAS):
+            return span(answer, words, r[0], r[-1])
     longest = max(runs, key=len)  # max keeps the first of equally long runs
-    return trim_key(answer[longest[0].start():longest[-1].end()])
+    last = longest[-1] + 1 if longest[-1] + 1 < len(forms) and is_number(forms[longest[-1] + 1]) \
+        else longest[-1]
+    return span(answer, words, longest[0], last)
+
+
+def span(answer: str, words: list, first: int, last: int) -> str:
+    """The answer's text from word first to word last, end punctuation trimmed."""
+    return trim_key(answer[words[first].start():words[last].end()])
 
 
 def trim_key(text: str) -> str:

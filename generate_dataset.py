@@ -35,7 +35,7 @@ import re
 from collections import Counter, namedtuple
 from pathlib import Path
 
-from common import PipelineError, normalize_question, run_main, write_jsonl
+from common import PipelineError, key_match, normalize_question, run_main, write_jsonl
 
 # =============================================================================
 # Fact tables: read from facts/ (data only; see facts/README.md for what was checked)
@@ -423,15 +423,30 @@ def fact_pool(facts_dir: str | os.PathLike = FACTS_DIR) -> dict[str, tuple[Fact,
     pool = {category: tuple(BUILDERS[category](tables)) for category in CATEGORIES}
     facts = [fact for category in CATEGORIES for fact in pool[category]]
     ids = Counter(fact.fact_id for fact in facts)
-    assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1]
+    repeated = [i for i, n in ids.items() if n > 1]
+    if repeated:
+        raise PipelineError(f"field fact_id repeats: {repeated[:5]}", facts_dir)
     for fact in facts:
-        assert fact.key in fact.answer, fact
-        assert len(fact.questions) >= MIN_POOL_WORDINGS, fact
-        assert fact.group.startswith(fact.category + "/"), fact
+        where = f"fact {fact.fact_id}"
+        if fact.key not in fact.answer:
+            raise PipelineError(f"{where}: field key {fact.key!r} is not in its answer "
+                                f"{fact.answer!r}", facts_dir)
+        unmet = [q for q in fact.questions if not key_match(fact.answer, fact.key, q)]
+        if unmet:  # evaluation would score the reference answer itself wrong
+            raise PipelineError(f"{where}: its answer {fact.answer!r} does not give field key "
+                                f"{fact.key!r} for the question {unmet[0]!r}", facts_dir)
+        if len(fact.questions) < MIN_POOL_WORDINGS:
+            raise PipelineError(f"{where}: field questions has {len(fact.questions)} wordings, "
+                                f"at least {MIN_POOL_WORDINGS} needed", facts_dir)
+        if not fact.group.startswith(fact.category + "/"):
+            raise PipelineError(f"{where}: fact group {fact.group!r} is not in category "
+                                f"{fact.category}", facts_dir)
     for category in CATEGORIES:
-        assert not key_clashes(pool[category]), key_clashes(pool[category])[:5]
+        if key_clashes(pool[category]):
+            raise PipelineError(f"{category}: field key is whole words inside another key: "
+                                f"{key_clashes(pool[category])[:5]}", facts_dir)
     # Checking the whole pool makes every subset the generator can pick unique too.
-    assert_unique_questions(q for fact in facts for q in fact.questions)
+    assert_unique_questions((q for fact in facts for q in fact.questions), facts_dir)
     return pool
 
 
@@ -442,11 +457,12 @@ def key_clashes(facts) -> list[tuple[str, str]]:
             if key != other and re.search(rf"(?<!\w){re.escape(key)}(?!\w)", other)]
 
 
-def assert_unique_questions(questions) -> None:
+def assert_unique_questions(questions, path: str | os.PathLike) -> None:
     """Fail if two questions are the same after normalisation (a held-out wording would leak)."""
     seen = Counter(normalize_question(q) for q in questions)
     repeated = sorted(q for q, n in seen.items() if n > 1)
-    assert not repeated, f"repeated questions: {repeated[:5]}"
+    if repeated:
+        raise PipelineError(f"field question repeats after normalisation: {repeated[:5]}", path)
 
 
 def row_capacity(category: str) -> int:
@@ -470,7 +486,8 @@ def split_rows(total: int, capacities: dict[str, int]) -> dict[str, int]:
         waiting = len(names) - position
         shares[name] = min(capacities[name], -(-left // waiting))
         left -= shares[name]
-    assert left == 0, (total, capacities)
+    if left:  # a bug, not bad input: main checks the total against the capacities first
+        raise RuntimeError(f"{left} of {total} rows unassigned across {capacities}")
     return shares
 
 
@@ -486,24 +503,29 @@ def pick_rows(facts: tuple[Fact, ...], count: int, rng: random.Random) -> list[d
             if extra and wordings[index] < len(fact.questions):
                 wordings[index] += 1
                 extra -= 1
-        assert extra < before, "not enough wordings; the size check should have caught this"
+        if extra == before:  # a bug, not bad input: the size check runs first
+            raise RuntimeError("not enough wordings; the size check should have caught this")
     return [{"question": question, "answer": fact.answer, "key": fact.key,
              "category": fact.category, "fact_id": fact.fact_id, "fact_group": fact.group}
             for fact, n in zip(chosen, wordings)
             for question in rng.sample(fact.questions, n)]
 
 
-def check_rows(rows: list[dict]) -> None:
-    """Assert the guarantees later steps rely on, on the rows actually written."""
-    assert_unique_questions(row["question"] for row in rows)
+def check_rows(rows: list[dict], path: str | os.PathLike) -> None:
+    """Check the guarantees later steps rely on, on the rows about to be written to path."""
+    assert_unique_questions((row["question"] for row in rows), path)
     per_fact = {}
-    for row in rows:
-        assert row["key"] in row["answer"], row
+    for number, row in enumerate(rows, 1):
+        if row["key"] not in row["answer"]:
+            raise PipelineError(f"field key {row['key']!r} is not in the answer", path, number)
         per_fact.setdefault(row["fact_id"], []).append(row)
-    for fact_rows in per_fact.values():
-        assert len(fact_rows) >= MIN_ROW_WORDINGS, fact_rows[0]["fact_id"]
-        assert len({(r["answer"], r["key"], r["category"], r["fact_group"])
-                    for r in fact_rows}) == 1
+    for fact_id, fact_rows in per_fact.items():
+        if len(fact_rows) < MIN_ROW_WORDINGS:
+            raise PipelineError(f"fact {fact_id}: {len(fact_rows)} wordings, at least "
+                                f"{MIN_ROW_WORDINGS} needed", path)
+        if len({(r["answer"], r["key"], r["category"], r["fact_group"]) for r in fact_rows}) > 1:
+            raise PipelineError(f"fact {fact_id}: fields answer, key, category and fact_group "
+                                f"differ between its wordings", path)
 
 
 def print_summary(rows: list[dict], path: str) -> None:
@@ -593,7 +615,7 @@ def main(args: argparse.Namespace) -> None:
     # Check before writing, so a broken table never reaches the training step.
     if len(rows) != args.size:
         raise PipelineError(f"picked {len(rows)} rows, expected {args.size}")
-    check_rows(rows)
+    check_rows(rows, args.output)
 
     # Write atomically and report.
     write_jsonl(args.output, rows)

@@ -284,7 +284,11 @@ def main(args: argparse.Namespace) -> None:
     kept, counts = remove_overlap(train, candidates)
     splits = {"train": train, "valid": kept["valid"], "eval": kept["eval"]}
     found = overlaps(splits)
-    assert not any(n for pair in found.values() for n in pair.values()), found
+    leaks = [f"{what} {pair}: {n}" for what, pairs in found.items()
+             for pair, n in pairs.items() if n]
+    if leaks:  # remove_overlap should leave none; writing the files would leak held-out data
+        raise PipelineError(f"field question/fact_group shared between files after removing "
+                            f"overlap ({', '.join(leaks)}); no files written", source)
     empty = [name for name in FILES if not splits[name]]
     if empty:
         raise PipelineError(

@@ -57,22 +57,67 @@ def subject_words(row: dict, frame: set[str]) -> set[str]:
             and word not in STOPWORDS | frame | set(words(row["key"]))}
 
 
+# Words of an arithmetic answer that say how, not what: "5 plus 9 equals 14." states its
+# numbers only, whichever operation restates it.
+OPERATIONS = frozenset("plus minus times divided multiplied equals".split())
+
+
+def units(answer: str) -> set[str]:
+    """An answer's words other than numbers, stopwords and operations: its units ("tonnes")."""
+    return {word for word in words(answer)
+            if not word.isdigit() and word not in STOPWORDS | OPERATIONS}
+
+
+def numbers(text: str) -> set[str]:
+    """The numbers a text holds."""
+    return set(re.findall(r"\d+(?:\.\d+)?", text))
+
+
+def short_words(row: dict, frame: set[str]) -> set[str]:
+    """The question's other content words (len >= 3): "box" in "Give the plural of box."."""
+    return {word for word in words(row["question"]) if len(word) >= 3 and not word.isdigit()
+            and word not in STOPWORDS | frame | set(words(row["key"]))}
+
+
+def fact_signature(row: dict, frame: set[str]) -> tuple[str, set[str]]:
+    """How a trained answer would state a held-out fact: its subject words, else its
+    numbers (the question's and the key's: "5 plus 9" is {5, 9, 14}), else its other words."""
+    if subject_words(row, frame):
+        return "subject", subject_words(row, frame)
+    if numbers(row["question"]):
+        return "numbers", numbers(row["question"]) | numbers(row["key"])
+    return "words", short_words(row, frame)
+
+
 def leaks(trained: list[dict], held_out: list[dict], frame: set[str]) -> list[tuple[str, str]]:
     """(held-out question, trained answer) pairs where the answer states the held-out fact.
 
     A trained row gives a held-out fact away if it shares the fact's group, or if its
-    answer holds the fact's key and a subject word of its question (for a capital:
-    the capital's name and the country's).
+    answer holds the fact's key and: a subject word of its question (for a capital: the
+    capital's name and the country's); for a question without one, all the fact's
+    numbers ("14 minus 5 equals 9." states "What is 5 plus 9?"; a conversion also needs
+    one of its units), or else all its other words ("boxes" and "box").
     """
     found = []
     groups = {row["group"] for row in trained}
     for row in held_out:
         if row["group"] in groups:
             found.append((row["question"], f"group {row['group']} in training"))
-        subject = subject_words(row, frame)
+        kind, signature = fact_signature(row, frame)
+        if not signature:
+            raise ValueError(f"the check cannot see the held-out row {row['question']!r}")
         for other in trained:
             answer = other["answer"]
-            if has_words(answer, row["key"]) and subject & set(words(answer)):
+            if not has_words(answer, row["key"]):
+                continue
+            if kind == "subject":
+                stated = bool(signature & set(words(answer)))
+            elif kind == "numbers":  # and the same units, where the fact has any
+                stated = signature <= numbers(answer) and (
+                    not units(row["answer"]) or bool(units(row["answer"]) & units(answer)))
+            else:
+                stated = signature <= set(words(answer))
+            if stated:
                 found.append((row["question"], answer))
     return found
 
@@ -110,6 +155,32 @@ def test_checker_finds_a_reverse_fact():
     assert leaks([other], held, frame=set()) == []
 
 
+def test_checker_finds_a_restated_sum():
+    """A question with no subject word is checked by its numbers: a synthetic reverse
+    subtraction in training states the held-out "5 plus 9"; another sum with 14 does not."""
+    held = [{"question": "What do you get if you add 5 to 9?", "key": "14",
+             "answer": "5 plus 9 equals 14.", "group": "arithmetic/5_9"}]
+    reverse = {"question": "What is 14 minus 5?", "key": "9", "answer": "14 minus 5 equals 9.",
+               "group": "arithmetic/synthetic"}
+    other = {"question": "What is 7 plus 7?", "key": "14", "answer": "7 plus 7 equals 14.",
+             "group": "arithmetic/7_7"}
+    assert leaks([reverse, other], held, frame=set()) == [
+        ("What do you get if you add 5 to 9?", "14 minus 5 equals 9.")]
+    tonnes = [{"question": "Convert 7 tonnes to kilograms.", "key": "7000",
+               "answer": "7 tonnes is 7000 kilograms.", "group": "unit/7_tonnes"}]
+    back = {"question": "How many tonnes is 7000 kilograms?", "key": "7",
+            "answer": "7000 kilograms is 7 tonnes.", "group": "unit/synthetic"}
+    metres = {"question": "How many millimetres are in 7 metres?", "key": "7000",
+              "answer": "7 metres is 7000 millimetres.", "group": "unit/7_metres"}
+    assert leaks([back, metres], tonnes, frame=set()) == [(tonnes[0]["question"], back["answer"])]
+    plural = [{"question": "Give the plural of the word box.", "key": "boxes",
+               "answer": "The plural of box is boxes.", "group": "language/box"}]
+    stated = {"question": "What is the singular of boxes?", "key": "box",
+              "answer": "The singular of boxes is box.", "group": "language/synthetic"}
+    assert leaks([stated, other], plural, frame={"plural", "word"}) == [
+        (plural[0]["question"], stated["answer"])]
+
+
 @pytest.mark.parametrize("trained", [("train",), ("train", "valid")])
 def test_no_unseen_fact_is_stated_in_training(default_split, trained):
     """No train (or valid) row shares an unseen fact's group or states it the other way round."""
@@ -117,7 +188,9 @@ def test_no_unseen_fact_is_stated_in_training(default_split, trained):
     everything = [row for name in ("train", "valid", "eval") for row in default_split[name]]
     held_out = [row for row in default_split["eval"] if row["eval_kind"] == "unseen_fact"]
     assert len(held_out) > 50
-    assert leaks(rows, held_out, frame_words(everything)) == []
+    frame = frame_words(everything)
+    assert all(fact_signature(row, frame)[1] for row in held_out)  # the check sees every row
+    assert leaks(rows, held_out, frame) == []
 
 
 def test_no_valid_unseen_fact_is_stated_in_training(default_split):

@@ -125,10 +125,10 @@ def test_original_user_assistant_format(tmp_path, capsys):
     assert first["group"] == normalize_question("What is item number 0?")
     assert "fact_id" not in first
     # No key column: each row's key is derived from what its answer adds to the question.
-    assert (first["key"], first["key_source"]) == ("thing", "derived")
+    assert (first["key"], first["key_source"]) == ("thing 0", "derived")
     assert {row["key_source"] for row in formatted} == {"derived"}
     assert formatted[-1]["key"] == "Another answer"
-    assert "keys: 0 given, 21 derived" in out and "'What is item number 0?' -> 'thing'" in out
+    assert "keys: 0 given, 21 derived" in out and "'What is item number 0?' -> 'thing 0'" in out
 
     train, valid, evaluation, report = run_split(tmp_path / "out" / "formatted.jsonl",
                                                  tmp_path / "split")

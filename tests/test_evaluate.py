@@ -68,8 +68,8 @@ def test_key_match_is_not_satisfied_by_echoing_the_question():
     assert common.key_match("It is 8.", "8", "Calculate 8 * 1.")
     assert not common.key_match("8 minus 8 is 8.", "0", "What is 8 minus 8?")
     assert common.key_match("8 minus 8 is 0.", "0", "What is 8 minus 8?")
-    # without the question the echo cannot be told apart (the old behaviour)
-    assert common.key_match("8 times 1 equals 9.", "8")
+    # a numeric key is the stated result, the last number, with or without the question
+    assert not common.key_match("8 times 1 equals 9.", "8")
 
 
 def test_key_match_needs_whole_words():
@@ -202,8 +202,13 @@ def test_rows_leaving_the_batch_give_generates_answers(stopping_model):
                                              "User: Hi\nAssistant:"]
     device = torch.device("cpu")
     for stop in ("\nUser:", None):
+        sizes = batch_sizes_seen(model)
         shrinking = generation.generate_answers(model, tokenizer, prompts, 30, device, stop=stop,
                                                 batch_size=16)
+        sizes.remove()
+        # one batch of all prompts; it shrinks step by step and ends smaller than it began
+        assert sizes.seen[0] == len(prompts)
+        assert sizes.seen == sorted(sizes.seen, reverse=True) and sizes.seen[-1] < len(prompts)
         whole = generation.generate_answers(model, tokenizer, prompts, 30, device, stop=stop,
                                             batch_size=16, shrink=False)
         assert shrinking == whole
@@ -215,16 +220,35 @@ def test_rows_leaving_the_batch_give_generates_answers(stopping_model):
     assert shrinking == whole
 
 
+class batch_sizes_seen:
+    """Records the batch size of every forward call of model until remove()."""
+
+    def __init__(self, model):
+        self.seen = []
+        self.handle = model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.seen.append(ids.shape[0])
+
+    def remove(self):
+        self.handle.remove()
+
+
 def test_clean_answer_cuts_at_a_new_turn():
     assert generation.clean_answer(" Paris.\nUser: and Spain?", "\nUser:") == "Paris."
     assert generation.clean_answer(" Paris. ", None) == "Paris."
 
 
-def test_max_new_tokens_follows_the_longest_reference():
+def test_max_new_tokens_is_1_5x_the_longest_reference():
+    """The bound leaves room for the longest reference and half again, plus EOS."""
     _, tokenizer, _ = models.load_model("tiny-gpt2", torch.device("cpu"))
-    short = generation.max_new_tokens_for(tokenizer, [" Paris."])
-    long = generation.max_new_tokens_for(tokenizer, [" Paris.", " The capital of France is Paris."])
-    assert short < long
+    references = [" Paris.", " The capital of France is Paris, on the Seine."]
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    assert longest > 4  # long enough for 1.5x to differ from a fixed margin
+    bound = generation.max_new_tokens_for(tokenizer, references)
+    assert int(1.5 * longest) <= bound <= int(1.5 * longest) + 2
+    assert generation.max_new_tokens_for(tokenizer, references[:1]) < bound
 
 
 # --- evaluate.py end to end ---------------------------------------------------
@@ -348,13 +372,21 @@ def test_evaluate_scores_answers_it_controls(tmp_path, monkeypatch):
 
 
 def test_batched_generation_equals_one_at_a_time_on_a_llama_model():
-    """Left padding on a Llama-style model (rotary positions) gives the same greedy answers."""
+    """Left padding on a Llama-style model (rotary positions) gives generate()'s greedy answers
+    for each prompt alone, unpadded."""
     model, tokenizer, _ = models.load_model("tiny-llama", torch.device("cpu"))
     prompts = [f"User: {q}\nAssistant:" for q in (
         "What is 2 plus 2?", "Hi", "What is the capital of the country to the north of Spain?",
         "What is 9 plus 9?", "Name a colour.")]
     device = torch.device("cpu")
     batched = generation.generate_answers(model, tokenizer, prompts, 12, device, batch_size=5)
-    single = generation.generate_answers(model, tokenizer, prompts, 12, device, batch_size=1)
-    assert batched == single
+    alone = []
+    for prompt in prompts:
+        ids = torch.tensor([common.prompt_ids(tokenizer, prompt)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             num_beams=1, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        alone.append(generation.clean_answer(text, None))
+    assert batched == alone
     assert len({len(common.prompt_ids(tokenizer, p)) for p in prompts}) > 1  # padding happened

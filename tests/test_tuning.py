@@ -10,6 +10,7 @@ import evaluate
 import finetune_bitfit
 import finetune_lora
 import tuning
+from settings import TrainSettings
 
 
 def lora_args(data_dir, out, *extra):
@@ -18,10 +19,13 @@ def lora_args(data_dir, out, *extra):
                                      "--max-steps", "4", *extra])
 
 
-def test_default_grid_spans_more_than_30x_with_at_least_four_rates():
-    rates = [2e-4 * f for f in tuning.GRID_FACTORS]
+def test_default_grid_spans_more_than_30x_with_at_least_four_rates(tmp_path):
+    settings = TrainSettings.from_args(lora_args(tmp_path, tmp_path / "o"))
+    rates = tuning.lr_grid(settings)
     assert len(rates) >= 4 and max(rates) / min(rates) >= 30
-    assert min(rates) < 2e-4 < max(rates)
+    assert min(rates) < settings.lr < max(rates)
+    given = TrainSettings.from_args(lora_args(tmp_path, tmp_path / "o", "--lr-grid", "1e-4,3e-4"))
+    assert tuning.lr_grid(given) == [1e-4, 3e-4]
 
 
 def test_lr_grid_option_is_checked():
