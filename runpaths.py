@@ -179,8 +179,12 @@ def method_lock(paths: RunPaths, take: bool = True):
     if not take:
         yield
         return
+    made = not paths.output_dir.exists()
     mine = acquire(paths.lock)
     try:
         yield
     finally:
         release(paths.lock, mine)
+        if made:  # a run that failed before writing anything leaves no empty output folder
+            with contextlib.suppress(OSError):
+                paths.output_dir.rmdir()

@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -70,7 +70,6 @@ class Run:
     train_rows: list[dict]
     valid_rows: list[dict]
     name: str = ""  # the output folder's name: <method> or <method>-seed<N>
-    config: dict = field(default_factory=dict)  # what --resume must find unchanged
 
     @property
     def paths(self) -> RunPaths:
@@ -87,6 +86,24 @@ class Run:
     @property
     def world(self) -> int:
         return self.accelerator.num_processes
+
+
+@dataclass(frozen=True)
+class ResumeConfig:
+    """What a checkpoint was made with (its state["config"]); --resume refuses other values."""
+
+    model: str
+    batch_size: int
+    grad_accum: int
+    lr: float
+    seed: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, settings: TrainSettings, total_steps: int) -> "ResumeConfig":
+        return cls(model=settings.model, batch_size=settings.batch_size,
+                   grad_accum=settings.grad_accum, lr=settings.lr, seed=settings.seed,
+                   total_steps=total_steps)
 
 
 @dataclass
@@ -286,17 +303,17 @@ class Trainer:
         accelerator.wait_for_everyone()
         return final
 
-    def load(self) -> dict:
+    def load(self, config: ResumeConfig) -> dict:
         """Restore the newest checkpoint; return its progress state.  Refuses a changed configuration."""
         run = self.run
         folder = checkpoints(run.settings.output_dir, run.method)[-1]
         state = json.loads((folder / "state.json").read_text())
-        for key in ("model", "batch_size", "grad_accum", "lr", "seed", "total_steps"):
-            if state["config"][key] != run.config[key]:
+        for key in (f.name for f in fields(config)):
+            if state["config"][key] != getattr(config, key):
                 raise PipelineError(f"--resume: the checkpoint was made with {key}="
-                                    f"{state['config'][key]}, this run has {run.config[key]}; "
-                                    "use the same options or start afresh without --resume",
-                                    folder)
+                                    f"{state['config'][key]}, this run has "
+                                    f"{getattr(config, key)}; use the same options or start "
+                                    "afresh without --resume", folder)
         self.accelerator.load_state(str(folder))
         print(f"resumed from {folder} (step {state['step']})")
         return state
@@ -567,14 +584,12 @@ def train_and_save(run: Run, model, tokenizer, base_path: str, details: dict | N
               f"on {run.device}" + (f" x {run.world} processes" if run.world > 1 else ""))
 
     # Start afresh, or from the newest checkpoint with --resume
-    run.config = {"model": settings.model, "batch_size": settings.batch_size,
-                  "grad_accum": settings.grad_accum, "lr": settings.lr, "seed": settings.seed,
-                  "total_steps": plan.total_steps}
+    config = ResumeConfig.of(settings, plan.total_steps)
     state = {"step": 0, "history": [], "valid_loss": [], "train_seconds": 0.0,
-             "train_tokens": 0, "train_examples": 0, "config": run.config}
+             "train_tokens": 0, "train_examples": 0, "config": asdict(config)}
     ckpt_dir = run.paths.checkpoints
     if settings.resume:
-        state = trainer.load()
+        state = trainer.load(config)
     elif run.rank == 0 and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)  # a fresh run must never resume from stale state later
 

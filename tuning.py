@@ -106,11 +106,11 @@ def search_learning_rate(settings: TrainSettings, method: str, prepare, load_kwa
               "budget": f"{settings.search_epochs} epoch(s) per rate, {len(grid)} rates, seed "
                         f"{settings.seed}", "edge": best["lr"] in (grid[0], grid[-1])}
     if run.rank == 0:
-        common.write_json(runpaths.search_file(settings.output_dir, method), search)
+        common.write_json(Path(settings.output_dir) / "search" / f"{method}.json", search)
     note = (" (at the edge of the grid: a wider --lr-grid may do better)" if search["edge"]
             else "")
     print(f"{method}: chose lr {best['lr']:g} ({label} {best['score']:.1f}% on the validation "
-          f"split){note}; wrote {runpaths.search_file(settings.output_dir, method)}")
+          f"split){note}; wrote {Path(settings.output_dir) / 'search' / f'{method}.json'}")
     return search
 
 
@@ -151,9 +151,6 @@ def train_method(settings: TrainSettings, method: str, prepare, callbacks: tuple
     loaded base model; load_kwargs go to models.load_model (quantize_4bit=True);
     callbacks run after every step (training.Callback).
     """
-    # Choose the model once per command (the default may fall back to the offline preset,
-    # said in one line), so every seed, checkpoint, run_id and metrics.json records the
-    # model actually used; the request is kept as model_requested.
     # One process at a time writes a method's runs (rank 0 holds the lock for all ranks).
     with runpaths.method_lock(RunPaths(settings.output_dir, method),
                               take=training.process_rank() == 0):
@@ -163,6 +160,9 @@ def train_method(settings: TrainSettings, method: str, prepare, callbacks: tuple
 def train_locked(settings: TrainSettings, method: str, prepare, callbacks: tuple,
                  load_kwargs: dict) -> list[dict]:
     """train_method's work, while it holds the method's lock."""
+    # Choose the model once per command (the default may fall back to the offline preset,
+    # said in one line), so every seed, checkpoint, run_id and metrics.json records the
+    # model actually used; the request is kept as model_requested.
     requested = settings.model
     model = models.choose_model(requested, announce=training.process_rank() == 0)
     settings = settings.replace(model=model,

@@ -155,6 +155,17 @@ def test_the_lock_is_released_on_error_and_on_ctrl_c(data_dir, tmp_path, capsys)
     assert not lock.exists()
 
 
+def test_resume_refuses_a_changed_rate_and_keeps_the_checkpoint(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        common.run_main(lambda a: finetune.main(a, callbacks=[stop_at(1)]),
+                        train_args(finetune, data_dir, tmp_path))
+    line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path,
+                                                         "--resume", "--lr", "1e-5"), capsys)
+    assert "made with lr=5e-05, this run has 1e-05" in line
+    assert [p.name for p in training.checkpoints(tmp_path, "full")] == ["step-0000001"]
+    assert not runpaths.lock_file(tmp_path, "full").exists()
+
+
 def test_evaluate_skips_a_method_being_written(tmp_path, capsys, sleeper):
     for name in ("full", "lora"):
         (tmp_path / name).mkdir()
