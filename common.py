@@ -76,15 +76,53 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def finite(obj):
+    """obj with every NaN and infinity replaced by None: strict JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if obj - obj == 0 else None  # inf - inf and nan - nan are nan
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_jsonl(path: str | os.PathLike, rows) -> None:
-    """Write rows (dicts) as JSON lines, atomically."""
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    """Write rows (dicts) as strict JSON lines (null for NaN), atomically."""
+    # allow_nan=False: a non-finite number that slips past finite() fails here, loudly.
+    text = "".join(json.dumps(finite(row), ensure_ascii=False, allow_nan=False) + "\n"
+                   for row in rows)
     write_text_atomic(path, text)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Write one JSON document, atomically and readable by a person."""
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Write one strict JSON document (null for NaN), atomically and readable by a person."""
+    write_text_atomic(path, json.dumps(finite(obj), indent=2, ensure_ascii=False,
+                                       allow_nan=False) + "\n")
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """Whether an error is a failed write (a full disk, a lost folder, no permission).
+
+    safetensors and torch.save report a full disk in their own exception types, so
+    their message is checked too.
+    """
+    return isinstance(exc, OSError) or "No space left on device" in str(exc)
+
+
+def write_failed(path: str | os.PathLike, exc: BaseException) -> PipelineError:
+    """The one-line error for a failed write: the path, the reason and the free space."""
+    path = Path(path)
+    reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 1e6:,.0f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    return PipelineError(f"could not write ({reason}; {free}); the previous files are "
+                         "unchanged: free some space and run the same command again", path)
 
 
 def read_json(path: str | os.PathLike):

@@ -48,6 +48,7 @@ import torch
 import common
 import generation
 import models
+import runpaths
 import settings
 import report
 import verdict
@@ -113,7 +114,7 @@ def seed_folders(output_dir: Path, method: str, primary: dict) -> list[Path]:
                          key=lambda f: int(re.sub(r"\D", "", f.name.rsplit("-seed", 1)[1]) or 0)):
         if not re.fullmatch(rf"{method}-seed\d+", folder.name):
             continue
-        if not (folder / "COMPLETED").exists():
+        if not runpaths.is_complete(folder):
             print(f"warning: skipping {folder}: no COMPLETED marker (its run did not finish)")
             continue
         metrics = common.read_json(folder / "metrics.json")
@@ -147,7 +148,12 @@ def find_methods(output_dir: Path, requested: str | None) -> dict[str, list[tupl
     found = {}
     for name in names:
         folder = output_dir / name
-        if not (folder / "COMPLETED").exists():
+        holder = runpaths.live_holder(runpaths.lock_file(output_dir, name))
+        if holder is not None:  # its runs are being written: read none of them half-way
+            print(f"warning: skipping {name}: a run is writing it now "
+                  f"({runpaths.describe(holder)}); evaluate again when it has finished")
+            continue
+        if not runpaths.is_complete(folder):
             message = (f"{folder} has no COMPLETED marker: its run did not finish; re-run "
                        f"{script_for(name)} (add --resume to continue from its checkpoint)")
             if name in wanted:
@@ -190,8 +196,8 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
 
 # --- Fingerprints: score again only what changed ------------------------------
 
-PREDICTIONS = "predictions.jsonl"
-FINGERPRINT = "predictions.fingerprint.json"
+PREDICTIONS = runpaths.PREDICTIONS
+FINGERPRINT = runpaths.FINGERPRINT
 MODEL_FILES = ("*.safetensors", "config.json", "adapter_config.json", "metrics.json")
 
 
@@ -224,9 +230,14 @@ def cached_records(folder: Path, expected: str) -> list[dict] | None:
 def save_records(folder: Path, records: list[dict], value: str) -> None:
     """Write a run's predictions, then (last) the fingerprint that vouches for them."""
     (folder / FINGERPRINT).unlink(missing_ok=True)
-    common.write_jsonl(folder / PREDICTIONS, records)
-    common.write_json(folder / FINGERPRINT, {"fingerprint": value,
-                                             "scoring_version": SCORING_VERSION})
+    try:
+        # Atomic: on a failed write the previous predictions.jsonl stays whole (and, with
+        # no fingerprint, is scored again next time).
+        common.write_jsonl(folder / PREDICTIONS, records)
+        common.write_json(folder / FINGERPRINT, {"fingerprint": value,
+                                                 "scoring_version": SCORING_VERSION})
+    except OSError as exc:
+        raise common.write_failed(folder / PREDICTIONS, exc) from None
 
 
 # --- Scoring -----------------------------------------------------------------
@@ -472,7 +483,7 @@ def read_searches(output_dir: Path, methods) -> dict[str, dict]:
     """The learning-rate searches (outputs/search/<method>.json) of the methods compared."""
     found = {}
     for name in methods:
-        path = output_dir / "search" / f"{name}.json"
+        path = runpaths.search_file(output_dir, name)
         if path.exists():
             found[name] = common.read_json(path)
     return found

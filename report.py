@@ -16,6 +16,7 @@ import html
 from pathlib import Path
 
 import common
+import runpaths
 import verdict
 
 STYLE = """
@@ -151,7 +152,7 @@ def search_table(comparison: dict, output_dir: Path) -> str:
                 "<code>make all TUNE=1</code>) to choose rates on the validation split.</p>")
     rows = []
     for name in searches:
-        full = common.read_json(output_dir / "search" / f"{name}.json")
+        full = common.read_json(runpaths.search_file(output_dir, name))
         cells = ", ".join(
             (f"<b>{r['lr']:.2g}: {r['score']:.1f}%</b>" if r["lr"] == full["chosen_lr"]
              else f"{r['lr']:.2g}: {r['score']:.1f}%") for r in full["results"])

@@ -52,9 +52,15 @@ def lr_grid(text: str) -> list[float]:
     return rates
 
 
-def option(default, help: str, **argparse_kwargs):
-    """A field that is also a command-line option; help carries the reason for the default."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+def option(default, help: str, identity: bool = False, **argparse_kwargs):
+    """A field that is also a command-line option; help carries the reason for the default.
+
+    identity=True: the field defines the run (its run_id), so runs that differ in it
+    are not seeds of one run and --resume does not skip them; the others (where files
+    go, how often to save, the seed) leave a run the same run.
+    """
+    return field(default=default, metadata={"help": help, "identity": identity,
+                                            **argparse_kwargs})
 
 
 @dataclass(frozen=True)
@@ -64,28 +70,31 @@ class TrainSettings:
     model: str | None = option(
         None, "Hub id, local model folder, .gguf file, or an offline preset: "
               f"{', '.join(OFFLINE_PRESETS)} (default: {DEFAULT_MODEL_HELP}; "
-              "metrics.json records the model used)")
+              "metrics.json records the model used)", identity=True)
     data_dir: str = option(
         "data", "folder with train.jsonl, valid.jsonl, template.json (eval.jsonl is never read)")
     output_dir: str = option("outputs", "the model goes to <output-dir>/<method>/")
     epochs: int = option(
         2, "passes over the training set (default 2: sized so the whole offline comparison "
-           "on smollm2-135m finishes in under 45 minutes on 2 CPU cores)", type=positive_int)
+           "on smollm2-135m finishes in under 45 minutes on 2 CPU cores)", type=positive_int,
+        identity=True)
     max_steps: int | None = option(
         None, "stop after this many optimiser steps; overrides --epochs, as in the HF Trainer",
-        type=positive_int)
+        type=positive_int, identity=True)
     batch_size: int = option(
         16, "examples per step (default 16: padded only to the longest in the batch)",
-        type=positive_int)
+        type=positive_int, identity=True)
     grad_accum: int = option(
         1, "micro-batches per optimiser step, to fit a large batch in little memory",
-        type=positive_int)
+        type=positive_int, identity=True)
     lr: float = option(5e-5, "learning rate (each script sets its own default)",
-                       type=positive_float)
+                       type=positive_float, identity=True)
     warmup_ratio: float = option(
-        0.05, "fraction of steps with a linear warm-up before the linear decay to 0", type=float)
+        0.05, "fraction of steps with a linear warm-up before the linear decay to 0", type=float,
+        identity=True)
     max_grad_norm: float = option(
-        1.0, "gradient clipping norm (1.0, the usual transformer setting)", type=positive_float)
+        1.0, "gradient clipping norm (1.0, the usual transformer setting)", type=positive_float,
+        identity=True)
     seed: int = option(42, "seeds initialisation, dropout and batch order", type=int)
     seeds: int = option(
         1, "train N runs with seeds --seed, --seed+1, ...: the first writes "
@@ -106,10 +115,10 @@ class TrainSettings:
         choices=["auto", "cpu", "cuda"])
     max_length: int | None = option(
         None, "truncate examples to this many tokens (default: the model's context)",
-        type=positive_int)
+        type=positive_int, identity=True)
     train_on_prompt: bool = option(
         False, "also compute the loss on prompt tokens (default: the answer only)",
-        action="store_true")
+        action="store_true", identity=True)
     save_every: int = option(
         200, "save a checkpoint every N steps (also at each epoch's end and on Ctrl-C)",
         type=positive_int)
@@ -119,7 +128,7 @@ class TrainSettings:
         action="store_true")
     trust_remote_code: bool = option(
         False, "allow model code from the Hub to run (off: it executes arbitrary Python)",
-        action="store_true")
+        action="store_true", identity=True)
     # Not options: set by tuning.train_method for the record.
     model_requested: str | None = None  # what the command asked for ("default" when nothing)
     method_options: dict = field(default_factory=dict)  # the script's own options, by name
@@ -142,6 +151,16 @@ class TrainSettings:
                   if f.name != "method_options"}
         return {**shared, **self.method_options}
 
+    def identity(self) -> dict:
+        """The settings that define the run (fields marked identity=True) and the method's options.
+
+        What run_id fingerprints: seeds of one run share it, and a new field leaves it
+        unchanged unless marked.
+        """
+        marked = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.metadata.get("identity")}
+        return {**marked, **self.method_options}
+
 
 def training_parser(description: str, lr: float, lr_help: str) -> argparse.ArgumentParser:
     """The options every fine-tune script shares; the method's default learning rate is its own."""
@@ -150,7 +169,7 @@ def training_parser(description: str, lr: float, lr_help: str) -> argparse.Argum
     for f in dataclasses.fields(TrainSettings):
         if "help" not in f.metadata:
             continue
-        kwargs = dict(f.metadata)
+        kwargs = {k: v for k, v in f.metadata.items() if k != "identity"}
         default = f.default
         if f.name == "lr":
             default, kwargs["help"] = lr, lr_help

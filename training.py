@@ -18,23 +18,25 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from common import (PipelineError, collate, file_sha256, length_grouped_batches, load_split,
-                    load_template, plot_training, staged_dir, tokenize_rows, write_json,
-                    write_text_atomic)
+from common import (PipelineError, collate, file_sha256, is_write_failure, length_grouped_batches,
+                    load_split, load_template, plot_training, staged_dir, tokenize_rows,
+                    write_failed, write_json, write_text_atomic)
 from generation import AnswerLoss, answer_nll
 from memory import PeakMemory
 from models import (autocast_dtype, causal_lm, context_length, count_parameters, pick_device,
                     resolve_model)
+from runpaths import RunPaths
 from settings import TrainSettings
 
 
@@ -68,7 +70,10 @@ class Run:
     train_rows: list[dict]
     valid_rows: list[dict]
     name: str = ""  # the output folder's name: <method> or <method>-seed<N>
-    config: dict = field(default_factory=dict)  # what --resume must find unchanged
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.settings.output_dir, self.method, self.name)
 
     @property
     def device(self) -> torch.device:
@@ -81,6 +86,24 @@ class Run:
     @property
     def world(self) -> int:
         return self.accelerator.num_processes
+
+
+@dataclass(frozen=True)
+class ResumeConfig:
+    """What a checkpoint was made with (its state["config"]); --resume refuses other values."""
+
+    model: str
+    batch_size: int
+    grad_accum: int
+    lr: float
+    seed: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, settings: TrainSettings, total_steps: int) -> "ResumeConfig":
+        return cls(model=settings.model, batch_size=settings.batch_size,
+                   grad_accum=settings.grad_accum, lr=settings.lr, seed=settings.seed,
+                   total_steps=total_steps)
 
 
 @dataclass
@@ -131,7 +154,7 @@ def start_run(settings: TrainSettings, method: str, name: str | None = None) -> 
     template = load_template(settings.data_dir)
     if settings.resume and not checkpoints(Path(settings.output_dir), method):
         raise PipelineError("--resume: no checkpoint in "
-                            f"{Path(settings.output_dir) / 'checkpoints' / method}")
+                            f"{RunPaths(settings.output_dir, method).checkpoints}")
     accelerator = make_accelerator(settings.device)
     with accelerator.main_process_first():
         resolve_model(settings.model)
@@ -147,7 +170,7 @@ def start_run(settings: TrainSettings, method: str, name: str | None = None) -> 
 
 def checkpoints(output_dir: Path, method: str) -> list[Path]:
     """A method's complete checkpoints, oldest first."""
-    folder = Path(output_dir) / "checkpoints" / method
+    folder = RunPaths(output_dir, method).checkpoints
     return sorted(p for p in folder.glob("step-*") if (p / "state.json").exists())
 
 
@@ -229,28 +252,50 @@ class Trainer:
             step_nll += nll.item()
         grad_norm = float(accelerator.clip_grad_norm_(self.params, run.settings.max_grad_norm))
         lr = self.scheduler.get_last_lr()[0]
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        step_nll, tokens = self.reduce_sum(step_nll, tokens)
+        # Checked before the update, on numbers every process shares, so no weight takes it.
+        if not (math.isfinite(step_nll) and math.isfinite(grad_norm)):
+            raise self.diverged(self.scheduler.last_epoch + 1,
+                                f"loss {step_nll / n_labels:.4g}, gradient norm {grad_norm:.4g} "
+                                f"at learning rate {lr:.4g}")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        step_nll, tokens = self.reduce_sum(step_nll, tokens)
         return {"loss": step_nll / n_labels, "lr": lr, "grad_norm": grad_norm,
                 "tokens": int(tokens)}
+
+    def diverged(self, step: int, found: str) -> Diverged:
+        """The error for a non-finite loss or gradient norm at a step, with what to try instead."""
+        s = self.run.settings
+        kept = checkpoints(s.output_dir, self.run.method)
+        where = (f"; the last good checkpoint, {kept[-1]}, was kept, but --resume continues "
+                 "only at the same rate" if kept else "")
+        return Diverged(f"training diverged at step {step} with --lr {s.lr:g}: {found}; nothing "
+                        f"was saved as complete{where}; start afresh with a lower rate, e.g. "
+                        f"--lr {s.lr / 10:g}")
 
     def save(self, state: dict) -> Path:
         """Write a checkpoint folder that appears only when complete, and prune old ones."""
         accelerator, settings = self.accelerator, self.run.settings
-        folder = Path(settings.output_dir) / "checkpoints" / self.run.method
-        final = folder / f"step-{state['step']:07d}"
-        partial = folder / f".{final.name}.partial"  # one name that every process can find
+        final = self.run.paths.checkpoint(state["step"])
+        partial = final.with_name(f".{final.name}.partial")  # one name every process can find
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
-        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(partial))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_json(partial / "state.json", state)  # written last: marks it complete
+        except Exception as exc:
+            if not is_write_failure(exc):
+                raise
+            # The older checkpoints are untouched: the new one never replaces them half-written.
+            shutil.rmtree(partial, ignore_errors=True)
+            raise write_failed(partial, exc) from None
         if accelerator.is_main_process:
-            write_json(partial / "state.json", state)  # written last: marks it complete
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             for old in checkpoints(settings.output_dir, self.run.method)[:-settings.keep_checkpoints]:
@@ -258,17 +303,17 @@ class Trainer:
         accelerator.wait_for_everyone()
         return final
 
-    def load(self) -> dict:
+    def load(self, config: ResumeConfig) -> dict:
         """Restore the newest checkpoint; return its progress state.  Refuses a changed configuration."""
         run = self.run
         folder = checkpoints(run.settings.output_dir, run.method)[-1]
         state = json.loads((folder / "state.json").read_text())
-        for key in ("model", "batch_size", "grad_accum", "lr", "seed", "total_steps"):
-            if state["config"][key] != run.config[key]:
+        for key in (f.name for f in fields(config)):
+            if state["config"][key] != getattr(config, key):
                 raise PipelineError(f"--resume: the checkpoint was made with {key}="
-                                    f"{state['config'][key]}, this run has {run.config[key]}; "
-                                    "use the same options or start afresh without --resume",
-                                    folder)
+                                    f"{state['config'][key]}, this run has "
+                                    f"{getattr(config, key)}; use the same options or start "
+                                    "afresh without --resume", folder)
         self.accelerator.load_state(str(folder))
         print(f"resumed from {folder} (step {state['step']})")
         return state
@@ -417,6 +462,8 @@ def run_steps(trainer: Trainer, plan: Plan, state: dict,
                 epoch_end = step % plan.steps_per_epoch == 0
                 if epoch_end or step == plan.total_steps:
                     loss = valid_loss(trainer, plan)
+                    if not math.isfinite(loss):  # the last update broke the model
+                        raise trainer.diverged(step, f"validation loss {loss:.4g}")
                     state["valid_loss"].append({"step": step, "loss": loss,
                                                 "epoch": round(step / plan.steps_per_epoch, 4)})
                     progress.write(f"step {step}: validation loss {loss:.4f}")
@@ -495,15 +542,22 @@ def run_metrics(run: Run, model, plan: Plan, state: dict, peak: PeakMemory, base
 
 def save_outputs(run: Run, model, tokenizer, metrics: dict) -> Path:
     """Write outputs/<run name>/ in a temporary folder and move it into place when complete."""
-    final = Path(run.settings.output_dir) / run.name
-    with staged_dir(final) as tmp:
-        model.save_pretrained(tmp)  # the full model, or only the adapter for LoRA/QLoRA
-        tokenizer.save_pretrained(tmp)
-        metrics["size_on_disk_mb"] = folder_size_mb(tmp)
-        write_json(tmp / "metrics.json", metrics)
-        plot_training(metrics, tmp / "training_metrics.png")
-        # Written last: evaluate.py takes a folder without it for an unfinished run.
-        write_text_atomic(tmp / "COMPLETED", time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    paths = run.paths
+    final = paths.run
+    try:
+        with staged_dir(final) as tmp:
+            model.save_pretrained(tmp)  # the full model, or only the adapter for LoRA/QLoRA
+            tokenizer.save_pretrained(tmp)
+            metrics["size_on_disk_mb"] = folder_size_mb(tmp)
+            write_json(tmp / "metrics.json", metrics)
+            plot_training(metrics, tmp / "training_metrics.png")
+            # Written last: evaluate.py takes a folder without it for an unfinished run.
+            write_text_atomic(tmp / paths.completed.name, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        # staged_dir removed the partial folder; the previous <run>/ is as it was.
+        raise write_failed(final, exc) from None
     return final
 
 
@@ -530,14 +584,12 @@ def train_and_save(run: Run, model, tokenizer, base_path: str, details: dict | N
               f"on {run.device}" + (f" x {run.world} processes" if run.world > 1 else ""))
 
     # Start afresh, or from the newest checkpoint with --resume
-    run.config = {"model": settings.model, "batch_size": settings.batch_size,
-                  "grad_accum": settings.grad_accum, "lr": settings.lr, "seed": settings.seed,
-                  "total_steps": plan.total_steps}
+    config = ResumeConfig.of(settings, plan.total_steps)
     state = {"step": 0, "history": [], "valid_loss": [], "train_seconds": 0.0,
-             "train_tokens": 0, "train_examples": 0, "config": run.config}
-    ckpt_dir = Path(settings.output_dir) / "checkpoints" / run.method
+             "train_tokens": 0, "train_examples": 0, "config": asdict(config)}
+    ckpt_dir = run.paths.checkpoints
     if settings.resume:
-        state = trainer.load()
+        state = trainer.load(config)
     elif run.rank == 0 and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)  # a fresh run must never resume from stale state later
 

@@ -25,19 +25,18 @@ from pathlib import Path
 import common
 import generation
 import models
+import runpaths
 import training
+from runpaths import RunPaths
 from settings import TrainSettings
 
 GRID_FACTORS = (0.3, 1, 3, 10)  # around the method's rate: a 33x span, mostly upwards (LoRA
 #                                 wants ~10x full fine-tuning's rate: "LoRA Without Regret")
-NOT_PART_OF_A_RUN = ("seed", "seeds", "resume", "output_dir", "data_dir", "device", "save_every",
-                     "keep_checkpoints", "tune_lr", "lr_grid", "search_epochs",
-                     "model_requested")  # the run is defined by the model used (settings.model)
 
 
 def run_id(settings: TrainSettings, method: str) -> str:
-    """A fingerprint of everything that defines a run except its seed: seeds of one run share it."""
-    values = {k: v for k, v in sorted(settings.as_dict().items()) if k not in NOT_PART_OF_A_RUN}
+    """A fingerprint of what defines a run (settings.identity()) and its data: seeds share it."""
+    values = dict(sorted(settings.identity().items()))
     folder = Path(settings.data_dir)  # a missing file is reported by start_run, naming the command
     data = {name: common.file_sha256(folder / name) if (folder / name).exists() else None
             for name in ("train.jsonl", "valid.jsonl", "template.json")}
@@ -117,7 +116,7 @@ def search_learning_rate(settings: TrainSettings, method: str, prepare, load_kwa
 
 def previous_search(settings: TrainSettings, method: str) -> dict | None:
     """With --resume, a finished search of this model over the same grid and budget is reused."""
-    path = Path(settings.output_dir) / "search" / f"{method}.json"
+    path = runpaths.search_file(settings.output_dir, method)
     if not path.exists():
         return None
     search = common.read_json(path)
@@ -138,7 +137,7 @@ def remove_stale_seeds(output_dir: Path, method: str, keep: set[str]) -> None:
 
 def is_finished(folder: Path, identity: str, seed: int) -> bool:
     """Whether folder holds a completed run with this identity and seed (skipped by --resume)."""
-    if not (folder / "COMPLETED").exists():
+    if not runpaths.is_complete(folder):
         return False
     metrics = common.read_json(folder / "metrics.json")
     return metrics.get("run_id") == identity and metrics["args"]["seed"] == seed
@@ -152,6 +151,15 @@ def train_method(settings: TrainSettings, method: str, prepare, callbacks: tuple
     loaded base model; load_kwargs go to models.load_model (quantize_4bit=True);
     callbacks run after every step (training.Callback).
     """
+    # One process at a time writes a method's runs (rank 0 holds the lock for all ranks).
+    with runpaths.method_lock(RunPaths(settings.output_dir, method),
+                              take=training.process_rank() == 0):
+        return train_locked(settings, method, prepare, callbacks, load_kwargs)
+
+
+def train_locked(settings: TrainSettings, method: str, prepare, callbacks: tuple,
+                 load_kwargs: dict) -> list[dict]:
+    """train_method's work, while it holds the method's lock."""
     # Choose the model once per command (the default may fall back to the offline preset,
     # said in one line), so every seed, checkpoint, run_id and metrics.json records the
     # model actually used; the request is kept as model_requested.

@@ -609,4 +609,4 @@ def worker_main(config_json: str) -> None:
             import bitsandbytes  # noqa: F401
         memory.release_free_heap()
         result = TASKS[config["task"]](config, memory.rss_bytes())
-    real_stdout.write(json.dumps(result) + "\n")
+    real_stdout.write(json.dumps(common.finite(result), allow_nan=False) + "\n")  # strict JSON
