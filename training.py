@@ -113,9 +113,15 @@ def make_accelerator(device_choice: str = "auto", precision: str = "fp32"):
     --multi_gpu --num_processes N` run on the CPU and talk over gloo.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     device = pick_device(device_choice)
     bf16 = autocast_dtype(device, precision) == torch.bfloat16
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != ("bf16" if bf16 else "no"):
+        # accelerate keeps one precision per process; a later run in the same process (a
+        # test, a benchmark) at another precision starts its state afresh, processes kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
     # device_placement off: models.load_model has put the model on its device already (a
     # 4-bit model must not be moved again), and batches are moved by the loop.
     return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",

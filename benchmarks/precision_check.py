@@ -37,12 +37,13 @@ def main() -> None:
     parser.add_argument("--output-dir", default="outputs/precision-check")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--methods", default=",".join(SCRIPTS))
+    parser.add_argument("--precisions", default="fp32,bf16")
     args = parser.parse_args()
     print("| method | lr | precision | validation key accuracy | validation loss |")
     print("|---|---|---|---|---|", flush=True)
     for method in args.methods.split(","):
         script, load_kwargs = SCRIPTS[method]
-        for precision in ("fp32", "bf16"):
+        for precision in args.precisions.split(","):
             parsed = script.parse_args(["--model", args.model, "--data-dir", args.data_dir,
                                         "--output-dir", args.output_dir, "--epochs",
                                         str(args.epochs), "--precision", precision])
