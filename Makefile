@@ -6,8 +6,8 @@
 #                MODEL=smollm2-135m always runs offline with a real pretrained model.
 # make all SEEDS=3 TUNE=1       the rigorous comparison: a learning-rate search per
 #                               method on data/valid.jsonl, then 3 seeds at the chosen rate
-# PRECISION=auto (default)      bf16 autocast where the hardware has it natively (CUDA,
-#                               AVX512-BF16/AMX CPUs), else fp32; PRECISION=fp32 or bf16 insists
+# PRECISION=auto                bf16 autocast where the hardware has it natively (CUDA,
+#                               AVX512-BF16/AMX CPUs), else fp32; fp32 (default) or bf16 insists
 
 PYTHON ?= python3
 VENV   := .venv
@@ -17,7 +17,7 @@ SIZE   ?= 1200
 EPOCHS ?= 2
 SEEDS  ?= 1
 TUNE   ?= 0
-PRECISION ?= auto
+PRECISION ?= fp32
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 OUT    ?= outputs

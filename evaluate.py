@@ -95,11 +95,13 @@ def parse_args(argv=None):
                              "1.3-1.5x the questions per second of 32, the same answers)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CUDA when present, else CPU")
-    parser.add_argument("--precision", default="auto", choices=list(models.PRECISIONS),
-                        help="auto (default): bf16 autocast where the hardware computes bf16 "
-                             "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else "
-                             "fp32; fp32 gives exactly the answers of an fp32 evaluation, bf16 "
-                             "insists (answers may differ where two tokens nearly tie)")
+    parser.add_argument("--precision", default=models.DEFAULT_PRECISION,
+                        choices=list(models.PRECISIONS),
+                        help="auto: bf16 autocast where the hardware computes bf16 natively "
+                             "(CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32; fp32 "
+                             "gives exactly the answers of an fp32 evaluation, bf16 insists "
+                             "(answers may differ where two tokens nearly tie); default "
+                             f"{models.DEFAULT_PRECISION}")
     parser.add_argument("--alpha", type=float, default=verdict.ALPHA,
                         help="significance level of the paired tests after Holm's adjustment "
                              "(default 0.05)")

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from models import DEFAULT_MODEL_HELP, OFFLINE_PRESETS
+from models import DEFAULT_MODEL_HELP, DEFAULT_PRECISION, OFFLINE_PRESETS
 
 
 def positive_int(text: str) -> int:
@@ -106,10 +106,11 @@ class TrainSettings:
         "auto", "auto: CUDA when present, else the CPU",
         choices=["auto", "cpu", "cuda"])
     precision: str = option(
-        "auto", "auto (default): bf16 autocast where the hardware computes bf16 natively (CUDA "
-                "with bf16, CPUs with AVX512-BF16 or AMX; on smollm2-135m 1.4x the tokens/s on "
-                "such a CPU, validation quality unchanged: benchmarks/precision-check.md), else "
-                "fp32; fp32 or bf16 to insist (weights and optimiser state stay fp32 either way)",
+        DEFAULT_PRECISION,
+        f"auto: bf16 autocast where the hardware computes bf16 natively (CUDA with bf16, CPUs "
+        f"with AVX512-BF16 or AMX; on smollm2-135m 1.4x the tokens/s on such a CPU, validation "
+        f"quality in benchmarks/precision-check.md), else fp32; fp32 or bf16 to insist (weights "
+        f"and optimiser state stay fp32 either way; default {DEFAULT_PRECISION})",
         choices=["auto", "fp32", "bf16"])
     max_length: int | None = option(
         None, "truncate examples to this many tokens (default: the model's context)",

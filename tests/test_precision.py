@@ -65,7 +65,7 @@ def test_fp32_runs_no_bf16_and_auto_without_native_bf16_is_fp32_bit_for_bit(data
     seen = []
     fp32 = train("full", data_dir, tmp_path / "a", "--precision", "fp32",
                  hook=record_matmul_dtypes(seen))
-    auto = train("full", data_dir, tmp_path / "b")  # conftest: no native bf16 here
+    auto = train("full", data_dir, tmp_path / "b", "--precision", "auto")  # conftest: no bf16
     assert seen and set(seen) == {torch.float32}
     assert fp32["precision"] == auto["precision"] == "fp32" and fp32["autocast"] == "none"
     assert [h["loss"] for h in fp32["history"]] == [h["loss"] for h in auto["history"]]
@@ -137,5 +137,6 @@ def test_evaluate_records_bf16_in_the_fingerprint_only(tmp_path):
     evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out),
                                        "--precision", "bf16"]))
     assert json.loads(marker.read_text())["fingerprint"] != fp32
-    evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out)]))
+    evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out),
+                                       "--precision", "auto"]))
     assert json.loads(marker.read_text())["fingerprint"] == fp32  # auto = fp32 here
