@@ -6,6 +6,8 @@
 #                MODEL=smollm2-135m always runs offline with a real pretrained model.
 # make all SEEDS=3 TUNE=1       the rigorous comparison: a learning-rate search per
 #                               method on data/valid.jsonl, then 3 seeds at the chosen rate
+# PRECISION=auto                bf16 autocast where the hardware has it natively (CUDA,
+#                               AVX512-BF16/AMX CPUs), else fp32 (the default); fp32 or bf16 insists
 
 PYTHON ?= python3
 VENV   := .venv
@@ -15,12 +17,13 @@ SIZE   ?= 1200
 EPOCHS ?= 2
 SEEDS  ?= 1
 TUNE   ?= 0
+PRECISION ?= auto
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 OUT    ?= outputs
 DATA   ?= data
 MODEL_ARG := $(if $(MODEL),--model $(MODEL),)
-RUN_ARGS := --seeds $(SEEDS) $(if $(filter 1 yes true,$(TUNE)),--tune-lr,)
+RUN_ARGS := --seeds $(SEEDS) --precision $(PRECISION) $(if $(filter 1 yes true,$(TUNE)),--tune-lr,)
 
 .PHONY: all setup data train evaluate smoke test clean
 
@@ -47,7 +50,7 @@ train: setup
 	$(PY) finetune_bitfit.py $(MODEL_ARG) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
 
 evaluate: setup
-	$(PY) evaluate.py --data-dir $(DATA) --output-dir $(OUT) $(EVAL_ARGS)
+	$(PY) evaluate.py --data-dir $(DATA) --output-dir $(OUT) --precision $(PRECISION) $(EVAL_ARGS)
 
 smoke:
 	$(MAKE) all MODEL=tiny-gpt2 SIZE=300 EPOCHS=1 DATA=data/smoke OUT=outputs/smoke

@@ -96,6 +96,13 @@ def parse_args(argv=None):
                              "1.3-1.5x the questions per second of 32, the same answers)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CUDA when present, else CPU")
+    parser.add_argument("--precision", default=models.DEFAULT_PRECISION,
+                        choices=list(models.PRECISIONS),
+                        help="auto: bf16 autocast where the hardware computes bf16 natively "
+                             "(CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32; fp32 "
+                             "gives exactly the answers of an fp32 evaluation, bf16 insists "
+                             "(answers may differ where two tokens nearly tie); default "
+                             f"{models.DEFAULT_PRECISION}")
     parser.add_argument("--alpha", type=float, default=verdict.ALPHA,
                         help="family-wise significance level of the paired comparisons, "
                              "Bonferroni-adjusted (default 0.05)")
@@ -177,8 +184,13 @@ def script_for(method: str) -> str:
 
 
 def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None, device,
-                  trust_remote_code: bool):
-    """A model ready to answer: the base, a full model folder, or an adapter on its base."""
+                  trust_remote_code: bool, precision: str = "fp32"):
+    """A model ready to answer: the base, a full model folder, or an adapter on its base.
+
+    A LoRA adapter on an unquantised base is merged into it (W + B·A once), so each
+    forward runs one matmul a layer instead of two; QLoRA keeps its adapter on the 4-bit
+    base, as it was trained, whose 4-bit layers dequantise to the precision's dtype.
+    """
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
 
@@ -189,9 +201,10 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
     if not (folder / "adapter_config.json").exists():
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
     if metrics["details"].get("base_quantization") == "nf4":
-        kwargs.update(models.nf4_load_kwargs(device))
+        kwargs.update(models.nf4_load_kwargs(device, precision))
         return AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs)
-    return AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
+    model = AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
+    return model.merge_and_unload()
 
 
 # --- Fingerprints: score again only what changed ------------------------------
@@ -244,13 +257,17 @@ def save_records(folder: Path, records: list[dict], value: str) -> None:
 
 
 def evaluate_model(name, model, tokenizer, rows, examples, max_new, stop, args,
-                   device) -> list[dict]:
-    """One model's per-question records: generated answer, verdicts, answer NLL and token count."""
+                   device, precision: str = "fp32") -> list[dict]:
+    """One model's per-question records: generated answer, verdicts, answer NLL and token count.
+
+    precision: "fp32", or "bf16" for bf16 autocast (models.resolve_precision of --precision).
+    """
     nll = generation.answer_nll_by_example(model, examples, tokenizer.pad_token_id, device,
-                                       batch_size=args.batch_size, desc=f"{name}: perplexity")
+                                       batch_size=args.batch_size, desc=f"{name}: perplexity",
+                                       precision=precision)
     predictions = generation.generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new,
                                           device, stop=stop, batch_size=args.batch_size,
-                                          desc=f"{name}: answers")
+                                          desc=f"{name}: answers", precision=precision)
     records = common.score_rows(rows, predictions)
     for record, (total, count) in zip(records, nll):
         record["answer_nll"], record["answer_tokens"] = round(total, 6), count
@@ -527,10 +544,11 @@ def main(args):
                                    "--methods with one base")
     base_path = bases.pop()
     device = models.pick_device(args.device)
+    precision = models.resolve_precision(device, args.precision)
     tokenizer = models.load_tokenizer(base_path, args.trust_remote_code)
     seeds = {name: len(runs) for name, runs in methods.items()}
     listing = ", ".join(f"{m} ({n} seed{'s' * (n > 1)})" for m, n in seeds.items())
-    print(f"evaluating base + {listing} on {len(rows)} questions from "
+    print(f"evaluating base + {listing} at {precision} on {len(rows)} questions from "
           f"{Path(args.data_dir) / 'eval.jsonl'} (base model {base_path})")
 
     # Tokenise once: the same examples and the same decoding bound for every model
@@ -539,7 +557,9 @@ def main(args):
 
     # Score each run whose predictions are missing or stale; reuse the others
     decoding = {"max_new_tokens": max_new, "stop": stop, "greedy": True,
-                "eos_token_id": tokenizer.eos_token_id}
+                "eos_token_id": tokenizer.eos_token_id,
+                # fp32 predictions made before --precision existed stay valid: same answers
+                **({"precision": precision} if precision != "fp32" else {})}
     rescore = set(requested_methods(args.methods)) | {"base"}
     all_runs: dict[str, list[list[dict]]] = {}   # per model: each compared run's records
     trained: dict[str, list[dict]] = {}          # per method: those runs' metrics.json
@@ -557,9 +577,9 @@ def main(args):
                 continue
             else:
                 model = load_for_eval(name, folder, base_path, metrics, device,
-                                      args.trust_remote_code)
+                                      args.trust_remote_code, precision)
                 records = evaluate_model(folder.name, model, tokenizer, rows, examples, max_new,
-                                         stop, args, device)
+                                         stop, args, device, precision)
                 del model
                 folder.mkdir(parents=True, exist_ok=True)
                 save_records(folder, records, value)

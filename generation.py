@@ -54,15 +54,18 @@ def labelled_logits(model, input_ids, attention_mask, labels):
 
 
 def answer_nll(model, examples: list[dict], pad_id: int, device, batch_size: int = 32,
-               desc: str | None = None) -> tuple[float, int]:
-    """Summed NLL and token count over the answer tokens of examples, in eval mode."""
+               desc: str | None = None, precision: str = "fp32") -> tuple[float, int]:
+    """Summed NLL and token count over the answer tokens of examples, in eval mode.
+
+    precision: "fp32", or "bf16" for bf16 autocast (models.autocast_dtype).
+    """
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     total, count = 0.0, 0
-    dtype = autocast_dtype(device)
+    dtype = autocast_dtype(device, precision)
     with torch.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None,
                           leave=False):
@@ -77,7 +80,8 @@ def answer_nll(model, examples: list[dict], pad_id: int, device, batch_size: int
 
 
 def answer_nll_by_example(model, examples: list[dict], pad_id: int, device,
-                          batch_size: int = 32, desc: str | None = None) -> list[tuple[float, int]]:
+                          batch_size: int = 32, desc: str | None = None,
+                          precision: str = "fp32") -> list[tuple[float, int]]:
     """(summed NLL, token count) over each example's labelled answer tokens, in eval mode.
 
     Per example, so intervals can resample questions; the LM head runs only at
@@ -90,7 +94,7 @@ def answer_nll_by_example(model, examples: list[dict], pad_id: int, device,
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    dtype = autocast_dtype(device)
+    dtype = autocast_dtype(device, precision)
     with torch.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None,
                           leave=False):
@@ -117,7 +121,7 @@ def max_new_tokens_for(tokenizer, references: list[str]) -> int:
 
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, device,
                      stop: str | None = None, batch_size: int = 64, desc: str | None = None,
-                     shrink: bool = True) -> list[str]:
+                     shrink: bool = True, precision: str = "fp32") -> list[str]:
     """Greedy answers for prompts, in batches, each stopping at EOS or at a new turn (stop).
 
     Prompts are left-padded so every continuation starts right after its own
@@ -138,7 +142,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]["input_ids"]))
     answers: list[str] = [""] * len(prompts)
     model.eval()
-    dtype = autocast_dtype(device)
+    dtype = autocast_dtype(device, precision)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None,
                       leave=False):
         idx = order[start:start + batch_size]

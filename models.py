@@ -217,27 +217,75 @@ def pick_device(requested: str = "auto"):
     return torch.device(requested)
 
 
-def autocast_dtype(device):
-    """bf16 autocast on CUDA where supported (weights stay fp32), else none (CPU fp32)."""
+PRECISIONS = ("auto", "fp32", "bf16")
+# auto: the validation check (benchmarks/precision-check.md) found bf16's validation loss
+# within 1.5% of fp32's for all four methods at their rates.
+DEFAULT_PRECISION = "auto"
 
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+
+def native_bf16(device) -> bool:
+    """Whether the device computes bf16 matmuls natively (and so faster than fp32).
+
+    CUDA: torch's own check.  CPU: AVX512-BF16 or AMX, asked of torch at run time
+    (its private probes, with /proc/cpuinfo's flags where torch lacks them); without
+    them CPU bf16 is emulated and slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is not None for probe in probes):
+        return any(probe() for probe in probes if probe is not None)
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(device, precision: str = "auto"):
+    """The autocast dtype for --precision on this device (weights stay fp32), or None for fp32.
+
+    auto: bf16 where the hardware has it natively (CUDA with bf16, CPUs with AVX512-BF16
+    or AMX), else fp32.  bf16 is honoured everywhere (emulated bf16 is slower but still
+    bf16, so a comparison asked for at bf16 stays at bf16; resolve_precision warns).
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or native_bf16(device):
         return torch.bfloat16
     return None
 
 
-def nf4_config(device):
-    """The QLoRA quantisation: 4-bit NormalFloat with double quantisation (Dettmers et al. 2023)."""
+def resolve_precision(device, precision: str = "auto", announce: bool = True) -> str:
+    """The precision a run uses ("fp32" or "bf16"), said once when bf16 is not native."""
+    if precision not in PRECISIONS:
+        raise PipelineError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and not native_bf16(device) and announce:
+        print(f"warning: --precision bf16 on a {device.type} without native bf16: it is "
+              "emulated and likely slower than fp32", flush=True)
+    return "bf16" if autocast_dtype(device, precision) == torch.bfloat16 else "fp32"
+
+
+def nf4_config(device, precision: str = "auto"):
+    """The QLoRA quantisation: 4-bit NormalFloat with double quantisation (Dettmers et al. 2023).
+
+    The 4-bit layers dequantise to the compute dtype, which follows the precision.
+    """
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=autocast_dtype(device) or torch.float32)
+                              bnb_4bit_compute_dtype=autocast_dtype(device, precision)
+                              or torch.float32)
 
 
-def nf4_load_kwargs(device) -> dict:
+def nf4_load_kwargs(device, precision: str = "auto") -> dict:
     """from_pretrained arguments that load a base model in NF4 on the given device."""
     device_map = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    return {"quantization_config": nf4_config(device), "device_map": device_map}
+    return {"quantization_config": nf4_config(device, precision), "device_map": device_map}
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -253,7 +301,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(name: str, device, quantize_4bit: bool = False, trust_remote_code: bool = False):
+def load_model(name: str, device, quantize_4bit: bool = False, trust_remote_code: bool = False,
+               precision: str = "auto"):
     """Load (model, tokenizer, resolved path): fp32 weights, or NF4 4-bit ones for QLoRA."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -268,7 +317,7 @@ def load_model(name: str, device, quantize_4bit: bool = False, trust_remote_code
         except Exception as exc:
             raise PipelineError(f"4-bit loading needs bitsandbytes ({exc}); "
                                 "pip install bitsandbytes==0.50.2") from None
-        kwargs.update(nf4_load_kwargs(device))
+        kwargs.update(nf4_load_kwargs(device, precision))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:

@@ -87,6 +87,11 @@ class Run:
     def world(self) -> int:
         return self.accelerator.num_processes
 
+    @property
+    def precision(self) -> str:
+        """"bf16" (autocast) or "fp32": what the accelerator computes in."""
+        return "bf16" if self.accelerator.mixed_precision == "bf16" else "fp32"
+
 
 @dataclass(frozen=True)
 class ResumeConfig:
@@ -98,12 +103,13 @@ class ResumeConfig:
     lr: float
     seed: int
     total_steps: int
+    precision: str = "fp32"  # checkpoints made before --precision existed were fp32 on the CPU
 
     @classmethod
-    def of(cls, settings: TrainSettings, total_steps: int) -> "ResumeConfig":
+    def of(cls, settings: TrainSettings, total_steps: int, precision: str) -> "ResumeConfig":
         return cls(model=settings.model, batch_size=settings.batch_size,
                    grad_accum=settings.grad_accum, lr=settings.lr, seed=settings.seed,
-                   total_steps=total_steps)
+                   total_steps=total_steps, precision=precision)
 
 
 @dataclass
@@ -124,16 +130,22 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
-def make_accelerator(device_choice: str = "auto"):
-    """An Accelerator for --device: CUDA with bf16 autocast where supported, else CPU fp32.
+def make_accelerator(device_choice: str = "auto", precision: str = "fp32"):
+    """An Accelerator for --device and --precision: bf16 autocast (models.autocast_dtype) or fp32.
 
     On a machine without CUDA the processes of torchrun or `accelerate launch
     --multi_gpu --num_processes N` run on the CPU and talk over gloo.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     device = pick_device(device_choice)
-    bf16 = autocast_dtype(device) == torch.bfloat16
+    bf16 = autocast_dtype(device, precision) == torch.bfloat16
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != ("bf16" if bf16 else "no"):
+        # accelerate keeps one precision per process; a later run in the same process (a
+        # test, a benchmark) at another precision starts its state afresh, processes kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
     # device_placement off: models.load_model has put the model on its device already (a
     # 4-bit model must not be moved again), and batches are moved by the loop.
     return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
@@ -155,7 +167,7 @@ def start_run(settings: TrainSettings, method: str, name: str | None = None) -> 
     if settings.resume and not checkpoints(Path(settings.output_dir), method):
         raise PipelineError("--resume: no checkpoint in "
                             f"{RunPaths(settings.output_dir, method).checkpoints}")
-    accelerator = make_accelerator(settings.device)
+    accelerator = make_accelerator(settings.device, settings.precision)
     with accelerator.main_process_first():
         resolve_model(settings.model)
     # After resolving: building a tiny preset seeds torch's RNG itself, and a run that built
@@ -308,10 +320,11 @@ class Trainer:
         run = self.run
         folder = checkpoints(run.settings.output_dir, run.method)[-1]
         state = json.loads((folder / "state.json").read_text())
-        for key in (f.name for f in fields(config)):
-            if state["config"][key] != getattr(config, key):
+        for f in fields(config):
+            key, made_with = f.name, state["config"].get(f.name, f.default)
+            if made_with != getattr(config, key):
                 raise PipelineError(f"--resume: the checkpoint was made with {key}="
-                                    f"{state['config'][key]}, this run has "
+                                    f"{made_with}, this run has "
                                     f"{getattr(config, key)}; use the same options or start "
                                     "afresh without --resume", folder)
         self.accelerator.load_state(str(folder))
@@ -383,7 +396,7 @@ def valid_loss(trainer: Trainer, plan: Plan) -> float:
     try:
         shard = plan.valid[run.rank::run.world]
         nll, count = answer_nll(model, shard, plan.pad_id, run.device,
-                                batch_size=run.settings.batch_size * 2)
+                                batch_size=run.settings.batch_size * 2, precision=run.precision)
     finally:
         for layer in layers:
             layer.support_avx512bf16_for_cpu = True
@@ -515,7 +528,7 @@ def run_metrics(run: Run, model, plan: Plan, state: dict, peak: PeakMemory, base
     trainable, total = count_parameters(model)
     history = state["history"]
     recent = history[-10:]
-    dtype = autocast_dtype(run.device)
+    dtype = autocast_dtype(run.device, run.precision)
     data_dir = Path(settings.data_dir)
     return {
         "method": run.method, "model": settings.model, "base_model_path": base_path,
@@ -533,6 +546,7 @@ def run_metrics(run: Run, model, plan: Plan, state: dict, peak: PeakMemory, base
         "train_examples": len(plan.train), "valid_examples": len(plan.valid),
         "device": str(run.device),
         "autocast": str(dtype).replace("torch.", "") if dtype else "none",
+        "precision": run.precision,
         "details": details or {}, "args": settings.as_dict(), "versions": versions(),
         "data_sha256": {name: file_sha256(data_dir / name)
                         for name in ("train.jsonl", "valid.jsonl", "template.json")},
@@ -584,7 +598,7 @@ def train_and_save(run: Run, model, tokenizer, base_path: str, details: dict | N
               f"on {run.device}" + (f" x {run.world} processes" if run.world > 1 else ""))
 
     # Start afresh, or from the newest checkpoint with --resume
-    config = ResumeConfig.of(settings, plan.total_steps)
+    config = ResumeConfig.of(settings, plan.total_steps, run.precision)
     state = {"step": 0, "history": [], "valid_loss": [], "train_seconds": 0.0,
              "train_tokens": 0, "train_examples": 0, "config": asdict(config)}
     ckpt_dir = run.paths.checkpoints

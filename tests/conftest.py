@@ -22,3 +22,14 @@ def model_cache(tmp_path_factory):
 def data_dir(tmp_path):
     """A fresh small data folder for one test."""
     return write_split(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def no_native_bf16(monkeypatch):
+    """--precision auto means fp32 in every test, whatever the test machine's CPU computes.
+
+    Tests that check bf16 ask for it with --precision bf16, which works everywhere.
+    """
+    import models
+
+    monkeypatch.setattr(models, "native_bf16", lambda device: False)

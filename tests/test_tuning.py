@@ -19,11 +19,14 @@ def lora_args(data_dir, out, *extra):
                                      "--max-steps", "4", *extra])
 
 
-def test_default_grid_spans_more_than_30x_with_at_least_four_rates(tmp_path):
-    settings = TrainSettings.from_args(lora_args(tmp_path, tmp_path / "o"))
-    rates = tuning.lr_grid(settings)
-    assert len(rates) >= 4 and max(rates) / min(rates) >= 30
-    assert min(rates) < settings.lr < max(rates)
+def test_default_grid_is_the_scripts_rate_and_a_3x_step_either_way():
+    rate = finetune_lora.DEFAULT_LR
+    rates = [rate * f for f in tuning.GRID_FACTORS]
+    assert len(rates) == 3 and max(rates) / min(rates) >= 9
+    assert min(rates) < rate < max(rates) and rate in rates
+
+
+def test_lr_grid_gives_the_option_when_set(tmp_path):
     given = TrainSettings.from_args(lora_args(tmp_path, tmp_path / "o", "--lr-grid", "1e-4,3e-4"))
     assert tuning.lr_grid(given) == [1e-4, 3e-4]
 
@@ -52,7 +55,8 @@ def tuned(tmp_path_factory):
 def test_search_scores_every_rate_on_validation_and_records_the_choice(tuned):
     _, out = tuned
     search = json.loads((out / "search" / "lora.json").read_text())
-    assert search["grid"] == pytest.approx([2e-4 * f for f in tuning.GRID_FACTORS])
+    assert search["grid"] == pytest.approx([finetune_lora.DEFAULT_LR * f
+                                            for f in tuning.GRID_FACTORS])
     assert search["split"] == "valid.jsonl"
     assert [r["lr"] for r in search["results"]] == search["grid"]
     best = max(search["results"], key=lambda r: (r["score"], -r["valid_loss"]))
@@ -128,3 +132,44 @@ def test_resume_reuses_a_finished_search(tuned, capsys):
     assert "learning-rate search 1/4" not in printed
     assert printed.count("already complete; skipped") == 2
     assert (out / "search" / "lora.json").read_text() == search
+
+
+def diverge_on_calls(calls: set):
+    """A training callback that raises training.Diverged on the listed calls (1 = first step)."""
+    import training
+
+    count = [0]
+
+    def callback(step, control):
+        count[0] += 1
+        if count[0] in calls:
+            raise training.Diverged(f"loss nan at step {step}")
+    return callback
+
+
+def test_a_diverged_rate_is_recorded_and_never_chosen(data_dir, tmp_path):
+    out = tmp_path / "out"
+    # the first rate's first step diverges; the other two runs and the final one train on
+    finetune_lora.main(lora_args(data_dir, out, "--tune-lr", "--lr-grid", "1e-3,3e-3,1e-2"),
+                       callbacks=(diverge_on_calls({1}),))
+    search = json.loads((out / "search" / "lora.json").read_text())
+    first, *rest = search["results"]
+    assert first["diverged"] is True and first["score"] is None and first["lr"] == 1e-3
+    assert search["diverged"] == [1e-3]
+    assert all(r["diverged"] is False and r["score"] is not None for r in rest)
+    assert search["chosen_lr"] != 1e-3
+    assert not (out / "checkpoints" / "lora").exists()
+    assert json.loads((out / "lora" / "metrics.json").read_text())["args"]["lr"] == \
+        search["chosen_lr"]
+
+
+def test_a_search_where_every_rate_diverges_stops_with_one_line(data_dir, tmp_path, capsys):
+    from helpers import run_and_expect_exit
+
+    out = tmp_path / "out"
+    args = lora_args(data_dir, out, "--tune-lr", "--lr-grid", "1e-3,1e-2")
+    line = run_and_expect_exit(
+        lambda a: finetune_lora.main(a, callbacks=(diverge_on_calls(set(range(1, 100))),)),
+        args, capsys)
+    assert "diverged at every rate" in line and "0.001, 0.01" in line
+    assert not (out / "search").exists() and not (out / "lora").exists()
