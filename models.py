@@ -334,8 +334,9 @@ def enable_gradient_checkpointing(model) -> None:
 
     The non-reentrant torch checkpoint: gradients reach the parameters inside a
     layer even when its inputs need none (frozen embeddings under LoRA, QLoRA and
-    BitFit), so no enable_input_require_grads hook is needed; the reentrant one
-    would silently give those layers no gradient.
+    BitFit); the reentrant one would give those layers no gradient unless the
+    embeddings' output is made to require one.  transformers adds that hook
+    (enable_input_require_grads) as well; it changes no number.
     """
     lm = causal_lm(model)
     if not lm.supports_gradient_checkpointing:

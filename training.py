@@ -260,9 +260,10 @@ class Trainer:
         folder = checkpoints(run.settings.output_dir, run.method)[-1]
         state = json.loads((folder / "state.json").read_text())
         for key in ("model", "batch_size", "grad_accum", "lr", "seed", "total_steps", "optim"):
-            if state["config"].get(key, "adamw") != run.config[key]:  # "optim" came later
+            saved = state["config"].get(key, "adamw")  # checkpoints without "optim" used AdamW
+            if saved != run.config[key]:
                 raise PipelineError(f"--resume: the checkpoint was made with {key}="
-                                    f"{state['config'][key]}, this run has {run.config[key]}; "
+                                    f"{saved}, this run has {run.config[key]}; "
                                     "use the same options or start afresh without --resume",
                                     folder)
         self.accelerator.load_state(str(folder))
