@@ -29,7 +29,7 @@ def prepare(model, settings: TrainSettings):
     """QLoRA: make the 4-bit base trainable-ready, then add the same adapters as LoRA."""
     options = settings.method_options
     # Checkpointing, when asked for, is switched on for every method alike by
-    # tuning.train_once (models.enable_gradient_checkpointing), not here.
+    # tuning.load_prepared (models.enable_gradient_checkpointing), not here.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, finetune_lora.adapter_config(model, options))
     return model, models.lora_details(model, quantization="nf4")

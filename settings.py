@@ -94,8 +94,9 @@ class TrainSettings:
         choices=["adamw", "adamw_8bit"])
     gradient_checkpointing: bool = option(
         False, "recompute each layer's activations in the backward pass instead of keeping "
-               "them: the same gradients in less memory for one more forward pass a step; for long sequences "
-               "or large batches on a GPU (off by default: a small model's activations are small)",
+               "them: the same gradients in less memory, for one more forward pass a step; for "
+               "long sequences or large batches on a GPU (off by default: a small model's "
+               "activations are small)",
         action="store_true")
     seed: int = option(42, "seeds initialisation, dropout and batch order", type=int)
     seeds: int = option(

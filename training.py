@@ -260,7 +260,7 @@ class Trainer:
         folder = checkpoints(run.settings.output_dir, run.method)[-1]
         state = json.loads((folder / "state.json").read_text())
         for key in ("model", "batch_size", "grad_accum", "lr", "seed", "total_steps", "optim"):
-            saved = state["config"].get(key, "adamw")  # checkpoints without "optim" used AdamW
+            saved = state["config"].get(key, "adamw")  # only older checkpoints lack one: "optim"
             if saved != run.config[key]:
                 raise PipelineError(f"--resume: the checkpoint was made with {key}="
                                     f"{saved}, this run has {run.config[key]}; "
@@ -279,8 +279,8 @@ def make_optimizer(params: list, settings: TrainSettings):
         except Exception as exc:
             raise PipelineError(f"--optim adamw_8bit needs bitsandbytes ({exc}); "
                                 "pip install bitsandbytes==0.50.2") from None
-        # Tensors under 4096 elements (biases, norms) keep 32-bit moments: bitsandbytes'
-        # min_8bit_size, where quantising saves little and costs accuracy.
+        # Tensors under 4096 elements (biases, norms) keep 32-bit moments (bitsandbytes'
+        # min_8bit_size): they hold little of the memory.
         return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=0.0)
     # fused: one kernel updates every tensor, where the default (foreach) makes several
     # passes over weights, gradients and moments.  On this project's 2-core CPU, 82M
