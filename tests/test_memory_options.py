@@ -62,6 +62,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(method, data_dir):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_a_qlora_run_with_gradient_checkpointing_ends_where_one_without_does(data_dir, tmp_path):
+    """End to end through the script: the same losses and adapter after 3 steps."""
+    from safetensors.torch import load_file
+
+    script, adapters, losses = SCRIPTS["qlora"], {}, {}
+    for name, extra in (("plain", []), ("ckpt", ["--gradient-checkpointing"])):
+        script.main(train_args(script, data_dir, tmp_path / name, "--model", "tiny-llama",
+                               "--dropout", "0", "--max-steps", "3", *extra))
+        folder = tmp_path / name / "qlora"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["args"]["gradient_checkpointing"] is bool(extra)
+        losses[name] = [h["loss"] for h in metrics["history"]]
+        adapters[name] = load_file(folder / "adapter_model.safetensors")
+    torch.testing.assert_close(losses["ckpt"], losses["plain"], rtol=1e-5, atol=0)
+    for key, tensor in adapters["plain"].items():
+        torch.testing.assert_close(adapters["ckpt"][key], tensor, rtol=1e-5, atol=1e-7)
+
+
 def test_gradient_checkpointing_does_not_change_the_run_id(data_dir):
     """Seeds and results of a run with and without it belong together: the numbers are the same."""
     script = SCRIPTS["lora"]
