@@ -28,25 +28,21 @@ DEFAULT_LR = 2e-3
 
 
 def parse_args(argv=None):
-    """Command-line options: finetune_lora.py's (same adapter, same defaults but the rate) plus
-    checkpointing."""
+    """Command-line options: finetune_lora.py's (same adapter, same defaults but the rate)."""
     parser = finetune_lora.build_parser(
         __doc__, DEFAULT_LR,
         "learning rate (default 2e-3: LoRA's rate is about 10x full fine-tuning's, \"LoRA "
         "Without Regret\" (Schulman and Thinking Machines Lab 2025), and the published search "
         "on smollm2-135m chose 2e-3 for QLoRA, its top rate: --tune-lr also tries 6e-3)")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute activations in the backward pass: less memory, about "
-                             "30%% slower (QLoRA's setting for large models; off by default "
-                             "because a small model's activations are small)")
     return parser.parse_args(argv)
 
 
 def prepare(model, settings: TrainSettings):
     """QLoRA: make the 4-bit base trainable-ready, then add the same adapters as LoRA."""
     options = settings.method_options
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=options["gradient_checkpointing"])
+    # Checkpointing, when asked for, is switched on for every method alike by
+    # tuning.load_prepared (models.enable_gradient_checkpointing), not here.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, finetune_lora.adapter_config(model, options))
     return model, models.lora_details(model, quantization="nf4")
 

@@ -378,6 +378,23 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them.
+
+    The non-reentrant torch checkpoint: gradients reach the parameters inside a
+    layer even when its inputs need none (frozen embeddings under LoRA, QLoRA and
+    BitFit); the reentrant one would give those layers no gradient unless the
+    embeddings' output is made to require one.  transformers adds that hook
+    (enable_input_require_grads) as well; it changes no number.
+    """
+    lm = causal_lm(model)
+    if not lm.supports_gradient_checkpointing:
+        raise PipelineError(f"--gradient-checkpointing: {lm.__class__.__name__} does not "
+                            "support it; leave the option off")
+    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    lm.config.use_cache = False  # a cache is of no use in training and conflicts with recomputing
+
+
 # --- adapters (shared by finetune_lora.py and finetune_qlora.py) ---------------
 
 

@@ -95,6 +95,18 @@ class TrainSettings:
     max_grad_norm: float = option(
         1.0, "gradient clipping norm (1.0, the usual transformer setting)", type=positive_float,
         identity=True)
+    optim: str = option(
+        "adamw", "adamw: torch's AdamW, fp32 moments (8 bytes a trainable parameter); "
+                 "adamw_8bit: bitsandbytes' blockwise 8-bit AdamW (Dettmers et al. 2022), 2 bytes "
+                 "a parameter, for full fine-tuning where the moments fill the memory; it gives "
+                 "other numbers, so it is part of what defines a run",
+        choices=["adamw", "adamw_8bit"], identity=True)
+    gradient_checkpointing: bool = option(
+        False, "recompute each layer's activations in the backward pass instead of keeping "
+               "them: the same gradients in less memory, for one more forward pass a step; for "
+               "long sequences or large batches on a GPU (off by default: a small model's "
+               "activations are small)",
+        action="store_true")
     seed: int = option(42, "seeds initialisation, dropout and batch order", type=int)
     seeds: int = option(
         1, "train N runs with seeds --seed, --seed+1, ...: the first writes "

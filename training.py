@@ -104,12 +104,13 @@ class ResumeConfig:
     seed: int
     total_steps: int
     precision: str = "fp32"  # checkpoints made before --precision existed were fp32 on the CPU
+    optim: str = "adamw"     # and before --optim, AdamW
 
     @classmethod
     def of(cls, settings: TrainSettings, total_steps: int, precision: str) -> "ResumeConfig":
         return cls(model=settings.model, batch_size=settings.batch_size,
                    grad_accum=settings.grad_accum, lr=settings.lr, seed=settings.seed,
-                   total_steps=total_steps, precision=precision)
+                   total_steps=total_steps, precision=precision, optim=settings.optim)
 
 
 @dataclass
@@ -206,11 +207,7 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise PipelineError(f"{run.method}: the model has no trainable parameters")
-        # fused: one kernel updates every tensor, where the default (foreach) makes several
-        # passes over weights, gradients and moments.  On this project's 2-core CPU, 82M
-        # parameters: 0.024-0.026 s a step against 0.08 s, the same update up to float
-        # rounding.
-        optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, fused=True)
+        optimizer = make_optimizer(params, settings)
         self.loss_module, self.optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
         self.params = params
         self.scheduler = linear_schedule(optimizer, total_steps, settings.warmup_ratio)
@@ -330,6 +327,24 @@ class Trainer:
         self.accelerator.load_state(str(folder))
         print(f"resumed from {folder} (step {state['step']})")
         return state
+
+
+def make_optimizer(params: list, settings: TrainSettings):
+    """--optim: torch's AdamW, or bitsandbytes' 8-bit AdamW (which also runs on the CPU)."""
+    if settings.optim == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except Exception as exc:
+            raise PipelineError(f"--optim adamw_8bit needs bitsandbytes ({exc}); "
+                                "pip install bitsandbytes==0.50.2") from None
+        # Tensors under 4096 elements (biases, norms) keep 32-bit moments (bitsandbytes'
+        # min_8bit_size): they hold little of the memory.
+        return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=0.0)
+    # fused: one kernel updates every tensor, where the default (foreach) makes several
+    # passes over weights, gradients and moments.  On this project's 2-core CPU, 82M
+    # parameters: 0.024-0.026 s a step against 0.08 s, the same update up to float
+    # rounding.
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, fused=True)
 
 
 def linear_schedule(optimizer, total_steps: int, warmup_ratio: float):

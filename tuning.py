@@ -55,15 +55,25 @@ def run_name(method: str, index: int, seed: int) -> str:
     return method if index == 0 else f"{method}-seed{seed}"
 
 
+def load_prepared(settings: TrainSettings, prepare, device, load_kwargs: dict,
+                  precision: str = "fp32") -> tuple:
+    """Load the base and apply the method: (model, tokenizer, base path, the method's details)."""
+    model, tokenizer, base_path = models.load_model(
+        settings.model, device, trust_remote_code=settings.trust_remote_code,
+        precision=precision, **load_kwargs)
+    model, details = prepare(model, settings)
+    if settings.gradient_checkpointing:  # after prepare: PEFT wraps the model it is given
+        models.enable_gradient_checkpointing(model)
+    return model, tokenizer, base_path, details
+
+
 def train_once(settings: TrainSettings, method: str, prepare, name: str, load_kwargs: dict,
                extra: dict, save: bool = True,
                callbacks: tuple = ()) -> tuple[dict, training.Run, object, object]:
     """Load the base, apply the method, train; returns (metrics, run, model, tokenizer)."""
     run = training.start_run(settings, method, name)
-    model, tokenizer, base_path = models.load_model(
-        settings.model, run.device, trust_remote_code=settings.trust_remote_code,
-        precision=run.precision, **load_kwargs)
-    model, details = prepare(model, settings)
+    model, tokenizer, base_path, details = load_prepared(settings, prepare, run.device, load_kwargs,
+                                                         run.precision)
     metrics = training.train_and_save(run, model, tokenizer, base_path, details, extra=extra,
                                       save=save, callbacks=callbacks)
     return metrics, run, model, tokenizer

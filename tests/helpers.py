@@ -68,7 +68,8 @@ def run_and_expect_exit(main, args, capsys) -> str:
 
 def train_args(script, data_dir, out, *extra):
     """A fast tiny-model argument list."""
-    return script.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data_dir), "--output-dir",
+    return script.parse_args(["--device", "cpu", "--model", "tiny-gpt2", "--data-dir",
+                              str(data_dir), "--output-dir",
                               str(out), "--batch-size", "8", "--max-steps", "2", *extra])
 
 

@@ -119,7 +119,8 @@ def test_eval_set_empty_after_deduplication(tmp_path):
 
 
 def test_evaluate_with_no_trained_methods(data_dir, tmp_path, capsys):
-    args = evaluate.parse_args(["--data-dir", str(data_dir), "--output-dir", str(tmp_path)])
+    args = evaluate.parse_args(["--device", "cpu", "--data-dir", str(data_dir), "--output-dir",
+                                str(tmp_path)])
     line = run_and_expect_exit(evaluate.main, args, capsys)
     assert "no finished fine-tuning runs" in line and "finetune_lora.py" in line
 

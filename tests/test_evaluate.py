@@ -153,7 +153,8 @@ def stopping_model(tmp_path_factory):
     """A tiny GPT-2 fully fine-tuned until it answers its 8 training questions and stops."""
     folder = tmp_path_factory.mktemp("stop")
     data = write_split(folder / "data", n_train=8, n_eval=4)
-    args = finetune.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data), "--output-dir",
+    args = finetune.parse_args(["--device", "cpu", "--model", "tiny-gpt2", "--data-dir",
+                                str(data), "--output-dir",
                                 str(folder / "out"), "--batch-size", "8", "--max-steps", "150",
                                 "--lr", "3e-3", "--warmup-ratio", "0"])
     finetune.main(args)
@@ -260,7 +261,8 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval")
     data = write_split(folder / "data")
     for script in SCRIPTS.values():
-        script.main(script.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data),
+        script.main(script.parse_args(["--device", "cpu", "--model", "tiny-gpt2", "--data-dir",
+                                       str(data),
                                        "--output-dir", str(folder / "out"), "--batch-size", "8",
                                        "--max-steps", "3"]))
     return data, folder / "out"
@@ -268,7 +270,8 @@ def trained(tmp_path_factory):
 
 def test_evaluate_writes_every_file_with_a_row_per_method_and_base(trained):
     data, out = trained
-    evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out)]))
+    evaluate.main(evaluate.parse_args(["--device", "cpu", "--data-dir", str(data), "--output-dir",
+                                       str(out)]))
     for name in ("comparison.csv", "comparison.md", "comparison.json", "comparison.png",
                  "quality_vs_cost.png"):
         assert (out / name).stat().st_size > 0, name
@@ -291,7 +294,8 @@ def test_evaluate_writes_every_file_with_a_row_per_method_and_base(trained):
 
 def test_evaluate_limit_and_method_selection(trained, tmp_path):
     data, out = trained
-    evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out),
+    evaluate.main(evaluate.parse_args(["--device", "cpu", "--data-dir", str(data), "--output-dir",
+                                       str(out),
                                        "--methods", "lora", "--limit", "3"]))
     report = json.loads((out / "comparison.json").read_text())
     assert [r["method"] for r in report["rows"]] == ["base", "lora"]
@@ -322,7 +326,8 @@ def test_evaluate_scores_answers_it_controls(tmp_path, monkeypatch):
     data, out = write_split(tmp_path / "data"), tmp_path / "out"
     for name in ("full", "lora"):
         SCRIPTS[name].main(SCRIPTS[name].parse_args([
-            "--model", "tiny-gpt2", "--data-dir", str(data), "--output-dir", str(out),
+            "--device", "cpu", "--model", "tiny-gpt2", "--data-dir", str(data),
+            "--output-dir", str(out),
             "--batch-size", "8", "--max-steps", "1"]))
     rows = common.load_split(data, "eval")
     # base answers nothing right; full answers every question; lora the first half only
@@ -339,7 +344,8 @@ def test_evaluate_scores_answers_it_controls(tmp_path, monkeypatch):
         return list(answers[name][:len(prompts)])
 
     monkeypatch.setattr(generation, "generate_answers", fake_generate)
-    evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out),
+    evaluate.main(evaluate.parse_args(["--device", "cpu", "--data-dir", str(data), "--output-dir",
+                                       str(out),
                                        "--methods", "full,lora"]))
     assert calls == ["base", "full", "lora"]
     report = json.loads((out / "comparison.json").read_text())

@@ -10,7 +10,7 @@ import finetune_lora
 from helpers import write_split
 from helpers import SCRIPTS
 
-TRAIN = ["--model", "tiny-gpt2", "--batch-size", "8", "--max-steps", "3"]
+TRAIN = ["--device", "cpu", "--model", "tiny-gpt2", "--batch-size", "8", "--max-steps", "3"]
 
 
 def train_all(data, out):
@@ -25,7 +25,8 @@ def snapshot(out) -> dict:
 
 
 def run_evaluate(data, out, *extra):
-    evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out),
+    evaluate.main(evaluate.parse_args(["--device", "cpu", "--data-dir", str(data), "--output-dir",
+                                       str(out),
                                        *extra]))
     return json.loads((out / "comparison.json").read_text())
 

@@ -111,7 +111,8 @@ def test_default_command_falls_back_once_and_records_the_model_used(no_hub, monk
     output names the model actually used (tiny-gpt2 stands in for smollm2-135m here)."""
     monkeypatch.setattr(models, "FALLBACK_MODEL", "tiny-gpt2")
     out = tmp_path / "out"
-    args = finetune.parse_args(["--data-dir", str(data_dir), "--output-dir", str(out),
+    args = finetune.parse_args(["--device", "cpu", "--data-dir", str(data_dir), "--output-dir",
+                                str(out),
                                 "--batch-size", "8", "--max-steps", "2", "--seeds", "2",
                                 "--tune-lr", "--lr-grid", "1e-4,1e-3", "--search-epochs", "1"])
     assert args.model is None

@@ -18,7 +18,8 @@ TIMING_KEYS = {"train_seconds", "train_tokens_per_s", "seconds_per_100_examples"
 def train(method, data_dir, out, *extra, callbacks=()):
     """A 10-step tiny-gpt2 run with a checkpoint every 3 steps (epochs are 6 steps long)."""
     script = SCRIPTS[method]
-    script.main(script.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data_dir),
+    script.main(script.parse_args(["--device", "cpu", "--model", "tiny-gpt2", "--data-dir",
+                                   str(data_dir),
                                    "--output-dir", str(out), "--batch-size", "8",
                                    "--max-steps", "10", "--save-every", "3", *extra]),
                 callbacks)
@@ -99,7 +100,8 @@ def test_same_command_twice_gives_identical_metrics_and_predictions(data_dir, tm
     for name in ("one", "two"):
         out = tmp_path / name
         train("lora", data_dir, out)
-        evaluate.main(evaluate.parse_args(["--data-dir", str(data_dir), "--output-dir",
+        evaluate.main(evaluate.parse_args(["--device", "cpu", "--data-dir", str(data_dir),
+                                           "--output-dir",
                                            str(out)]))
         metrics = json.loads((out / "lora" / "metrics.json").read_text())
         history = [{k: v for k, v in h.items()} for h in metrics.pop("history")]

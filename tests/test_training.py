@@ -20,7 +20,8 @@ COMMON_FILES = {"COMPLETED", "metrics.json", "training_metrics.png", "tokenizer.
 def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
     """Run a script's main() in-process; spy(model, stage) sees the model before and after."""
     args = SCRIPTS[method].parse_args(
-        ["--model", model, "--data-dir", str(data_dir), "--output-dir", str(out_dir),
+        ["--device", "cpu", "--model", model, "--data-dir", str(data_dir),
+         "--output-dir", str(out_dir),
          "--batch-size", "8", "--max-steps", "6", *extra])
     if spy is None:
         SCRIPTS[method].main(args)

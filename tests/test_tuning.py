@@ -14,7 +14,8 @@ from settings import TrainSettings
 
 
 def lora_args(data_dir, out, *extra):
-    return finetune_lora.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data_dir),
+    return finetune_lora.parse_args(["--device", "cpu", "--model", "tiny-gpt2", "--data-dir",
+                                     str(data_dir),
                                      "--output-dir", str(out), "--batch-size", "8",
                                      "--max-steps", "4", *extra])
 
@@ -82,7 +83,8 @@ def test_evaluate_reports_the_mean_over_seeds(tuned, tmp_path):
     from helpers import write_split
 
     fresh = write_split(tmp_path / "data")  # a readable eval.jsonl, same train/valid rows
-    evaluate.main(evaluate.parse_args(["--data-dir", str(fresh), "--output-dir", str(out)]))
+    evaluate.main(evaluate.parse_args(["--device", "cpu", "--data-dir", str(fresh),
+                                       "--output-dir", str(out)]))
     report = json.loads((out / "comparison.json").read_text())
     lora = next(r for r in report["rows"] if r["method"] == "lora")
     assert lora["seeds"] == 2 and lora["seed_values"] == [42, 43]
@@ -109,7 +111,8 @@ def test_a_seed_trained_with_other_settings_is_left_out(tuned, tmp_path, capsys)
 def test_fewer_seeds_remove_stale_seed_folders_and_resume_skips_finished(data_dir, tmp_path,
                                                                         capsys):
     out = tmp_path / "out"
-    args = finetune_bitfit.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data_dir),
+    args = finetune_bitfit.parse_args(["--device", "cpu", "--model", "tiny-gpt2", "--data-dir",
+                                       str(data_dir),
                                        "--output-dir", str(out), "--batch-size", "8",
                                        "--max-steps", "2", "--seeds", "2"])
     finetune_bitfit.main(args)
