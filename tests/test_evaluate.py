@@ -338,7 +338,7 @@ def test_evaluate_scores_answers_it_controls(tmp_path, monkeypatch):
     calls = []
 
     def fake_generate(model, tokenizer, prompts, max_new, device, stop=None, batch_size=32,
-                      desc=None):
+                      desc=None, precision="fp32"):
         name = desc.split(":")[0]
         calls.append(name)
         return list(answers[name][:len(prompts)])
