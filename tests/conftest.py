@@ -24,12 +24,16 @@ def data_dir(tmp_path):
     return write_split(tmp_path / "data")
 
 
-@pytest.fixture(autouse=True)
-def no_native_bf16(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def no_native_bf16():
     """--precision auto means fp32 in every test, whatever the test machine's CPU computes.
 
-    Tests that check bf16 ask for it with --precision bf16, which works everywhere.
+    Session-wide, so module-scoped fixtures that train see it too.  Tests that check bf16
+    ask for it with --precision bf16, which works everywhere.
     """
     import models
 
-    monkeypatch.setattr(models, "native_bf16", lambda device: False)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(models, "native_bf16", lambda device: False)
+    yield
+    patch.undo()

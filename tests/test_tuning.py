@@ -132,7 +132,7 @@ def test_resume_reuses_a_finished_search(tuned, capsys):
     finetune_lora.main(args)
     printed = capsys.readouterr().out
     assert "using the finished learning-rate search" in printed
-    assert "learning-rate search 1/4" not in printed
+    assert "learning-rate search 1/3" not in printed
     assert printed.count("already complete; skipped") == 2
     assert (out / "search" / "lora.json").read_text() == search
 
