@@ -593,8 +593,9 @@ def summarise(records: list[dict]) -> dict:
     out = {"n": n,
            "exact_match": 100 * sum(r["exact_match"] for r in records) / n,
            "token_f1": 100 * sum(r["token_f1"] for r in records) / n}
-    keyed = [r for r in records if "key_match" in r]
+    keyed = [r for r in records if r.get("key_match") is not None]
     out["key_accuracy"] = 100 * sum(r["key_match"] for r in keyed) / len(keyed) if keyed else None
+    out["keyed"] = len(keyed)  # rows with a key: key accuracy is over these only
     return out
 
 
@@ -606,7 +607,11 @@ def quality_key(summaries: list[dict]) -> tuple[str, str, str]:
     and evaluate.py both rank by it.
     """
     if all(s.get("key_accuracy") is not None for s in summaries):
-        return "key_accuracy", "key_match", "key-answer accuracy"
+        keyed, n = summaries[0].get("keyed"), summaries[0].get("n")
+        label = "key-answer accuracy"
+        if keyed is not None and n is not None and keyed < n:  # a key column with blank cells
+            label += f" ({keyed} of {n} questions have keys)"
+        return "key_accuracy", "key_match", label
     return "token_f1", "token_f1", "token F1"
 
 

@@ -108,6 +108,14 @@ def parse_args(argv=None):
                              "Bonferroni-adjusted (default 0.05)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model code from the Hub to run (off by default)")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="score nothing: rebuild the verdict, tables, charts and report from "
+                             "the per-question predictions already in --output-dir (e.g. "
+                             "results/smollm2-135m, which holds no model); needs no model or data")
+    parser.add_argument("--publish", metavar="DIR", default=None,
+                        help="copy what --compare-only reads (evaluation.json, each compared "
+                             "run's predictions.jsonl and metrics.json, search/) from "
+                             "--output-dir to DIR, without the weights, and stop")
     return parser.parse_args(argv)
 
 
@@ -283,7 +291,7 @@ def run_perplexity(records: list[dict]) -> float:
 def mean_summary(runs: list[list[dict]]) -> dict:
     """summarise() of each seed's records, averaged over seeds."""
     summaries = [common.summarise(records) for records in runs]
-    out = {"n": summaries[0]["n"]}
+    out = {"n": summaries[0]["n"], "keyed": summaries[0]["keyed"]}
     for key in ("exact_match", "token_f1", "key_accuracy"):
         values = [s[key] for s in summaries]
         out[key] = None if values[0] is None else sum(values) / len(values)
@@ -373,7 +381,7 @@ def cell(row: dict, key: str, digits) -> str:
 def pairwise_table(pairs: list[dict], label: str) -> str:
     """The paired comparisons as a markdown table."""
     out = io.StringIO()
-    out.write(f"| a | b | {label} a - b (points) | 95% CI | p (exact) | p (Holm) | verdict |\n"
+    out.write(f"| a | b | {label} a - b (points) | adjusted CI | p | p (Bonferroni) | verdict |\n"
               "|---|---|---|---|---|---|---|\n")
     for p in pairs:
         significant = p["significant"]
@@ -385,22 +393,19 @@ def pairwise_table(pairs: list[dict], label: str) -> str:
 
 
 def markdown_table(rows: list[dict], breakdowns: dict, pairs: list[dict], recommendation: str,
-                   n: int) -> str:
+                   n: int, procedure: str) -> str:
     """comparison.md: the table, the paired tests, per-kind and per-category tables, the verdict."""
     out = io.StringIO()
     out.write(f"# Comparison on {n} held-out questions\n\n")
-    out.write("Means over seeds; 95% intervals from a bootstrap over questions and seeds. "
-              f"{PERPLEXITY_NOTE[0].upper() + PERPLEXITY_NOTE[1:]}.\n\n")
+    out.write("Means over seeds; 95% t intervals, clustered by fact group, with each method's "
+              f"seed-to-seed variation. {PERPLEXITY_NOTE[0].upper() + PERPLEXITY_NOTE[1:]}.\n\n")
     out.write("| " + " | ".join(title for _, title, _ in COLUMNS) + " |\n")
     out.write("|" + "---|" * len(COLUMNS) + "\n")
     for row in rows:
         out.write("| " + " | ".join(cell(row, k, d) for k, _, d in COLUMNS) + " |\n")
     key, _, label = common.quality_key(rows)
-    out.write(f"\n## Paired comparisons ({label})\n\n"
-              "Paired bootstrap interval of the difference; exact McNemar test (sign-flip test "
-              "over seed means when there are several seeds), Holm-adjusted over all "
-              f"{len(pairs)} comparisons. A difference is called significant when the "
-              "adjusted p < 0.05 and the interval excludes 0.\n\n" + pairwise_table(pairs, label))
+    out.write(f"\n## Paired comparisons ({label})\n\n{procedure}\n\n"
+              + pairwise_table(pairs, label))
     for field, title in (("eval_kind", "eval kind"), ("category", "category")):
         values = sorted({v for b in breakdowns.values() for v in b[field]})
         if not values:
@@ -512,11 +517,16 @@ def plot_lr_search(searches: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     label = "validation score"
     for name, search in searches.items():
-        results = search["results"]
+        results = [r for r in search["results"] if not r.get("diverged")]
         label = search["metric_label"]
         xs, ys = [r["lr"] for r in results], [r["score"] for r in results]
         ax.plot(xs, ys, "o-", color=COLOURS.get(name),
                 label=f"{name} (chose {search['chosen_lr']:.2g})")
+        # A diverged rate has no score: an x on the axis, where no curve can hide it.
+        diverged = [r["lr"] for r in search["results"] if r.get("diverged")]
+        if diverged:
+            ax.scatter(diverged, [0] * len(diverged), marker="x", s=80, clip_on=False,
+                       color=COLOURS.get(name), label=f"{name}: diverged", zorder=3)
         chosen = next(r for r in results if r["lr"] == search["chosen_lr"])
         ax.scatter([chosen["lr"]], [chosen["score"]], s=160, facecolors="none",
                    edgecolors=COLOURS.get(name), linewidths=2, zorder=3)
@@ -531,6 +541,12 @@ def plot_lr_search(searches: dict[str, dict], path: Path) -> None:
 
 def main(args):
     """Evaluate base + methods, then write predictions, tables, plots and the recommendation."""
+    if args.publish:
+        publish(Path(args.output_dir), Path(args.publish))
+        return
+    if args.compare_only:
+        compare(Path(args.output_dir), args.alpha)
+        return
     # Read the eval set and find the finished runs (fails fast, before any model loads)
     output_dir = Path(args.output_dir)
     template = common.load_template(args.data_dir)
@@ -563,6 +579,7 @@ def main(args):
     rescore = set(requested_methods(args.methods)) | {"base"}
     all_runs: dict[str, list[list[dict]]] = {}   # per model: each compared run's records
     trained: dict[str, list[dict]] = {}          # per method: those runs' metrics.json
+    compared: dict[str, list[Path]] = {}         # per model: those runs' folders
     for name, runs in {"base": [(output_dir / "base", None)], **methods}.items():
         kept = []
         for folder, metrics in runs:
@@ -588,6 +605,7 @@ def main(args):
                       f"{summary['exact_match']:5.1f}%  key {fmt(summary['key_accuracy'])}%  "
                       f"F1 {summary['token_f1']:5.1f}%")
             kept.append((metrics, records))
+            compared.setdefault(name, []).append(folder)
         if kept:
             all_runs[name] = [records for _, records in kept]
             if name != "base":
@@ -595,35 +613,74 @@ def main(args):
     if not trained:
         raise common.PipelineError("no fine-tuned method has up-to-date predictions to compare; "
                                    "run evaluate.py without --methods")
+    # What the comparison needs besides the per-run files, so it can be rebuilt from them alone
+    common.write_json(output_dir / EVALUATION, {
+        "model": next(iter(trained.values()))[0]["model"], "base_model_path": base_path,
+        "questions": len(rows), "max_new_tokens": max_new, "stop": stop, "precision": precision,
+        "runs": {name: [folder.name for folder in folders] for name, folders in compared.items()}})
+    compare(output_dir, args.alpha)
+
+
+# --- The comparison, from files alone -------------------------------------------
+
+EVALUATION = "evaluation.json"  # which runs were compared, and the decoding they were scored with
+
+
+def compare(output_dir: Path, alpha: float) -> dict:
+    """Build the verdict, tables, charts and report from the saved per-run files alone.
+
+    Reads <output-dir>/evaluation.json, each compared run's predictions.jsonl and
+    metrics.json, and search/<method>.json; needs no model, tokenizer or data.
+    """
+    output_dir = Path(output_dir)
+    info_path = output_dir / EVALUATION
+    if not info_path.exists():
+        raise common.PipelineError("no evaluation to compare: run `python evaluate.py` first",
+                                   info_path)
+    info = common.read_json(info_path)
+    all_runs: dict[str, list[list[dict]]] = {}
+    trained: dict[str, list[dict]] = {}
+    for name, folders in info["runs"].items():
+        for folder in (output_dir / f for f in folders):
+            predictions = folder / runpaths.PREDICTIONS
+            if not predictions.exists():
+                raise common.PipelineError(f"{runpaths.PREDICTIONS} is missing; re-run "
+                                           "`python evaluate.py`", folder)
+            all_runs.setdefault(name, []).append(common.read_jsonl(predictions))
+            if name != "base":
+                trained.setdefault(name, []).append(common.read_json(folder / "metrics.json"))
 
     # Means, intervals, paired tests, and the recommendation that follows from them
     table = [comparison_row(name, runs, trained.get(name)) for name, runs in all_runs.items()]
     add_intervals(table, all_runs)
     key, record_key, label = common.quality_key(table)
-    pairs = verdict.pairwise(all_runs, record_key, alpha=args.alpha)
+    pairs = verdict.pairwise(all_runs, record_key, alpha=alpha)
     for pair in pairs:
         pair["metric"] = key
-    recommendation = verdict.recommend(table, pairs, key, label, args.alpha)
+    recommendation = verdict.recommend(table, pairs, key, label, alpha)
     breakdowns = {name: {"eval_kind": breakdown(runs, "eval_kind"),
                          "category": breakdown(runs, "category")}
                   for name, runs in all_runs.items()}
     searches = read_searches(output_dir, trained)
+    procedure = verdict.procedure(
+        alpha, len(pairs), max(p["n_questions"] for p in pairs),
+        max(p["n_groups"] for p in pairs),
+        {name: len(runs) for name, runs in all_runs.items()}, key)
 
     # Write the tables, the plots and comparison.json
     common.write_text_atomic(output_dir / "comparison.csv", csv_text(table))
     common.write_text_atomic(output_dir / "comparison.md",
-                             markdown_table(table, breakdowns, pairs, recommendation, len(rows)))
+                             markdown_table(table, breakdowns, pairs, recommendation,
+                                            info["questions"], verdict.describe(procedure)))
     comparison = {
-        "model": next(iter(trained.values()))[0]["model"], "base_model_path": base_path,
-        "questions": len(rows), "max_new_tokens": max_new, "stop": stop,
-        "headline_metric": key, "alpha": args.alpha, "perplexity": PERPLEXITY_NOTE,
+        "model": info["model"], "base_model_path": info["base_model_path"],
+        "questions": info["questions"], "max_new_tokens": info["max_new_tokens"],
+        "stop": info["stop"], "precision": info.get("precision", "fp32"),
+        "headline_metric": key, "headline_label": label, "alpha": alpha,
+        "perplexity": PERPLEXITY_NOTE,
         "intervals": "95% t intervals, cluster-robust over fact groups plus seed variance; "
                      "see verdict.py",
-        "procedure": verdict.procedure(
-            args.alpha, len(pairs), max(p["n_questions"] for p in pairs),
-            max(p["n_groups"] for p in pairs),
-            {name: len(runs) for name, runs in all_runs.items()}, key),
-        "rows": table, "pairwise": pairs, "breakdowns": breakdowns,
+        "procedure": procedure, "rows": table, "pairwise": pairs, "breakdowns": breakdowns,
         "lr_search": {name: {k: s[k] for k in ("grid", "chosen_lr", "metric", "budget")}
                       for name, s in searches.items()},
         "recommendation": recommendation}
@@ -638,8 +695,29 @@ def main(args):
     print(f"\n{recommendation}\n\nwrote {output_dir}/comparison.{{csv,md,json,png}}, "
           f"{output_dir}/quality_vs_cost.png"
           + (f", {output_dir}/lr_search.png" if searches else "")
-          + f", {output_dir}/report.html and predictions.jsonl per run")
+          + f", {output_dir}/report.html")
+    return comparison
 
+
+def publish(output_dir: Path, target: Path) -> None:
+    """Copy what compare() reads (no weights) to target, e.g. results/<model>/."""
+    import shutil
+
+    output_dir, target = Path(output_dir), Path(target)
+    info = common.read_json(output_dir / EVALUATION)
+    with common.staged_dir(target) as tmp:
+        shutil.copy2(output_dir / EVALUATION, tmp / EVALUATION)
+        for name, folders in info["runs"].items():
+            for folder in folders:
+                (tmp / folder).mkdir()
+                for file in (runpaths.PREDICTIONS, "metrics.json", "training_metrics.png"):
+                    if (output_dir / folder / file).exists():
+                        shutil.copy2(output_dir / folder / file, tmp / folder / file)
+        searches = output_dir / "search"
+        if searches.is_dir():
+            shutil.copytree(searches, tmp / "search")
+    print(f"published the per-question scores and run records of {output_dir}/ to {target}/; "
+          f"`python evaluate.py --compare-only --output-dir {target}` rebuilds the verdict")
 
 if __name__ == "__main__":
     common.run_main(main, parse_args())

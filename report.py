@@ -110,7 +110,7 @@ def comparison_table(comparison: dict) -> str:
 
 
 def pairwise_table(comparison: dict) -> str:
-    """Every paired comparison: difference, interval, exact and Holm-adjusted p-values."""
+    """Every paired comparison: difference, adjusted interval, p and Bonferroni-adjusted p."""
     alpha = comparison.get("alpha", 0.05)
     rows = []
     for p in comparison["pairwise"]:
@@ -122,8 +122,8 @@ def pairwise_table(comparison: dict) -> str:
                     f"<td>[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}]</td>"
                     f"<td>{p['p_value']:.3g}</td><td>{p['p_adjusted']:.3g}</td>"
                     f"<td class=text>{word}</td></tr>")
-    return ("<table><tr><th>comparison</th><th>difference (points)</th><th>95% CI</th>"
-            "<th>p (exact)</th><th>p (Holm)</th><th class=text>verdict</th></tr>"
+    return ("<table><tr><th>comparison</th><th>difference (points)</th><th>adjusted CI</th>"
+            "<th>p</th><th>p (Bonferroni)</th><th class=text>verdict</th></tr>"
             + "".join(rows) + "</table>")
 
 
@@ -154,6 +154,7 @@ def search_table(comparison: dict, output_dir: Path) -> str:
     for name in searches:
         full = common.read_json(runpaths.search_file(output_dir, name))
         cells = ", ".join(
+            f"{r['lr']:.2g}: diverged" if r.get("diverged") else
             (f"<b>{r['lr']:.2g}: {r['score']:.1f}%</b>" if r["lr"] == full["chosen_lr"]
              else f"{r['lr']:.2g}: {r['score']:.1f}%") for r in full["results"])
         rows.append(f"<tr><td>{name}</td><td>{full['chosen_lr']:.2g}</td>"
@@ -165,7 +166,9 @@ def search_table(comparison: dict, output_dir: Path) -> str:
 
 def verdict_of(record: dict) -> bool:
     """A question's headline verdict: the key matched, or (no key) F1 at least 0.5."""
-    return record["key_match"] if "key_match" in record else record["token_f1"] >= 0.5
+    if record.get("key_match") is not None:
+        return record["key_match"]
+    return record["token_f1"] >= 0.5
 
 
 def disagreements(all_runs: dict[str, list[list[dict]]]) -> list[dict]:
@@ -233,9 +236,7 @@ Means over seeds; intervals: {html.escape(comparison['intervals'])}.
 <div class="verdict"><b>Verdict.</b> {html.escape(comparison['recommendation'])}</div>
 <h2>Comparison</h2>{comparison_table(comparison)}
 <h2>Paired tests</h2>
-<p class=muted>Difference a &minus; b on the same questions; paired bootstrap interval; exact
-McNemar test (sign-flip over seed means with several seeds), Holm-adjusted over every
-comparison. Called significant when the adjusted p &lt; 0.05 and the interval excludes 0.</p>{pairwise_table(comparison)}
+<p class=muted>{html.escape(verdict.describe(comparison['procedure']))}</p>{pairwise_table(comparison)}
 <h2>Learning rates</h2>{search_table(comparison, output_dir)}{lr_chart}
 <h2>Charts</h2>{image(output_dir / 'comparison.png', 'comparison')}
 {image(output_dir / 'quality_vs_cost.png', 'quality against cost')}

@@ -146,3 +146,61 @@ def test_report_lists_exactly_the_questions_where_methods_disagree(scored):
     body = page.split('<table id=disagree>')[1].split("</table>")[0]
     assert body.count("<tr data-cat=") == len(expected)
     assert f"{len(expected)} of 12 questions get different verdicts" in page
+
+
+def without_paths(comparison: dict) -> dict:
+    """comparison.json minus what names the folder it was written in."""
+    return {k: v for k, v in comparison.items() if k != "base_model_path"}
+
+
+def test_published_scores_rebuild_the_same_verdict_without_models(scored, tmp_path):
+    data, out = scored
+    report = run_evaluate(data, out)
+    published = tmp_path / "results" / "tiny"
+    evaluate.main(evaluate.parse_args(["--output-dir", str(out), "--publish", str(published)]))
+    assert not list(published.rglob("*.safetensors"))  # per-question scores, no weights
+    assert (published / "evaluation.json").exists()
+    for name in ("base", "full", "lora", "qlora", "bitfit"):
+        assert (published / name / "predictions.jsonl").exists()
+    evaluate.main(evaluate.parse_args(["--output-dir", str(published), "--compare-only"]))
+    rebuilt = json.loads((published / "comparison.json").read_text())
+    assert without_paths(rebuilt) == without_paths(report)
+    assert (published / "comparison.md").read_text() == (out / "comparison.md").read_text()
+    assert (published / "report.html").exists()
+
+
+def test_compare_only_alpha_reaches_every_statement(scored, tmp_path):
+    data, out = scored
+    run_evaluate(data, out)
+    evaluate.main(evaluate.parse_args(["--output-dir", str(out), "--compare-only",
+                                       "--alpha", "0.2"]))
+    report = json.loads((out / "comparison.json").read_text())
+    assert report["alpha"] == 0.2 and report["procedure"]["alpha"] == 0.2
+    assert all(p["alpha"] == 0.2 for p in report["pairwise"])
+    assert "adjusted p < 0.2" in (out / "comparison.md").read_text()
+    assert "adjusted p &lt; 0.2" in (out / "report.html").read_text()
+
+
+def test_compare_only_without_an_evaluation_is_one_line(tmp_path, capsys):
+    from helpers import run_and_expect_exit
+
+    line = run_and_expect_exit(evaluate.main, evaluate.parse_args(
+        ["--output-dir", str(tmp_path), "--compare-only"]), capsys)
+    assert "evaluation.json" in line and "python evaluate.py" in line
+
+
+def test_keys_on_only_some_rows_give_key_accuracy_on_those(tmp_path):
+    data = write_split(tmp_path / "data")
+    rows = [json.loads(line) for line in (data / "eval.jsonl").read_text().splitlines()]
+    for row in rows[::3]:
+        del row["key"]  # a key column with blank cells, kept blank (--no-derive-keys)
+    (data / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    finetune_lora.main(finetune_lora.parse_args([*TRAIN, "--data-dir", str(data),
+                                                 "--output-dir", str(out)]))
+    report = run_evaluate(data, out)
+    keyed = sum(1 for r in rows if r.get("key"))
+    assert report["headline_metric"] == "key_accuracy"
+    assert f"({keyed} of {len(rows)} questions have keys)" in report["headline_label"]
+    assert f"{keyed} of {len(rows)} questions have keys" in report["recommendation"]
+    assert all(p["n_questions"] == keyed for p in report["pairwise"])
