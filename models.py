@@ -269,7 +269,7 @@ def resolve_precision(device, precision: str = "auto", announce: bool = True) ->
     return "bf16" if autocast_dtype(device, precision) == torch.bfloat16 else "fp32"
 
 
-def nf4_config(device, precision: str = "auto"):
+def nf4_config(device, precision: str = "fp32"):
     """The QLoRA quantisation: 4-bit NormalFloat with double quantisation (Dettmers et al. 2023).
 
     The 4-bit layers dequantise to the compute dtype, which follows the precision.
@@ -282,7 +282,7 @@ def nf4_config(device, precision: str = "auto"):
                               or torch.float32)
 
 
-def nf4_load_kwargs(device, precision: str = "auto") -> dict:
+def nf4_load_kwargs(device, precision: str = "fp32") -> dict:
     """from_pretrained arguments that load a base model in NF4 on the given device."""
     device_map = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     return {"quantization_config": nf4_config(device, precision), "device_map": device_map}
@@ -302,8 +302,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def load_model(name: str, device, quantize_4bit: bool = False, trust_remote_code: bool = False,
-               precision: str = "auto"):
-    """Load (model, tokenizer, resolved path): fp32 weights, or NF4 4-bit ones for QLoRA."""
+               precision: str = "fp32"):
+    """Load (model, tokenizer, resolved path): fp32 weights, or NF4 4-bit ones for QLoRA.
+
+    precision is the run's resolved precision ("fp32" or "bf16"; the 4-bit layers compute
+    in it); fp32 by default, so a caller that names none (the benchmark) computes as before.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
