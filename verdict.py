@@ -332,7 +332,9 @@ def recommend(rows: list[dict], pairs: list[dict], metric: str, label: str,
     untuned = [r["method"] for r in rows
                if r["method"] != "base" and not str(r.get("lr_source") or "").startswith("search")]
     if untuned:
-        text += (f" The learning rate of {', '.join(untuned)} was not searched, so this ranking "
+        rates = ("The learning rate of " + untuned[0] + " was" if len(untuned) == 1 else
+                 "The learning rates of " + ", ".join(untuned) + " were")
+        text += (f" {rates} not searched, so this ranking "
                  "may not hold at tuned rates: rerun with `make all ... TUNE=1` (or "
                  "`--tune-lr`) before acting on it.")
     return text

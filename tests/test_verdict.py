@@ -411,9 +411,11 @@ def test_the_untuned_rate_sentence_appears_only_without_a_search():
     tuned, _ = verdict_for(*args)
     untuned, _ = verdict_for(*args, lr_source="fixed (--lr or the script's default)")
     assert "not searched" not in tuned and "TUNE=1" not in tuned
-    assert "learning rate of full, lora was not searched" in untuned
+    assert "learning rates of full, lora were not searched" in untuned
     assert "`make all ... TUNE=1`" in untuned and "`--tune-lr`" in untuned
     assert untuned.startswith(tuned)  # one added sentence, the decisions unchanged
+    one, _ = verdict_for({"base": 40, "full": 80}, {"full": 900}, lr_source="fixed")
+    assert "The learning rate of full was not searched" in one
 
 
 def test_pairwise_covers_every_pair_and_the_base_with_bonferroni():
