@@ -577,11 +577,8 @@ def main(args):
                 # fp32 predictions made before --precision existed stay valid: same answers
                 **({"precision": precision} if precision != "fp32" else {})}
     rescore = set(requested_methods(args.methods)) | {"base"}
-    all_runs: dict[str, list[list[dict]]] = {}   # per model: each compared run's records
-    trained: dict[str, list[dict]] = {}          # per method: those runs' metrics.json
-    compared: dict[str, list[Path]] = {}         # per model: those runs' folders
+    compared: dict[str, list[tuple[Path, dict]]] = {}  # per model: its up-to-date runs
     for name, runs in {"base": [(output_dir / "base", None)], **methods}.items():
-        kept = []
         for folder, metrics in runs:
             value = fingerprint(Path(base_path) if name == "base" else folder, rows, template,
                                 decoding)
@@ -604,20 +601,16 @@ def main(args):
                 print(f"{folder.name:>14}: answer PPL {run_perplexity(records):8.2f}  exact "
                       f"{summary['exact_match']:5.1f}%  key {fmt(summary['key_accuracy'])}%  "
                       f"F1 {summary['token_f1']:5.1f}%")
-            kept.append((metrics, records))
-            compared.setdefault(name, []).append(folder)
-        if kept:
-            all_runs[name] = [records for _, records in kept]
-            if name != "base":
-                trained[name] = [metrics for metrics, _ in kept]
+            compared.setdefault(name, []).append((folder, metrics))
+    trained = [runs for name, runs in compared.items() if name != "base"]
     if not trained:
         raise common.PipelineError("no fine-tuned method has up-to-date predictions to compare; "
                                    "run evaluate.py without --methods")
     # What the comparison needs besides the per-run files, so it can be rebuilt from them alone
     common.write_json(output_dir / EVALUATION, {
-        "model": next(iter(trained.values()))[0]["model"], "base_model_path": base_path,
+        "model": trained[0][0][1]["model"], "base_model_path": base_path,
         "questions": len(rows), "max_new_tokens": max_new, "stop": stop, "precision": precision,
-        "runs": {name: [folder.name for folder in folders] for name, folders in compared.items()}})
+        "runs": {name: [folder.name for folder, _ in runs] for name, runs in compared.items()}})
     compare(output_dir, args.alpha)
 
 
