@@ -120,9 +120,13 @@ class TrainSettings:
         None, "comma-separated rates for --tune-lr (default: --lr x 0.3, 1, 3: the script's "
               "rate, already the published search's choice, and one ~3x step either way)",
         type=lr_grid)
-    search_epochs: int = option(
-        1, "epochs per rate in the --tune-lr search (default 1: the budget that lets a "
-           "3-rate search of all four methods finish on 2 CPU cores)", type=positive_int)
+    search_epochs: float = option(
+        0.5, "epochs per rate in the --tune-lr search, each with its own warm-up and decay "
+             "(default 0.5: on the default data it chooses the 1-epoch search's rates, "
+             "benchmarks/search-check.md)", type=positive_float)
+    search_only: bool = option(
+        False, "with --tune-lr: write the search (<output-dir>/search/<method>.json) and stop "
+               "without training the seeds", action="store_true")
     device: str = option(
         "auto", "auto: CUDA when present, else the CPU",
         choices=["auto", "cpu", "cuda"])

@@ -384,7 +384,7 @@ def plan_training(run: Run, model, tokenizer) -> Plan:
                             f"{run.world} processes; lower --batch-size", data_dir / "train.jsonl")
     return Plan(train=train, valid=valid, lengths=lengths, pad_id=tokenizer.pad_token_id,
                 steps_per_epoch=steps_per_epoch,
-                total_steps=settings.max_steps or settings.epochs * steps_per_epoch,
+                total_steps=settings.max_steps or max(1, round(settings.epochs * steps_per_epoch)),
                 effective_batch=settings.batch_size * settings.grad_accum * run.world)
 
 

@@ -109,7 +109,7 @@ def search_learning_rate(settings: TrainSettings, method: str, prepare, load_kwa
     results, metric, label, rank = [], None, None, training.process_rank()
     for number, lr in enumerate(grid, start=1):
         print(f"{method}: learning-rate search {number}/{len(grid)}: lr {lr:g}, "
-              f"{settings.search_epochs} epoch(s)")
+              f"{settings.search_epochs:g} epoch(s)")
         trial = settings.replace(lr=lr, epochs=settings.search_epochs, max_steps=None,
                                  resume=False, seeds=1)
         try:
@@ -127,7 +127,7 @@ def search_learning_rate(settings: TrainSettings, method: str, prepare, load_kwa
         results.append({"lr": lr, "score": score, "diverged": False,
                         "valid_loss": metrics["valid_loss"][-1]["loss"],
                         "train_loss": metrics["train_loss"],
-                        "train_seconds": metrics["train_seconds"],
+                        "train_seconds": metrics["train_seconds"], "steps": metrics["steps"],
                         "precision": metrics["precision"]})
         print(f"{method}: lr {lr:g}: validation {label} {score:.1f}%, validation loss "
               f"{results[-1]['valid_loss']:.4f}")
@@ -142,7 +142,7 @@ def search_learning_rate(settings: TrainSettings, method: str, prepare, load_kwa
               "chosen_lr": best["lr"], "metric": metric, "metric_label": label,
               "split": "valid.jsonl", "search_epochs": settings.search_epochs,
               "precision": settings.precision,
-              "budget": f"{settings.search_epochs} epoch(s) per rate, {len(grid)} rates, seed "
+              "budget": f"{settings.search_epochs:g} epoch(s) per rate, {len(grid)} rates, seed "
                         f"{settings.seed}", "edge": best["lr"] in (grid[0], grid[-1]),
               "diverged": [r["lr"] for r in results if r["diverged"]]}
     path = runpaths.search_file(settings.output_dir, method)
@@ -214,10 +214,14 @@ def train_locked(settings: TrainSettings, method: str, prepare, callbacks: tuple
     settings = settings.replace(model=model, precision=precision,
                                 model_requested="default" if requested is None else requested)
     extra = {"model_requested": settings.model_requested}
+    if settings.search_only and not settings.tune_lr:
+        raise common.PipelineError("--search-only needs --tune-lr (there is no search to run)")
     if settings.tune_lr:
         search = previous_search(settings, method) if settings.resume else None
         search = search or search_learning_rate(settings, method, prepare, load_kwargs,
                                                 callbacks)
+        if settings.search_only:
+            return []
         settings = settings.replace(lr=search["chosen_lr"])
         extra["lr_search"] = {k: search[k] for k in ("grid", "chosen_lr", "metric", "budget")}
     output_dir = Path(settings.output_dir)

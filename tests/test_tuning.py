@@ -184,3 +184,25 @@ def test_a_search_where_every_rate_diverges_stops_with_one_line(data_dir, tmp_pa
         args, capsys)
     assert "diverged at every rate" in line and "0.001, 0.01" in line
     assert not (out / "search").exists() and not (out / "lora").exists()
+
+
+def test_a_fractional_search_budget_trains_that_share_of_an_epoch_and_search_only_stops(
+        data_dir, tmp_path):
+    """--search-epochs 0.5 trains half an epoch's steps per rate; --search-only trains no seed."""
+    steps = {}
+    for budget in ("1", "0.5"):
+        out = tmp_path / budget
+        finetune_lora.main(lora_args(data_dir, out, "--tune-lr", "--search-only",
+                                     "--search-epochs", budget, "--lr-grid", "1e-4,1e-3"))
+        search = json.loads((out / "search" / "lora.json").read_text())
+        assert search["search_epochs"] == float(budget)
+        assert search["budget"].startswith(f"{budget} epoch(s) per rate")
+        steps[budget] = {r["steps"] for r in search["results"]}
+        assert not (out / "lora").exists() and not list(out.glob("lora-seed*"))
+    (full,), (half,) = steps["1"], steps["0.5"]
+    assert full >= 2 and half == max(1, round(full / 2))
+
+
+def test_search_only_without_a_search_is_refused(data_dir, tmp_path):
+    with pytest.raises(common.PipelineError, match="--search-only needs --tune-lr"):
+        finetune_lora.main(lora_args(data_dir, tmp_path / "o", "--search-only"))
