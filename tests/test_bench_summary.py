@@ -148,3 +148,25 @@ def test_the_plan_runs_ours_and_trl_at_each_precision_and_the_original_once():
 def test_unknown_precisions_are_refused():
     with pytest.raises(SystemExit):
         bench_speed.parse_args(["--precisions", "fp16"])
+
+
+def imported_modules(path) -> set[str]:
+    """Every module a source file imports, at any depth."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module)
+    return names
+
+
+def test_the_workers_import_one_way_and_dispatch_sits_above_both():
+    from helpers import ROOT
+
+    folder = ROOT / "benchmarks"
+    assert "workers" in imported_modules(folder / "trl_runs.py")
+    assert not {"trl_runs", "dispatch"} & imported_modules(folder / "workers.py")
+    assert {"workers", "trl_runs"} <= imported_modules(folder / "dispatch.py")
