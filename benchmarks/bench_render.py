@@ -90,7 +90,7 @@ def trl_defaults_line(defaults: dict | None) -> list[str]:
     ratio = defaults["ours_over_it"]
     return ["", f"TRL with its defaults (full fine-tuning; {shown}): "
                 f"{fmt(defaults['stats']['tokens_per_s'], '.0f')} tok/s over "
-                f"{defaults['finished_steps']} timed step(s)"
+                f"{defaults['stats']['tokens_per_s']['n']} timed step(s) after a warm-up"
                 f"{' (stopped at the time limit)' if defaults['stopped_early'] else ''}; ours at "
                 f"{defaults['ours_precision']} is "
                 + ("n/a" if ratio is None else f"{ratio:.1f}x") + " that."]
@@ -258,7 +258,8 @@ def render(report: dict) -> str:
         lines += [f"## Evaluation: {key}", ""] + (eval_table(ev) if ev else ["not measured"]) + [""]
     for key, rows in summary["memory"].items():
         warmup = rows[0]["warmup"] if rows else 0
-        lines += [f"## Memory: {key}, this project's recipe, the same batches", "",
+        lines += [f"## Memory: {key}, this project's recipe at its default precision "
+                  f"({s['default_precision']}), the same batches", "",
                   f"Batch {s['batch_size']}; the peak covers {warmup} warm-up step(s) on the "
                   "epoch's longest batch (the first allocates AdamW's state) and one more step.", ""]
         lines += memory_table(rows) + [""]
