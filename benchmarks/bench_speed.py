@@ -326,6 +326,13 @@ def hardware(device) -> dict:
 # =============================================================================
 
 
+def default_output(args) -> Path:
+    """benchmarks/results.md for the whole CPU run, else a name saying what differs from it."""
+    parts = (["quick"] if args.quick else []) + ([args.device] if args.device != "cpu" else [])
+    parts += args.only or []
+    return Path(__file__).parent / ("-".join(["results", *parts]) + ".md")
+
+
 def parse_args(argv=None):
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -392,8 +399,9 @@ def parse_args(argv=None):
         help="tiny model, one repeat, one or two steps: checks the code in a minute or two")
     add("--output", default=None,
         help="markdown report, with the same name .json beside it unless --json says "
-             "otherwise (default benchmarks/results.md; with --quick "
-             "benchmarks/results-quick.md, so a smoke check never overwrites real results)")
+             "otherwise (default benchmarks/results.md for the whole run on the CPU; "
+             "otherwise named for what differs, e.g. results-quick.md, results-cuda-training.md, "
+             "so a partial or smoke run never overwrites the published results)")
     add("--json", default=None, metavar="PATH",
         help="where to write every result as JSON (default: --output's name with .json)")
     add("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
@@ -503,8 +511,7 @@ def main(args) -> None:
     summary["targets"] = target_checks(summary, main_key, memory_key)
     report["summary"], report["wall_s"] = summary, time.time() - started
     report["main_key"] = main_key
-    output = Path(args.output or Path(__file__).parent / (
-        "results-quick.md" if args.quick else "results.md"))
+    output = Path(args.output) if args.output else default_output(args)
     json_path = Path(args.json) if args.json else output.with_suffix(".json")
     common.write_json(json_path, report)
     common.write_text_atomic(output, render(report) + "\n")

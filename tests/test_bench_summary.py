@@ -170,3 +170,13 @@ def test_the_workers_import_one_way_and_dispatch_sits_above_both():
     assert "workers" in imported_modules(folder / "trl_runs.py")
     assert not {"trl_runs", "dispatch"} & imported_modules(folder / "workers.py")
     assert {"workers", "trl_runs"} <= imported_modules(folder / "dispatch.py")
+
+
+@pytest.mark.parametrize("argv, name", [
+    ([], "results.md"),
+    (["--quick"], "results-quick.md"),
+    (["--device", "cuda", "--only", "training"], "results-cuda-training.md"),
+    (["--only", "training", "--only", "memory"], "results-training-memory.md"),
+])
+def test_only_the_whole_cpu_run_writes_the_published_results(argv, name):
+    assert bench_speed.default_output(bench_speed.parse_args(argv)).name == name
