@@ -254,6 +254,27 @@ def build_plan(s: dict, methods: list[str], models: dict[str, str], data_dir: st
     return plan
 
 
+def real_model(s: dict, main: tuple[str, str]) -> tuple[str, str] | None:
+    """(key, folder) of the pretrained model for the memory table and an evaluation, or None.
+
+    None when neither part runs (--only training), with --real-model none, or when
+    it cannot be found (the rest of the benchmark still stands).  --quick without a
+    --real-model uses the main (tiny) model.
+    """
+    import common
+    import models
+
+    if not {"evaluation", "memory"} & set(s["parts"]) or s["real_model"] == "none":
+        return None
+    if s["real_model"] is None:
+        return main
+    try:
+        return Path(s["real_model"]).name, models.resolve_model(s["real_model"])
+    except common.PipelineError as exc:
+        log(f"skipping the memory table on {s['real_model']}: {exc}")
+        return None
+
+
 def checkout(rev: str, folder: Path) -> Path:
     """A detached git worktree of rev (removed again at the end of the run)."""
     subprocess.run(["git", "worktree", "add", "--detach", str(folder), rev], cwd=ROOT, check=True,
@@ -460,16 +481,7 @@ def main(args) -> None:
         tuned = None
         if args.eval_model:
             tuned = (f"tuned-{Path(args.eval_model).name}", str(Path(args.eval_model).resolve()))
-        real = None
-        if not {"evaluation", "memory"} & set(s["parts"]):
-            pass  # --only training: no pretrained model needed
-        elif s["real_model"] is None:
-            real = (main_key, train_models[main_key])
-        elif s["real_model"] != "none":
-            try:
-                real = (Path(s["real_model"]).name, models.resolve_model(s["real_model"]))
-            except common.PipelineError as exc:  # the rest of the benchmark still stands
-                log(f"skipping the memory table on {s['real_model']}: {exc}")
+        real = real_model(s, (main_key, train_models[main_key]))
 
         previous = None
         if args.compare_ref:
