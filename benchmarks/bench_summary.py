@@ -237,4 +237,11 @@ def missed_bounds(summary: dict, main_key: str | None) -> list[dict]:
                 out.append({"method": row["method"], "against": other, "precision": precision,
                             "target": target, "ratio": ratio["median"], "mfu": mfu,
                             "need": mfu * target / ratio["median"]})
+        if row["method"] != "full":
+            continue
+        for precision, target in TARGET_FULL_MFU.items():  # a share of the peak already
+            mfu = ours_mfu(row, precision) if precision in summary["precisions"] else None
+            if mfu is not None and mfu < target:
+                out.append({"method": "full", "against": "peak", "precision": precision,
+                            "target": target, "ratio": None, "mfu": mfu, "need": target})
     return out

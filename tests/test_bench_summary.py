@@ -109,9 +109,14 @@ def test_a_missed_target_says_what_share_of_its_peak_meeting_it_needs():
     workers = made_up_workers()
     workers["m-shape/train/trl/full/bf16"] = train_worker([800, 800])  # ours 1.375x: missed
     bounds = bench_summary.missed_bounds(summary_of(workers), "m-shape")
-    assert [(b["against"], b["precision"]) for b in bounds] == [("trl", "bf16")]
+    assert [(b["against"], b["precision"]) for b in bounds] == [
+        ("trl", "bf16"), ("peak", "fp32"), ("peak", "bf16")]  # both MFU targets are missed too
     # ours runs at 27.5% of the bf16 peak; 2x instead of 1.375x needs 2 / 1.375 times that
     assert bounds[0]["need"] == pytest.approx(0.275 * 2 / 1.375)
+    text = "\n".join(bench_render.bounds(summary_of(workers), "m-shape"))
+    assert ("- full: 2x TRL at the same precision would need our bf16 step at 40% of the measured "
+            "bf16 matmul peak" in text)
+    assert "- full at bf16: the target is 50% of the measured bf16 matmul peak; it runs at 28%." in text
 
 
 def test_the_report_renders_both_precisions_side_by_side():
