@@ -404,7 +404,8 @@ def parse_args(argv=None):
              "the bound (default: evaluate --real-model untuned)")
     add("--compare-ref", default=None, metavar="REV",
         help="also time the training step of this git commit (e.g. HEAD~1), checked out in a "
-             "temporary worktree, side by side with this one")
+             "temporary worktree, side by side with this one at fp32 (an earlier commit's "
+             "worker may know no other precision; so it needs fp32 among --precisions)")
     add("--no-trl", dest="trl", action="store_false",
         help="skip TRL's SFTTrainer (it runs when installed: "
              "pip install --no-deps -r benchmarks/requirements.txt)")
@@ -443,6 +444,8 @@ def parse_args(argv=None):
     args.precisions = list(dict.fromkeys(args.precisions))  # once each, in the order given
     if args.only:
         args.only = list(dict.fromkeys(args.only))
+    if args.compare_ref and "fp32" not in args.precisions:
+        parser.error("--compare-ref compares at fp32: add fp32 to --precisions")
     return args
 
 
