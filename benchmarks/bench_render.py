@@ -172,8 +172,9 @@ def peak_lines(report: dict) -> list[str]:
                 if label.startswith("matmul/") and "error" not in w
                 and w["config"].get("dtype", "fp32") == dtype]
         used = f" MFU against it uses {peaks[dtype] / 1e9:.1f} GFLOP/s." if dtype in peaks else ""
+        per = " (each reading 50 products)" if s["device"] == "cuda" else ""
         lines.append(f"- {dtype} {s['matmul_size']}x{s['matmul_size']} matmul on "
-                     f"{s['device']}, median of {s['matmul_runs']}: "
+                     f"{s['device']}{per}, median of {s['matmul_runs']}: "
                      + ("; ".join(runs) or "not measured") + "." + used)
     return lines + [""]
 

@@ -149,6 +149,7 @@ def test_the_plan_runs_ours_and_trl_at_each_precision_and_the_original_once():
     assert plan["m/train/trl/qlora/bf16"]["precision"] == "bf16"
     assert plan["m/train/previous/full"]["precision"] == "fp32"
     assert {c["device"] for c in plan.values() if "device" in c} == {"cpu"}
+    assert plan["matmul/start/bf16"]["dtype"] == "bf16" and plan["matmul/start/bf16"]["inner"] == 1
 
 
 def test_unknown_precisions_are_refused():
