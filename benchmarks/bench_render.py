@@ -165,6 +165,8 @@ def bounds(summary: dict, main_key: str | None) -> list[str]:
 def peak_lines(report: dict) -> list[str]:
     """The matrix-multiply section: each dtype's peak at the start and end of the run."""
     s, peaks = report["settings"], report["summary"]["peak_flops"]
+    if "training" not in s["parts"]:
+        return [""]  # measured only for the training part's utilisation
     lines = ["", "## Matrix-multiply peak", ""]
     for dtype in s["precisions"]:
         runs = [f"{label.split('/')[1]} of run {fmt(w['flops_per_s'], '.1f', 1e-9, ' GFLOP/s')}"

@@ -235,9 +235,11 @@ def build_plan(s: dict, methods: list[str], models: dict[str, str], data_dir: st
     unless a tuned model is given); tuned an evaluation.  Parts left out of
     s["parts"] (--only) are not planned.
     """
-    plan = matmul_configs(s, "start")
+    training = "training" in s["parts"]  # the matmul peaks serve its utilisation only
+    plan = matmul_configs(s, "start") if training else []
     for key, model_dir in models.items():
-        plan += train_configs(s, key, model_dir, data_dir, methods, previous)
+        if training:
+            plan += train_configs(s, key, model_dir, data_dir, methods, previous)
         plan += eval_configs(s, key, model_dir, data_dir)
     if real is not None and "memory" in s["parts"]:
         # Memory: the longest batch twice (AdamW state, then the real peak), one more step
@@ -252,7 +254,7 @@ def build_plan(s: dict, methods: list[str], models: dict[str, str], data_dir: st
         plan += eval_configs(s, *real, data_dir)  # a pretrained model's answers stop sometimes
     if tuned is not None:  # a fine-tuned model stops after its answer, as in evaluate.py
         plan += eval_configs(s, *tuned, data_dir)
-    if s["matmul_end"]:
+    if s["matmul_end"] and training:
         plan += matmul_configs(s, "end")
     return plan
 
@@ -522,7 +524,7 @@ def main(args) -> None:
                "default_precision": default_precision,
                "training": {k: summarise_training(workers, k, args.methods, s["precisions"],
                                                   default_precision, peak)
-                            for k in train_models},
+                            for k in train_models} if "training" in s["parts"] else {},
                "evaluation": {k: summarise_eval(workers, k) for k in eval_keys},
                "memory": {memory_key: summarise_memory(workers, memory_key, args.methods)}
                if memory_key else {}}

@@ -187,3 +187,12 @@ def test_the_workers_import_one_way_and_dispatch_sits_above_both():
 ])
 def test_only_the_whole_cpu_run_writes_the_published_results(argv, name):
     assert bench_speed.default_output(bench_speed.parse_args(argv)).name == name
+
+
+def test_only_memory_plans_neither_training_nor_matmul_nor_evaluation():
+    args = bench_speed.parse_args(["--only", "memory", "--methods", "lora", "--no-trl"])
+    settings = bench_speed.settings_from(args, "bf16")
+    plan = dict(bench_speed.build_plan(settings, args.methods, {"m": "/model"}, "/data",
+                                       real=("r", "/real"), tuned=None))
+    assert list(plan) == ["r/memory/lora"]
+    assert plan["r/memory/lora"]["precision"] == "bf16"  # the default precision, as trained
