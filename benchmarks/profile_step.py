@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py                   # full fine-tuning, distilgpt2 shape
     python benchmarks/profile_step.py --method lora --steps 3
+    python benchmarks/profile_step.py --precision bf16  # the bf16 autocast step
 
 Builds the same distilgpt2-shaped model and batches as bench_speed.py (the
 smollm2 tokenizer, the longest batch to warm up, quantile batches to time),
@@ -43,6 +44,9 @@ def main(argv=None) -> None:
     parser.add_argument("--method", default="full", choices=["full", "lora", "qlora", "bitfit"])
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
     parser.add_argument("--data-dir", default="data", help="folder with train.jsonl")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="fp32 (default) or bf16 autocast over fp32 weights, as "
+                             "--precision bf16 trains")
     args = parser.parse_args(argv)
 
     import torch
@@ -56,7 +60,7 @@ def main(argv=None) -> None:
                                                       bench_speed.DISTILGPT2_SHAPE))
         config = {"recipe": "ours", "method": args.method, "model_dir": model_dir,
                   "data_dir": args.data_dir, "batch_size": 16, "warmup": 2,
-                  "steps": args.steps, "repeats": 1}
+                  "steps": args.steps, "repeats": 1, "precision": args.precision}
         torch.manual_seed(workers.SEED)
         model, stepper, _, warm, timed, collate = workers.prepared(config)
         model.train()
@@ -71,7 +75,7 @@ def main(argv=None) -> None:
         group = group_of(event.key)
         totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total
     whole = sum(totals.values())
-    print(f"{args.method}, distilgpt2 shape, batch 16, {args.steps} steps, "
+    print(f"{args.method}, distilgpt2 shape, {args.precision}, batch 16, {args.steps} steps, "
           f"{torch.get_num_threads()} threads: {whole / 1e6 / args.steps:.2f} s a step")
     for group, micros in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {group:55s} {100 * micros / whole:5.1f}%")

@@ -3,7 +3,8 @@
     from trl_runs import task_trl
     result = task_trl({"model_dir": "smollm2-135m", "data_dir": "data", "method": "lora",
                        "batch_size": 16, "warmup": 2, "steps": 3, "repeats": 3,
-                       "threads": None, "preset": "best"}, baseline_rss_bytes)
+                       "threads": None, "preset": "best", "device": "cpu",
+                       "precision": "bf16"}, baseline_rss_bytes)
 
 Benchmark-only: needs trl (pip install --no-deps -r benchmarks/requirements.txt);
 nothing in the pipeline imports this module.
@@ -16,7 +17,10 @@ its own batches (its own sampler), so its tokens per second are compared with
 ours, and real and padded tokens are reported so its padding is visible.
 
 Presets (config["preset"]):
-  best      TRL at its best on a CPU: fp32, no gradient checkpointing,
+  best      TRL at its best on a CPU, at config["precision"]: fp32, or bf16
+            autocast over fp32 weights (bf16=True; on the CPU with use_cpu=True,
+            which transformers turns into accelerate's CPU bf16 autocast, the
+            same autocast our loop uses), no gradient checkpointing,
             completion-only loss on prompt-completion rows, length-grouped
             batches (transformers 5: train_sampling_strategy="group_by_length";
             the old group_by_length flag is gone), no packing, no workers, no
@@ -25,12 +29,14 @@ Presets (config["preset"]):
   defaults  SFTConfig(output_dir, max_steps, per_device_train_batch_size,
             report_to="none", save_strategy="no") and TRL's defaults otherwise
             (TRL 1.16 turns on bf16 autocast and gradient checkpointing), plus
-            use_cpu=True, without which a CPU-only machine rejects bf16.  Slow
+            use_cpu=True on the CPU, without which a CPU-only machine rejects
+            bf16 (never on CUDA: it would keep the model off the GPU).  Slow
             on a CPU, so it runs 1 warm-up + 1 timed step and stops cleanly
             once config["time_limit_s"] (default 300 s) would be passed.
 
 QLoRA: SFTTrainer casts a quantised model's trainable adapters to bf16.  The
-best preset casts them back to fp32 before the optimiser exists (fp32 as ours;
+best preset casts them back to fp32 before the optimiser exists (fp32 weights as
+ours at either precision: bf16 is autocast, not bf16 parameters;
 config["qlora_adapter_fp32"]=False keeps TRL's bf16); defaults keeps bf16.
 settings_used["qlora_adapter_dtype"] and trainable_trl record which.
 
@@ -41,7 +47,8 @@ on_step_begin, so the wrapped collator times that too, and a step's "seconds"
 is the sum: from collating the batch to the zeroed gradients, as our worker
 times its own step.  "cycle_seconds" (one on_step_end to the next) adds the
 Trainer's bookkeeping between steps.  SFTTrainer tokenises the rows in its
-__init__, before any timing.  FLOPs are counted as for our loop
+__init__, before any timing.  On CUDA each reading waits for the queued
+kernels first (workers.sync).  FLOPs are counted as for our loop
 (workers.step_flops on a profile of our forward on the same model).
 """
 
@@ -61,12 +68,12 @@ DEFAULTS_TIME_LIMIT_S = 300   # the "defaults" preset's wall-clock cap
 # =============================================================================
 
 
-def setup_model(model_dir: str, method: str):
+def setup_model(model_dir: str, method: str, device, precision: str):
     """(model, tokenizer, settings): loaded and prepared exactly as bench_speed's own worker does."""
     import torch
 
     torch.manual_seed(workers.SEED)  # as bench_speed's own worker: the same LoRA initialisation
-    return workers.setup_ours(model_dir, method)
+    return workers.setup_ours(model_dir, method, device, precision)
 
 
 def trainable_summary(model) -> dict:
@@ -86,17 +93,18 @@ def trainable_summary(model) -> dict:
 
 
 def sft_config(preset: str, output_dir: str, max_steps: int, batch_size: int, lr: float,
-               max_length: int):
-    """The SFTConfig of a preset (see the module docstring)."""
+               max_length: int, precision: str = "fp32", device_type: str = "cpu"):
+    """The SFTConfig of a preset (see the module docstring); precision is the best preset's."""
     from trl import SFTConfig
 
+    use_cpu = device_type == "cpu"
     if preset == "defaults":
-        # use_cpu=True is the one addition: with TRL's default bf16=True, TrainingArguments
-        # refuses to construct on a machine without a bf16 GPU unless use_cpu is set
-        # ("Your setup doesn't support bf16/gpu. You need to assign use_cpu ...").
+        # use_cpu=True is the one addition on a CPU: with TRL's default bf16=True,
+        # TrainingArguments refuses to construct on a machine without a bf16 GPU unless
+        # use_cpu is set ("Your setup doesn't support bf16/gpu. You need to assign use_cpu ...").
         return SFTConfig(output_dir=output_dir, max_steps=max_steps,
                          per_device_train_batch_size=batch_size, report_to="none",
-                         save_strategy="no", use_cpu=True)
+                         save_strategy="no", use_cpu=use_cpu)
     if preset != "best":
         raise ValueError(f"preset {preset!r}: use 'best' or 'defaults'")
     return SFTConfig(
@@ -104,8 +112,10 @@ def sft_config(preset: str, output_dir: str, max_steps: int, batch_size: int, lr
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=1,           # one batch per optimiser step, as ours
-        # Precision and memory: fp32 like our CPU path; checkpointing only costs time here
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        # Precision as our run compared with it: bf16 autocast over fp32 weights (the Trainer's
+        # accelerate mixed_precision="bf16", on a CPU too with use_cpu) or fp32; checkpointing
+        # only costs time when memory is plentiful, as here
+        bf16=precision == "bf16", fp16=False, gradient_checkpointing=False, use_cpu=use_cpu,
         # Data: prompt-completion rows, loss on the completion (+EOS) only, like ours
         completion_only_loss=True, packing=False, padding_free=False,
         max_length=max_length,                   # our context length: nothing cut that we keep
@@ -148,7 +158,7 @@ def settings_used(args, trainer, adapter_dtype: str | None) -> dict:
 # =============================================================================
 
 
-def make_timer_callback(time_limit_s: float | None):
+def make_timer_callback(time_limit_s: float | None, device):
     """A TrainerCallback timing each optimiser step and stopping before time_limit_s is passed."""
     from transformers import TrainerCallback
 
@@ -160,12 +170,15 @@ def make_timer_callback(time_limit_s: float | None):
             self.stop_reason = None
 
         def on_train_begin(self, args, state, control, **kwargs):
+            workers.sync(device)
             self.train_begin = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kwargs):
+            workers.sync(device)
             self.begins.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
+            workers.sync(device)
             now = time.perf_counter()
             self.ends.append(now)
             if time_limit_s is None or state.global_step >= state.max_steps:
@@ -295,6 +308,10 @@ def task_trl(config: dict, baseline: int) -> dict:
             return None
 
     method, preset = config["method"], config.get("preset", "best")
+    device = workers.device_of(config)
+    # The defaults preset's bf16 is TRL's own choice; the best preset's is the run's.
+    precision = models.resolve_precision(
+        device, "bf16" if preset == "defaults" else config.get("precision", "fp32"))
     if preset == "defaults":  # known to be slow on a CPU: one warm-up, one timed step
         warmup, steps, repeats = 1, 1, 1
         time_limit = config.get("time_limit_s", DEFAULTS_TIME_LIMIT_S)
@@ -304,18 +321,18 @@ def task_trl(config: dict, baseline: int) -> dict:
     max_steps = warmup + steps * repeats
     disable_progress_bars()  # SFTTrainer's tokenising passes; stderr stays readable
 
-    model, tokenizer, settings = setup_model(config["model_dir"], method)
+    model, tokenizer, settings = setup_model(config["model_dir"], method, device, precision)
     trainable_ours = trainable_summary(model)
     max_len = models.context_length(model)
     rows = common.load_split(config["data_dir"], "train")
-    flop_counter, profile = flop_profile(model, tokenizer, rows, max_len)
+    flop_counter, profile = flop_profile(model, tokenizer, rows, max_len, device)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
                                  for r in rows])
 
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as output_dir:
         args = sft_config(preset, output_dir, max_steps, config["batch_size"], settings.lr,
-                          max_len)
-        timer = make_timer_callback(time_limit)
+                          max_len, precision, device.type)
+        timer = make_timer_callback(time_limit, device)
         # Tokenises the whole data set here, before any timing.
         trainer = QuietSFTTrainer(model=model, args=args, train_dataset=dataset,
                                   processing_class=tokenizer, callbacks=[timer])
@@ -349,7 +366,7 @@ def task_trl(config: dict, baseline: int) -> dict:
 
         release_free_heap()
         loaded = rss_bytes()
-        with PeakMemory(torch.device("cpu")) as peak:
+        with PeakMemory(device) as peak:
             trainer.train()
 
     finished = trainer.state.global_step
@@ -392,6 +409,7 @@ def task_trl(config: dict, baseline: int) -> dict:
         "trl_version": trl.__version__,
         "transformers_version": transformers.__version__,
         "settings_used": used,
+        "precision": precision,
         "plan": {"warmup": warmup, "steps": steps, "repeats": repeats, "max_steps": max_steps,
                  "time_limit_s": time_limit},
         "finished_steps": finished,
@@ -408,7 +426,7 @@ def task_trl(config: dict, baseline: int) -> dict:
     }
 
 
-def flop_profile(model, tokenizer, rows: list[dict], max_len: int):
+def flop_profile(model, tokenizer, rows: list[dict], max_len: int, device):
     """(seq_lens, lm_positions -> FLOPs counter, profile summary), counted as for our loop.
 
     The profile comes from one forward of our own loss on this same model before
@@ -422,7 +440,7 @@ def flop_profile(model, tokenizer, rows: list[dict], max_len: int):
     import generation
 
     examples = common.tokenize_rows(tokenizer, rows[:1], max_len, source="train.jsonl")
-    batch = common.collate(examples, pad_id=tokenizer.pad_token_id)
+    batch = workers.to_device(common.collate(examples, pad_id=tokenizer.pad_token_id), device)
     model.train()
     profile = workers.profile_matmuls(
         model, functools.partial(workers.loss_ours, generation.AnswerLoss(model)), batch)

@@ -4,18 +4,21 @@
 
 Tasks: train (this project's step, or the original recipe's), eval (answering
 questions), memory (tensor-level and process peak of this project's step),
-matmul (the machine's fp32 peak); TRL's trainer is in trl_runs.py.  This
-project's side never re-implements a method: each model is prepared by its
-script's own prepare() and trained by training.Trainer's step, exactly as
-finetune_*.py do.
+matmul (the machine's fp32 or bf16 peak); TRL's trainer is in trl_runs.py, and
+dispatch.py picks the task of a configuration.  This project's side never
+re-implements a method: each model is prepared by its script's own prepare()
+and trained by training.Trainer's step, exactly as finetune_*.py do.
+
+Every configuration names its device ("cpu" or "cuda") and, for this project's
+and TRL's training, its precision ("fp32", or "bf16" autocast with fp32
+weights); the original recipe always runs in fp32, its only precision.  On
+CUDA every timer reading waits for the queued kernels first (sync).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
-import json
 import random
 import statistics
 import sys
@@ -57,8 +60,10 @@ FLOPS_DOC = """\
 - **Not counted**: embedding look-ups, norms, activation functions, softmax, dropout, bias
   gradients, the optimiser step and NF4 dequantisation. They take real time but are not
   matrix multiplies, so they lower the utilisation.
-- **MFU** = counted FLOPs / measured step time / the fp32 matmul peak measured in the same run
-  (the higher of the runs at the start and the end, so utilisation is not flattered).
+- **MFU** = counted FLOPs / measured step time / a matmul peak measured in the same run (the
+  higher of the runs at the start and the end, so utilisation is not flattered): the fp32
+  peak and the bf16 peak (2048x2048 products in that dtype) are both given, since a bf16
+  autocast step runs its matrix multiplies in bf16 but the rest of the step in fp32.
 - **Check**: on unpadded single examples this count agreed with
   torch.utils.flop_counter.FlopCounterMode within 1% for GPT-2 (full, LoRA, BitFit, both
   recipes) once attention is counted as the full square PyTorch computes; on a Llama model
@@ -79,6 +84,22 @@ def median_spread(values: list[float]) -> dict:
 def log(message: str) -> None:
     """Progress to stderr, so a worker's stdout carries only its JSON result."""
     print(message, file=sys.stderr, flush=True)
+
+
+def device_of(config: dict):
+    """The torch device a configuration runs on (the CPU unless it names another)."""
+    return torch.device(config.get("device", "cpu"))
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work, so a timer reading covers it (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_device(batch: dict, device) -> dict:
+    """A collated batch's tensors on the device."""
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 # --- set-up: this project's (each script's prepare) and the original's --------------
@@ -102,22 +123,26 @@ def family(model) -> str:
     return "gpt2" if model.config.model_type == "gpt2" else "llama"
 
 
-def setup_ours(model_dir: str, method: str):
-    """Load a model and apply the method with its script's prepare(); returns (model, tokenizer, settings)."""
+def setup_ours(model_dir: str, method: str, device=None, precision: str = "fp32"):
+    """Load a model and apply the method with its script's prepare(); returns (model, tokenizer, settings).
+
+    precision is resolved ("fp32" or "bf16"): the 4-bit layers of QLoRA dequantise to it,
+    as finetune_qlora.py loads them at that precision.
+    """
     settings = settings_of(method)
-    model, tokenizer, _ = models.load_model(model_dir, torch.device("cpu"),
-                                            quantize_4bit=method == "qlora")
+    model, tokenizer, _ = models.load_model(model_dir, device or torch.device("cpu"),
+                                            quantize_4bit=method == "qlora", precision=precision)
     model, _ = importlib.import_module(SCRIPTS[method]).prepare(model, settings)
     return model, tokenizer, settings
 
 
-def setup_original(model_dir: str, method: str):
-    """Load and prepare a model as the original project did; returns (model, tokenizer, lr)."""
+def setup_original(model_dir: str, method: str, device=None):
+    """Load and prepare a model as the original project did (fp32); returns (model, tokenizer, lr)."""
     from peft import LoraConfig, get_peft_model
 
     import finetune_bitfit
 
-    model, tokenizer, _ = models.load_model(model_dir, torch.device("cpu"))
+    model, tokenizer, _ = models.load_model(model_dir, device or torch.device("cpu"))
     if method == "full":
         model.requires_grad_(True)
     elif method == "bitfit":
@@ -307,9 +332,11 @@ def memory_parts(model) -> dict:
 # --- the tasks ------------------------------------------------------------------------
 
 
-def ours_trainer(model, method: str, settings: TrainSettings, total_steps: int):
-    """training.Trainer for a model, on the CPU, as train_and_save builds it."""
-    run = training.Run(method=method, settings=settings, accelerator=training.make_accelerator("cpu"),
+def ours_trainer(model, method: str, settings: TrainSettings, total_steps: int, device,
+                 precision: str):
+    """training.Trainer for a model on the device at the precision, as train_and_save builds it."""
+    accelerator = training.make_accelerator(device.type, precision)
+    run = training.Run(method=method, settings=settings, accelerator=accelerator,
                        template={}, train_rows=[], valid_rows=[])
     return training.Trainer(run, model, total_steps)
 
@@ -336,51 +363,55 @@ class OriginalStep:
 
 def prepared(config: dict):
     """(model, stepper, forward for profiling, warm-up batches, timed batches, collate) of a config."""
-    recipe, method = config["recipe"], config["method"]
+    recipe, method, device = config["recipe"], config["method"], device_of(config)
     rows = common.load_split(config["data_dir"], "train")
     total_steps = config["warmup"] + config["steps"] * config["repeats"]
     if recipe == "ours":
-        model, tokenizer, settings = setup_ours(config["model_dir"], method)
+        precision = models.resolve_precision(device, config.get("precision", "fp32"))
+        model, tokenizer, settings = setup_ours(config["model_dir"], method, device, precision)
         warm, timed = ours_batches(tokenizer, rows, model, config["batch_size"],
                                    config["warmup"], config["steps"])
         collate = functools.partial(common.collate, pad_id=tokenizer.pad_token_id)
-        stepper = ours_trainer(model, method, settings, total_steps)
+        stepper = ours_trainer(model, method, settings, total_steps, device, precision)
         forward = functools.partial(loss_ours, generation.AnswerLoss(model))
     else:
-        model, tokenizer, lr = setup_original(config["model_dir"], method)
+        model, tokenizer, lr = setup_original(config["model_dir"], method, device)
         warm, timed = original_batches(tokenizer, rows, config["warmup"], config["steps"])
         collate, stepper = collate_original, OriginalStep(model, lr, total_steps)
         forward = functools.partial(loss_original, model)
     return model, stepper, forward, warm, timed, collate
 
 
-def timed_step(stepper, examples, collate) -> tuple[float, dict, float]:
+def timed_step(stepper, examples, collate, device) -> tuple[float, dict, float]:
     """One optimiser step, timed from collating the batch to the zeroed gradients."""
+    sync(device)
     started = time.perf_counter()
-    batch = collate(examples)
+    batch = to_device(collate(examples), device)
     loss = stepper.step([batch])["loss"]
+    sync(device)  # the optimiser's kernels may still be queued after the loss was read
     return time.perf_counter() - started, batch, loss
 
 
 def task_train(config: dict, baseline: int) -> dict:
     """Warm up, then time `steps` optimiser steps `repeats` times for one recipe and method."""
     torch.manual_seed(SEED)
+    device = device_of(config)
     model, stepper, forward, warm, timed, collate = prepared(config)
     # What this path computes, read off the model (before any timing)
     model.train()
-    profile = profile_matmuls(model, forward, collate(timed[0][:1]))
+    profile = profile_matmuls(model, forward, to_device(collate(timed[0][:1]), device))
     parts = memory_parts(model)
     memory.release_free_heap()
     loaded, loaded_split = memory.rss_bytes(), memory.rss_split()
     repeats = []
-    with memory.PeakMemory(torch.device("cpu")) as peak:
+    with memory.PeakMemory(device) as peak:
         for examples in warm:
-            seconds, _, loss = timed_step(stepper, examples, collate)
+            seconds, _, loss = timed_step(stepper, examples, collate, device)
             log(f"    warm-up step: {seconds:.2f} s, loss {loss:.3f}")
         for r in range(config["repeats"]):
             steps = []
             for examples in timed:
-                seconds, batch, loss = timed_step(stepper, examples, collate)
+                seconds, batch, loss = timed_step(stepper, examples, collate, device)
                 seq_lens = batch["attention_mask"].sum(1).tolist()
                 head_positions = lm_positions(config["recipe"], batch)
                 steps.append({"seconds": seconds, "examples": len(examples),
@@ -401,7 +432,7 @@ def task_train(config: dict, baseline: int) -> dict:
 
 
 class TensorPeak:
-    """The peak of live tensor memory on the CPU: what torch's tensors need, not what the process holds.
+    """The peak of live tensor memory on one device: what torch's tensors need, not what the process holds.
 
     A dispatch mode sees every operation, forward and backward; each new storage
     counts until it is freed (a weak reference tells), on top of the tensors that
@@ -409,7 +440,7 @@ class TensorPeak:
     per-module hooks fail on frozen layers, whose outputs need no gradient.)
     """
 
-    def __init__(self, existing):
+    def __init__(self, existing, device_type: str = "cpu"):
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils.weak import WeakIdKeyDictionary
 
@@ -423,6 +454,7 @@ class TensorPeak:
                 return out
 
         self.mode, self.seen, self.current, self.peak = Mode(), WeakIdKeyDictionary(), 0, 0
+        self.device_type = device_type
         for tensor in existing:
             self.count(tensor)
 
@@ -430,7 +462,7 @@ class TensorPeak:
         """Add a tensor's storage, once, until it is freed."""
         import weakref
 
-        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != self.device_type:
             return
         storage = tensor.untyped_storage()
         if storage in self.seen:
@@ -461,13 +493,14 @@ def task_memory(config: dict, baseline: int) -> dict:
     first allocates AdamW's state).
     """
     torch.manual_seed(SEED)
+    device = device_of(config)
     model, stepper, _, warm, timed, collate = prepared({**config, "recipe": "ours"})
     parts = memory_parts(model)
     model.train()
     existing = [*model.parameters(), *model.buffers()]
-    with memory.PeakMemory(torch.device("cpu")) as peak, TensorPeak(existing) as tensors:
+    with memory.PeakMemory(device) as peak, TensorPeak(existing, device.type) as tensors:
         for examples in warm + timed:
-            seconds, _, loss = timed_step(stepper, examples, collate)
+            seconds, _, loss = timed_step(stepper, examples, collate, device)
             log(f"    step: {seconds:.2f} s (tracked), loss {loss:.3f}")
     log(f"    tensor peak {tensors.peak / 1e6:.0f} MB, process peak {peak.peak_bytes / 1e6:.0f} MB")
     return {"config": config, "tensor_peak_bytes": tensors.peak, "peak_bytes": peak.peak_bytes,
@@ -500,12 +533,12 @@ class ForwardCounter:
         self.calls += 1
 
 
-def answers_original(model, tokenizer, prompts: list[str]) -> list[str]:
+def answers_original(model, tokenizer, prompts: list[str], device) -> list[str]:
     """The original evaluation: one question at a time, 50 new tokens, greedy, no stop string."""
 
     answers = []
     for prompt in prompts:
-        enc = tokenizer(prompt, return_tensors="pt")
+        enc = tokenizer(prompt, return_tensors="pt").to(device)
         with torch.no_grad():
             # The original decoded 50 free-running tokens per question; min_new_tokens
             # keeps a model that would emit EOS early doing that same work.
@@ -520,13 +553,13 @@ def answers_original(model, tokenizer, prompts: list[str]) -> list[str]:
 def task_eval(config: dict, baseline: int) -> dict:
     """Warm up, then time answering the same questions `repeats` times with one recipe."""
 
-    device = torch.device("cpu")
+    device = device_of(config)
     model, tokenizer, _ = models.load_model(config["model_dir"], device)
     model.eval()
     rows = common.load_split(config["data_dir"], "eval")
     prompts = [r["prompt"] for r in rows[:config["questions"]]]
     if config["recipe"] == "original":
-        answer = functools.partial(answers_original, model, tokenizer)
+        answer = functools.partial(answers_original, model, tokenizer, device=device)
         bound = ORIGINAL_NEW_TOKENS
     else:
         # As evaluate.py does: the bound from every eval reference, its batch size, its stop
@@ -534,7 +567,9 @@ def task_eval(config: dict, baseline: int) -> dict:
         answer = functools.partial(generation.generate_answers, model, tokenizer,
                                    max_new_tokens=bound, device=device,
                                    stop=common.turn_marker(common.load_template(config["data_dir"])),
-                                   batch_size=evaluate_batch_size())
+                                   batch_size=evaluate_batch_size(),
+                                   precision=models.resolve_precision(
+                                       device, config.get("precision", "fp32")))
     memory.release_free_heap()
     loaded = memory.rss_bytes()
     counter = ForwardCounter(model)
@@ -542,11 +577,13 @@ def task_eval(config: dict, baseline: int) -> dict:
     with memory.PeakMemory(device) as peak:
         started = time.perf_counter()
         answer(prompts[:1] if config["recipe"] == "original" else prompts[:8])
+        sync(device)
         log(f"    warm-up: {time.perf_counter() - started:.2f} s")
         for r in range(config["repeats"]):
             counter.calls = 0
             started = time.perf_counter()
             answers = answer(prompts)
+            sync(device)
             seconds = time.perf_counter() - started
             repeats.append({"seconds": seconds, "questions": len(prompts),
                             "questions_per_s": len(prompts) / seconds,
@@ -559,54 +596,31 @@ def task_eval(config: dict, baseline: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def task_matmul(config: dict, baseline: int) -> dict:
-    """The fp32 matmul rate: median over several n x n products after a warm-up."""
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-    n = config["size"]
+
+def task_matmul(config: dict, baseline: int) -> dict:
+    """The matmul rate in config["dtype"] (fp32 or bf16): median over several n x n products after a warm-up."""
+
+    n, device, name = config["size"], device_of(config), config.get("dtype", "fp32")
+    dtype = MATMUL_DTYPES[name]
     torch.manual_seed(0)
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b, out=out)
+    inner = config.get("inner", 1)  # products per reading: >1 on a GPU hides launch and sync
     times = []
     for _ in range(config["runs"]):
+        sync(device)
         started = time.perf_counter()
-        torch.mm(a, b, out=out)
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+        sync(device)
         times.append(time.perf_counter() - started)
-    rates = [2 * n ** 3 / t for t in times]
-    log(f"    {n}x{n} fp32 matmul: median {statistics.median(rates) / 1e9:.1f} GFLOP/s "
-        f"over {len(rates)} runs, {torch.get_num_threads()} threads")
+    rates = [2 * n ** 3 * inner / t for t in times]
+    log(f"    {n}x{n} {name} matmul on {device.type}: median "
+        f"{statistics.median(rates) / 1e9:.1f} GFLOP/s over {len(rates)} runs, "
+        f"{torch.get_num_threads()} threads")
     return {"config": config, "flops_per_s": median_spread(rates),
             "threads": torch.get_num_threads()}
-
-
-def task_trl(config: dict, baseline: int) -> dict:
-    """TRL's SFTTrainer on the same model and rows (trl_runs.py; TRL is a benchmark-only install)."""
-    import trl_runs
-
-    return trl_runs.task_trl(config, baseline)
-
-
-TASKS = {"train": task_train, "memory": task_memory, "eval": task_eval, "matmul": task_matmul,
-         "trl": task_trl}
-
-
-def worker_main(config_json: str) -> None:
-    """Run one configuration; print its result as one JSON line on stdout."""
-    import warnings
-
-    config = json.loads(config_json)
-    real_stdout = sys.stdout
-    # peft calls a transformers API deprecated for v6; the warning says nothing about speed.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    with contextlib.redirect_stdout(sys.stderr):  # library prints must not mix with the JSON
-        # Import every library before the baseline, so each configuration's
-        # baseline holds the same code and the rest is the model and training.
-        if config.get("threads"):
-            torch.set_num_threads(config["threads"])
-        import peft  # noqa: F401  (imported before the baseline is read)
-        import transformers  # noqa: F401
-        with contextlib.suppress(ImportError):
-            import bitsandbytes  # noqa: F401
-        memory.release_free_heap()
-        result = TASKS[config["task"]](config, memory.rss_bytes())
-    real_stdout.write(json.dumps(common.finite(result), allow_nan=False) + "\n")  # strict JSON
