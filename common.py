@@ -22,6 +22,7 @@ import string
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 
 
@@ -163,6 +164,8 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".csv"):
         raise PipelineError("unsupported file type; expected .jsonl, .json or .csv", path)
+    if suffix == ".csv":
+        return read_csv(path).records
     text = read_text(path)
     if not text.strip():
         raise PipelineError("the file is empty; expected question-answer rows", path)
@@ -198,31 +201,87 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
                                     f"found {type(row).__name__}", path)
             records.append((index, row))
         return records
-    return _read_csv(text, path)
 
 
-def _read_csv(text: str, path: Path) -> list[tuple[int, dict]]:
-    """Parse CSV text with a header row into (first line of the record, row) pairs."""
-    # A StringIO with newline="" keeps line breaks inside quoted fields, which
-    # csv needs; line_num then counts physical lines, so multi-line records
-    # do not shift the line numbers of the rows after them.
-    reader = csv.reader(io.StringIO(text, newline=""))
+# CSV delimiters recognised in the header row, comma first; how a message names each.
+CSV_DELIMITERS = {",": "commas", ";": "semicolons", "\t": "tabs", "|": "'|' characters"}
+
+
+def sniff_delimiter(text: str) -> str:
+    """The CSV delimiter: ',' unless the header row splits into more columns on ; tab or |."""
+    header = io.StringIO(text, newline="").readline()
+    columns = {mark: len(next(csv.reader([header], delimiter=mark), []))
+               for mark in CSV_DELIMITERS}
+    if columns[","] > 1:
+        return ","
+    best = max(CSV_DELIMITERS, key=columns.get)  # the first of equals: ',' when none splits
+    return best if columns[best] > 1 else ","
+
+
+def open_quote(text: str, delimiter: str) -> int | None:
+    """Offset of a quote that opens a field and is never closed, reading text as one CSV record
+    and what follows it (the csv module then silently reads on to the end of the file)."""
+    state, opened = "start", None
+    for offset, char in enumerate(text):
+        if state == "quoted":
+            state = "quote" if char == '"' else "quoted"
+        elif char in "\r\n" or char == delimiter:
+            state = "start"
+        elif state == "start" and char == '"':
+            state, opened = "quoted", offset
+        elif state == "quote" and char == '"':
+            state = "quoted"  # a doubled quote inside a quoted field
+        else:
+            state = "field"
+    return opened if state == "quoted" else None
+
+
+class CsvTable(NamedTuple):
+    """A CSV file read by read_csv()."""
+    header: list[str]
+    records: list[tuple[int, dict]]  # (first line of the record, row); a short row lacks keys
+    delimiter: str
+
+
+def read_csv(path: str | os.PathLike) -> CsvTable:
+    """The one CSV reader: a file with a header row, its delimiter sniffed from the header."""
+    path = Path(path)
+    text = read_text(path)
+    if not text.strip():
+        raise PipelineError("the file is empty; expected question-answer rows", path)
+    delimiter = sniff_delimiter(text)
+    # A StringIO with newline="" keeps line breaks inside quoted fields, which csv needs;
+    # line_num then counts physical lines, so multi-line records do not shift the line
+    # numbers of the rows after them.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = next(reader, None)
     if not header or not any(name.strip() for name in header):
         raise PipelineError("the CSV file has no header row", path)
     header = [name.strip() for name in header]
-    records = []
+    records, last = [], 1
     start = reader.line_num + 1
     for values in reader:
         number, start = start, reader.line_num + 1
+        if values:
+            last = number
         if not values or not any(value.strip() for value in values):
             continue
         if len(values) > len(header):
-            raise PipelineError(f"{len(values)} fields but the header has {len(header)}; "
-                                "quote values that contain commas", path, number)
+            raise PipelineError(f"{len(values)} fields but the header has {len(header)}; quote "
+                                f"values that contain {CSV_DELIMITERS[delimiter]}", path, number)
         # A short row simply lacks the trailing columns, so callers report them missing.
         records.append((number, dict(zip(header, values))))
-    return records
+    # An unclosed quote makes the last record swallow the rest of the file: find it.
+    lines = io.StringIO(text, newline="").readlines()
+    tail = "".join(lines[last - 1:])
+    opened = open_quote(tail, delimiter)
+    if opened is not None:
+        before = tail[:opened]
+        line = last + before.count("\n") + before.count("\r") - before.count("\r\n")
+        raise PipelineError('unterminated quote: the " that opens a field on this line is '
+                            'never closed, so the rest of the file would be one value; close '
+                            'it, or write a quote inside a quoted field as ""', path, line)
+    return CsvTable(header, records, delimiter)
 
 
 def read_jsonl(path: str | os.PathLike, required: tuple[str, ...] = (),

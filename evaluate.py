@@ -28,16 +28,15 @@ seeds, with 95% intervals over questions and seeds; every pair of methods, and
 each method against the base, is compared with a paired test (see verdict.py).
 
 Writes outputs/<run>/predictions.jsonl (outputs/base/ for the untuned model),
-outputs/comparison.{csv,md,json}, outputs/comparison.png,
-outputs/quality_vs_cost.png, outputs/lr_search.png (when --tune-lr ran),
-outputs/report.html (everything on one page that opens from disk), and prints
-a recommendation computed from the paired tests.
+outputs/evaluation.json (what was compared) and outputs/comparison.json (the
+means, intervals, paired tests and the recommendation computed from them),
+prints the recommendation, then has report.py render comparison.{md,csv,png},
+quality_vs_cost.png, lr_search.png (when --tune-lr ran) and report.html from
+those files (`python report.py outputs/` redraws them alone).
 """
 
 import argparse
-import csv
 import hashlib
-import io
 import json
 import re
 from pathlib import Path
@@ -55,14 +54,6 @@ import verdict
 from report import fmt
 
 METHODS = ("full", "lora", "qlora", "bitfit")  # the order of every table and plot
-COLOURS = {"base": "#7f7f7f", "full": "#1f77b4", "lora": "#2ca02c", "qlora": "#9467bd",
-           "bitfit": "#ff7f0e"}
-QUALITY = ("answer_perplexity", "exact_match", "key_accuracy", "token_f1")
-MEASURES = (("answer_perplexity", "answer perplexity (lower is better)"),
-            ("exact_match", "exact match %"), ("key_accuracy", "key-answer accuracy %"),
-            ("token_f1", "token F1 %"), ("train_seconds", "training time (s)"),
-            ("train_tokens_per_s", "training tokens/s"), ("peak_memory_mb", "peak memory (MB)"),
-            ("trainable_params", "trainable parameters"))
 COST_FIELDS = ("train_loss", "train_seconds", "train_tokens_per_s", "peak_memory_mb",
                "trainable_params", "trainable_percent", "size_on_disk_mb")
 # Bump when scoring, decoding or metric code changes what a run's predictions hold: every
@@ -351,194 +342,6 @@ def add_intervals(table: list[dict], all_runs: dict[str, list[list[dict]]]) -> N
         row["answer_perplexity_ci95"] = found["answer_perplexity"]
 
 
-def with_ci(row: dict, key: str, digits: int) -> str:
-    """'68.6 [64.1, 72.9]': a mean with its 95% interval."""
-    if row.get(key) is None:
-        return "-"
-    ci = row.get(f"{key}_ci95")
-    return fmt(row[key], digits) + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
-
-
-COLUMNS = (("method", "method", 0), ("seeds", "seeds", 0), ("lr", "lr", None),
-           ("answer_perplexity", "answer PPL [95% CI]", 2),
-           ("exact_match", "exact match % [95% CI]", 1), ("key_accuracy", "key acc. % [95% CI]", 1),
-           ("token_f1", "F1 % [95% CI]", 1), ("train_loss", "train loss", 3),
-           ("train_seconds", "train time (s)", 0), ("train_tokens_per_s", "tokens/s", 0),
-           ("peak_memory_mb", "peak mem. (MB)", 0), ("trainable_params", "trainable params", 0),
-           ("trainable_percent", "trainable %", 3), ("size_on_disk_mb", "saved (MB)", 1),
-           ("note", "note", 0))
-
-
-def cell(row: dict, key: str, digits) -> str:
-    """One markdown cell."""
-    if key in QUALITY:
-        return with_ci(row, key, digits)
-    if key == "lr":
-        return "-" if row.get("lr") is None else f"{row['lr']:.2g}"
-    return fmt(row.get(key), digits)
-
-
-def pairwise_table(pairs: list[dict], label: str) -> str:
-    """The paired comparisons as a markdown table."""
-    out = io.StringIO()
-    out.write(f"| a | b | {label} a - b (points) | adjusted CI | p | p (Bonferroni) | verdict |\n"
-              "|---|---|---|---|---|---|---|\n")
-    for p in pairs:
-        significant = p["significant"]
-        word = ("a better" if p["difference"] > 0 else "b better") if significant else "not shown"
-        out.write(f"| {p['a']} | {p['b']} | {p['difference']:+.1f} | "
-                  f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] | {p['p_value']:.3g} | "
-                  f"{p['p_adjusted']:.3g} | {word} |\n")
-    return out.getvalue()
-
-
-def markdown_table(rows: list[dict], breakdowns: dict, pairs: list[dict], recommendation: str,
-                   n: int, procedure: str) -> str:
-    """comparison.md: the table, the paired tests, per-kind and per-category tables, the verdict."""
-    out = io.StringIO()
-    out.write(f"# Comparison on {n} held-out questions\n\n")
-    out.write("Means over seeds; 95% t intervals, clustered by fact group, with each method's "
-              f"seed-to-seed variation. {PERPLEXITY_NOTE[0].upper() + PERPLEXITY_NOTE[1:]}.\n\n")
-    out.write("| " + " | ".join(title for _, title, _ in COLUMNS) + " |\n")
-    out.write("|" + "---|" * len(COLUMNS) + "\n")
-    for row in rows:
-        out.write("| " + " | ".join(cell(row, k, d) for k, _, d in COLUMNS) + " |\n")
-    key, _, label = common.quality_key(rows)
-    out.write(f"\n## Paired comparisons ({label})\n\n{procedure}\n\n"
-              + pairwise_table(pairs, label))
-    for field, title in (("eval_kind", "eval kind"), ("category", "category")):
-        values = sorted({v for b in breakdowns.values() for v in b[field]})
-        if not values:
-            continue
-        out.write(f"\n## {label} (%) by {title}\n\n| method | "
-                  + " | ".join(f"{v} (n={breakdowns['base'][field].get(v, {}).get('n', '?')})"
-                               for v in values) + " |\n")
-        out.write("|" + "---|" * (len(values) + 1) + "\n")
-        for row in rows:
-            cells = [fmt(breakdowns[row["method"]][field].get(v, {}).get(key)) for v in values]
-            out.write(f"| {row['method']} | " + " | ".join(cells) + " |\n")
-    out.write(f"\n## Recommendation\n\n{recommendation}\n")
-    return out.getvalue()
-
-
-def csv_text(rows: list[dict]) -> str:
-    """comparison.csv: one row per method, raw numbers and interval ends."""
-    fields = ["method", "seeds", "lr"]
-    for key in QUALITY:
-        fields += [key, f"{key}_ci95_low", f"{key}_ci95_high"]
-    fields += [k for k in COST_FIELDS] + ["n", "note"]
-    flat = []
-    for row in rows:
-        item = dict(row)
-        for key in QUALITY:
-            low, high = row.get(f"{key}_ci95") or (None, None)
-            item[f"{key}_ci95_low"], item[f"{key}_ci95_high"] = low, high
-        flat.append(item)
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(flat)
-    return out.getvalue()
-
-
-def plot_comparison(rows: list[dict], path: Path) -> None:
-    """One bar panel per measure, methods in the same order and colour; 95% intervals as bars."""
-    plt = common.pyplot()
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
-    names = [r["method"] for r in rows]
-    colours = [COLOURS.get(n, "#333333") for n in names]
-    for ax, (key, title) in zip(axes.flat, MEASURES):
-        values = [r.get(key) for r in rows]
-        heights = [v if v is not None else 0 for v in values]
-        errors = None
-        if all(r.get(f"{key}_ci95") for r in rows):
-            errors = np.array([[h - r[f"{key}_ci95"][0], r[f"{key}_ci95"][1] - h]
-                               for h, r in zip(heights, rows)]).T.clip(min=0)
-        bars = ax.bar(names, heights, color=colours, yerr=errors, capsize=4,
-                      error_kw={"elinewidth": 1})
-        for bar, value, row in zip(bars, values, rows):
-            top = max(bar.get_height(), (row.get(f"{key}_ci95") or [0, 0])[1])
-            ax.annotate("n/a" if value is None else fmt(value, 1 if value < 100 else 0),
-                        (bar.get_x() + bar.get_width() / 2, top), xytext=(0, 2),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
-        if key == "trainable_params":  # spans three orders of magnitude
-            ax.set_yscale("log")
-        ax.set_title(title)
-        ax.grid(axis="y", alpha=0.3)
-    seeds = max(r.get("seeds", 1) for r in rows)
-    fig.suptitle("Fine-tuning methods compared (base = untuned model; no training cost)"
-                 + (f"; means over {seeds} seeds, 95% intervals" if seeds > 1 else
-                    "; 95% intervals over questions"))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_quality_vs_cost(rows: list[dict], path: Path) -> None:
-    """Quality against training time and against peak memory: the trade-off to choose from."""
-    plt = common.pyplot()
-    key, _, label = common.quality_key(rows)
-    trained = [r for r in rows if r["method"] != "base"]
-    base = next((r for r in rows if r["method"] == "base"), None)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for ax, cost, xlabel in ((axes[0], "train_seconds", "training time (s)"),
-                             (axes[1], "peak_memory_mb", "peak training memory (MB)")):
-        for r in trained:
-            ci = r.get(f"{key}_ci95")
-            yerr = [[r[key] - ci[0]], [ci[1] - r[key]]] if ci else None
-            ax.errorbar(r[cost], r[key], yerr=yerr, fmt="o", ms=10, capsize=4,
-                        color=COLOURS.get(r["method"]), zorder=3)
-            ax.annotate(r["method"], (r[cost], r[key]), textcoords="offset points",
-                        xytext=(8, 6))
-        if base is not None:
-            ax.axhline(base[key], color=COLOURS["base"], ls="--",
-                       label=f"untuned base ({base[key]:.1f}%)")
-            ax.legend(loc="lower right")
-        ax.set(xlabel=xlabel, ylabel=f"{label} %",
-               title=f"{label} vs {xlabel.split(' (')[0]}")
-        ax.grid(alpha=0.3)
-    fig.suptitle("Quality against cost: up and to the left is better (bars: 95% intervals)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def read_searches(output_dir: Path, methods) -> dict[str, dict]:
-    """The learning-rate searches (outputs/search/<method>.json) of the methods compared."""
-    found = {}
-    for name in methods:
-        path = runpaths.search_file(output_dir, name)
-        if path.exists():
-            found[name] = common.read_json(path)
-    return found
-
-
-def plot_lr_search(searches: dict[str, dict], path: Path) -> None:
-    """Validation score against learning rate, one line per method, the chosen rate marked."""
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    label = "validation score"
-    for name, search in searches.items():
-        results = [r for r in search["results"] if not r.get("diverged")]
-        label = search["metric_label"]
-        xs, ys = [r["lr"] for r in results], [r["score"] for r in results]
-        ax.plot(xs, ys, "o-", color=COLOURS.get(name),
-                label=f"{name} (chose {search['chosen_lr']:.2g})")
-        # A diverged rate has no score: an x on the axis, where no curve can hide it.
-        diverged = [r["lr"] for r in search["results"] if r.get("diverged")]
-        if diverged:
-            ax.scatter(diverged, [0] * len(diverged), marker="x", s=80, clip_on=False,
-                       color=COLOURS.get(name), label=f"{name}: diverged", zorder=3)
-        chosen = next(r for r in results if r["lr"] == search["chosen_lr"])
-        ax.scatter([chosen["lr"]], [chosen["score"]], s=160, facecolors="none",
-                   edgecolors=COLOURS.get(name), linewidths=2, zorder=3)
-    ax.set_xscale("log")
-    ax.set(xlabel="learning rate", ylabel=f"{label} % (validation split)",
-           title="Learning-rate search: each rate scored on data/valid.jsonl")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(args):
     """Evaluate base + methods, then write predictions, tables, plots and the recommendation."""
     if args.publish:
@@ -607,7 +410,7 @@ def main(args):
         raise common.PipelineError("no fine-tuned method has up-to-date predictions to compare; "
                                    "run evaluate.py without --methods")
     # What the comparison needs besides the per-run files, so it can be rebuilt from them alone
-    common.write_json(output_dir / EVALUATION, {
+    common.write_json(runpaths.evaluation_file(output_dir), {
         "model": trained[0][0][1]["model"], "base_model_path": base_path,
         "questions": len(rows), "max_new_tokens": max_new, "stop": stop, "precision": precision,
         "runs": {name: [folder.name for folder, _ in runs] for name, runs in compared.items()}})
@@ -616,32 +419,16 @@ def main(args):
 
 # --- The comparison, from files alone -------------------------------------------
 
-EVALUATION = "evaluation.json"  # which runs were compared, and the decoding they were scored with
-
 
 def compare(output_dir: Path, alpha: float) -> dict:
-    """Build the verdict, tables, charts and report from the saved per-run files alone.
+    """Measure the comparison from the saved per-run files alone, then render it (report.py).
 
     Reads <output-dir>/evaluation.json, each compared run's predictions.jsonl and
     metrics.json, and search/<method>.json; needs no model, tokenizer or data.
+    Writes comparison.json, which report.render() turns into every table, chart and page.
     """
     output_dir = Path(output_dir)
-    info_path = output_dir / EVALUATION
-    if not info_path.exists():
-        raise common.PipelineError("no evaluation to compare: run `python evaluate.py` first",
-                                   info_path)
-    info = common.read_json(info_path)
-    all_runs: dict[str, list[list[dict]]] = {}
-    trained: dict[str, list[dict]] = {}
-    for name, folders in info["runs"].items():
-        for folder in (output_dir / f for f in folders):
-            predictions = folder / runpaths.PREDICTIONS
-            if not predictions.exists():
-                raise common.PipelineError(f"{runpaths.PREDICTIONS} is missing; re-run "
-                                           "`python evaluate.py`", folder)
-            all_runs.setdefault(name, []).append(common.read_jsonl(predictions))
-            if name != "base":
-                trained.setdefault(name, []).append(common.read_json(folder / "metrics.json"))
+    info, all_runs, trained = report.compared_runs(output_dir, metrics=True)
 
     # Means, intervals, paired tests, and the recommendation that follows from them
     table = [comparison_row(name, runs, trained.get(name)) for name, runs in all_runs.items()]
@@ -654,17 +441,11 @@ def compare(output_dir: Path, alpha: float) -> dict:
     breakdowns = {name: {"eval_kind": breakdown(runs, "eval_kind"),
                          "category": breakdown(runs, "category")}
                   for name, runs in all_runs.items()}
-    searches = read_searches(output_dir, trained)
+    searches = report.read_searches(output_dir, trained)
     procedure = verdict.procedure(
         alpha, len(pairs), max(p["n_questions"] for p in pairs),
         max(p["n_groups"] for p in pairs),
         {name: len(runs) for name, runs in all_runs.items()}, key)
-
-    # Write the tables, the plots and comparison.json
-    common.write_text_atomic(output_dir / "comparison.csv", csv_text(table))
-    common.write_text_atomic(output_dir / "comparison.md",
-                             markdown_table(table, breakdowns, pairs, recommendation,
-                                            info["questions"], verdict.describe(procedure)))
     comparison = {
         "model": info["model"], "base_model_path": info["base_model_path"],
         "questions": info["questions"], "max_new_tokens": info["max_new_tokens"],
@@ -677,18 +458,12 @@ def compare(output_dir: Path, alpha: float) -> dict:
         "lr_search": {name: {k: s[k] for k in ("grid", "chosen_lr", "metric", "budget")}
                       for name, s in searches.items()},
         "recommendation": recommendation}
-    common.write_json(output_dir / "comparison.json", comparison)
-    plot_comparison(table, output_dir / "comparison.png")
-    plot_quality_vs_cost(table, output_dir / "quality_vs_cost.png")
-    if searches:
-        plot_lr_search(searches, output_dir / "lr_search.png")
-    else:
-        (output_dir / "lr_search.png").unlink(missing_ok=True)  # never show a stale search
-    report.write_report(output_dir, comparison, all_runs)
-    print(f"\n{recommendation}\n\nwrote {output_dir}/comparison.{{csv,md,json,png}}, "
-          f"{output_dir}/quality_vs_cost.png"
-          + (f", {output_dir}/lr_search.png" if searches else "")
-          + f", {output_dir}/report.html")
+    common.write_json(runpaths.comparison_file(output_dir), comparison)
+
+    # Everything a person reads is drawn from comparison.json and the run files
+    written = report.render(output_dir)
+    print(f"\n{recommendation}\n\nwrote {runpaths.comparison_file(output_dir)}, "
+          + ", ".join(str(path) for path in written))
     return comparison
 
 
@@ -697,9 +472,9 @@ def publish(output_dir: Path, target: Path) -> None:
     import shutil
 
     output_dir, target = Path(output_dir), Path(target)
-    info = common.read_json(output_dir / EVALUATION)
+    info = common.read_json(runpaths.evaluation_file(output_dir))
     with common.staged_dir(target) as tmp:
-        shutil.copy2(output_dir / EVALUATION, tmp / EVALUATION)
+        shutil.copy2(runpaths.evaluation_file(output_dir), runpaths.evaluation_file(tmp))
         for name, folders in info["runs"].items():
             for folder in folders:
                 (tmp / folder).mkdir()

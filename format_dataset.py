@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import hashlib
-import io
 import math
 import os
 import re
@@ -42,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import (DEFAULT_COMPLETION_TEMPLATE, DEFAULT_PROMPT_TEMPLATE, PipelineError,
-                    read_text, file_sha256, normalize_question, normalize_whitespace,
+                    read_csv, file_sha256, normalize_question, normalize_whitespace,
                     read_records, run_main, write_json, write_jsonl)
 
 # Column pairs recognised automatically, in order of preference (lower-case names).
@@ -80,8 +78,6 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 LOCAL_ALTERNATIVES = ".jsonl, .json, .csv, .parquet or a save_to_disk folder"
 # A Hub dataset id: owner/name, as the Hub spells them.
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-# CSV delimiters recognised in the header row, comma first; how a message names each.
-CSV_DELIMITERS = {",": "commas", ";": "semicolons", "\t": "tabs", "|": "'|' characters"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -190,80 +186,11 @@ def read_input(text: str, split: str | None) -> Input:
                             f"not to a {suffix} file", path)
     provenance = {"source_sha256": file_sha256(path)}
     if suffix == ".csv":
-        records, delimiter = read_csv(path)
-        return Input(records, f"{delimiter!r}-separated CSV", provenance)
+        table = read_csv(path)
+        return Input(table.records, f"{table.delimiter!r}-separated CSV", provenance)
     if suffix == ".parquet":
         return Input(read_parquet(path), "Parquet", provenance)
     return Input(read_records(path), suffix[1:].upper(), provenance)
-
-
-def sniff_delimiter(text: str) -> str:
-    """The CSV delimiter: ',' unless the header row splits into more columns on ; tab or |."""
-    header = io.StringIO(text, newline="").readline()
-    columns = {mark: len(next(csv.reader([header], delimiter=mark), []))
-               for mark in CSV_DELIMITERS}
-    if columns[","] > 1:
-        return ","
-    best = max(CSV_DELIMITERS, key=columns.get)  # the first of equals: ',' when none splits
-    return best if columns[best] > 1 else ","
-
-
-def open_quote(text: str, delimiter: str) -> int | None:
-    """Offset of a quote that opens a field and is never closed, reading text as one CSV record
-    and what follows it (the csv module then silently reads on to the end of the file)."""
-    state, opened = "start", None
-    for offset, char in enumerate(text):
-        if state == "quoted":
-            state = "quote" if char == '"' else "quoted"
-        elif char in "\r\n" or char == delimiter:
-            state = "start"
-        elif state == "start" and char == '"':
-            state, opened = "quoted", offset
-        elif state == "quote" and char == '"':
-            state = "quoted"  # a doubled quote inside a quoted field
-        else:
-            state = "field"
-    return opened if state == "quoted" else None
-
-
-def read_csv(path: Path) -> tuple[list[tuple[int, dict]], str]:
-    """A CSV file with a header row as (first line of the record, row) pairs, and its delimiter."""
-    text = read_text(path)
-    if not text.strip():
-        raise PipelineError("the file is empty; expected question-answer rows", path)
-    delimiter = sniff_delimiter(text)
-    # A StringIO with newline="" keeps line breaks inside quoted fields, which csv needs;
-    # line_num then counts physical lines, so multi-line records do not shift the line
-    # numbers of the rows after them.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = next(reader, None)
-    if not header or not any(name.strip() for name in header):
-        raise PipelineError("the CSV file has no header row", path)
-    header = [name.strip() for name in header]
-    records, last = [], 1
-    start = reader.line_num + 1
-    for values in reader:
-        number, start = start, reader.line_num + 1
-        if values:
-            last = number
-        if not values or not any(value.strip() for value in values):
-            continue
-        if len(values) > len(header):
-            raise PipelineError(f"{len(values)} fields but the header has {len(header)}; quote "
-                                f"values that contain {CSV_DELIMITERS[delimiter]}", path, number)
-        # A short row simply lacks the trailing columns, so callers report them missing.
-        records.append((number, dict(zip(header, values))))
-    # An unclosed quote makes the last record swallow the rest of the file: find it.
-    lines = io.StringIO(text, newline="").readlines()
-    tail = "".join(lines[last - 1:])
-    opened = open_quote(tail, delimiter)
-    if opened is not None:
-        before = tail[:opened]
-        line = last + before.count("\n") + before.count("\r") - before.count("\r\n")
-        raise PipelineError('unterminated quote: the " that opens a field on this line is '
-                            'never closed, so the rest of the file would be one value; close '
-                            'it, or write a quote inside a quoted field as ""', path, line)
-    return records, delimiter
 
 
 @contextlib.contextmanager

@@ -19,14 +19,13 @@ The hand-checked facts are data, in facts/ beside this script (one CSV or JSONL 
 per table; facts/README.md gives each file's columns and what was left out and why).
 This script reads them, computes the arithmetic and unit conversions, fills in the
 question templates, and checks every fact before any row is picked.  Only the
-standard library is used (csv and json read facts/; common.py imports torch only
-inside the functions that need it), so this runs anywhere in a fraction of a second.
+standard library is used (common.read_csv and json read facts/; common.py imports torch
+only inside the functions that need it), so this runs anywhere in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import os
@@ -35,7 +34,8 @@ import re
 from collections import Counter, namedtuple
 from pathlib import Path
 
-from common import PipelineError, key_match, normalize_question, run_main, write_jsonl
+from common import (PipelineError, key_match, normalize_question, read_csv, read_text,
+                    run_main, write_jsonl)
 
 # =============================================================================
 # Fact tables: read from facts/ (data only; see facts/README.md for what was checked)
@@ -74,38 +74,26 @@ def read_facts(path: Path, columns: dict) -> list[tuple]:
 
     A malformed entry raises PipelineError naming the file, its line and the field.
     """
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            lines = fh.read().splitlines()
-    except FileNotFoundError:
-        raise PipelineError("fact table not found", path) from None
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path) from None
-    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    if not path.exists():
+        raise PipelineError("fact table not found", path)
     if path.suffix == ".jsonl":
+        numbered = [(number, line) for number, line
+                    in enumerate(read_text(path).splitlines(), 1) if line.strip()]
         return [tuple(field(path, number, name, kind, value)
                       for name, kind, value in json_fields(path, number, line, columns))
                 for number, line in numbered]
-    if not numbered or csv_fields(path, *numbered[0]) != list(columns):
+    table = read_csv(path)
+    if table.header != list(columns):
         raise PipelineError(f"the first line must be the header {','.join(columns)}", path, 1)
     rows = []
-    for number, line in numbered[1:]:
-        values = csv_fields(path, number, line)
-        if len(values) != len(columns):
-            raise PipelineError(f"{len(values)} fields, expected {len(columns)} "
+    for number, record in table.records:
+        if len(record) != len(columns):  # a short row: read_csv leaves its last cells out
+            raise PipelineError(f"{len(record)} fields, expected {len(columns)} "
                                 f"({','.join(columns)}); quote a field holding a comma",
                                 path, number)
-        rows.append(tuple(field(path, number, name, kind, value)
-                          for (name, kind), value in zip(columns.items(), values)))
+        rows.append(tuple(field(path, number, name, kind, record[name])
+                          for name, kind in columns.items()))
     return rows
-
-
-def csv_fields(path: Path, number: int, line: str) -> list[str]:
-    """The fields of one CSV line: one line is one row, no field in these tables spans lines."""
-    try:
-        return next(csv.reader([line], strict=True))
-    except csv.Error as exc:
-        raise PipelineError(f"bad CSV quoting ({exc})", path, number) from None
 
 
 def json_fields(path: Path, number: int, line: str, columns: dict):

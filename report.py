@@ -1,23 +1,345 @@
-"""outputs/report.html: the whole comparison on one self-contained page.
+"""Render the comparison from the files evaluate.py wrote: tables, charts and one HTML page.
 
-evaluate.py calls write_report() after it has written comparison.json and the
-charts.  The page embeds every chart as a data URI and carries its own CSS and
-a few lines of JavaScript (a filter for the question table), so it opens from
-disk with no network.  It holds: the recommendation, the comparison table with
-95% intervals, the paired tests, the chosen learning rates, the charts, the
-per-kind and per-category tables, each method's training curves, and a
-browsable table of the questions on which the methods disagree.
+    python report.py outputs/                  # after `python evaluate.py`
+    python report.py results/smollm2-135m      # the published run, no model needed
+
+Reads <dir>/comparison.json (the numbers, intervals, paired tests and the
+recommendation), <dir>/evaluation.json (which runs were compared), each
+compared run's predictions.jsonl and training_metrics.png, and
+search/<method>.json; computes nothing that decides anything.  Writes
+comparison.md, comparison.csv, comparison.png, quality_vs_cost.png,
+lr_search.png (when a learning-rate search ran) and report.html, a page that
+embeds every chart and opens from disk with no network.
+
+The markdown table, the CSV and the HTML table are all built from COLUMNS, so
+they show the same measures in the same order.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
+import csv
 import html
+import io
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import common
 import runpaths
 import verdict
+
+COLOURS = {"base": "#7f7f7f", "full": "#1f77b4", "lora": "#2ca02c", "qlora": "#9467bd",
+           "bitfit": "#ff7f0e"}
+MEASURES = (("answer_perplexity", "answer perplexity (lower is better)"),
+            ("exact_match", "exact match %"), ("key_accuracy", "key-answer accuracy %"),
+            ("token_f1", "token F1 %"), ("train_seconds", "training time (s)"),
+            ("train_tokens_per_s", "training tokens/s"), ("peak_memory_mb", "peak memory (MB)"),
+            ("trainable_params", "trainable parameters"))
+
+
+def parse_args(argv=None):
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", nargs="?", default="outputs",
+                        help="folder holding comparison.json (default outputs)")
+    return parser.parse_args(argv)
+
+
+# --- Reading what evaluate.py wrote --------------------------------------------
+
+
+def read_comparison(output_dir: Path) -> dict:
+    """comparison.json, or a one-line error saying how to make it."""
+    path = runpaths.comparison_file(output_dir)
+    if not path.exists():
+        raise common.PipelineError("no comparison to render: run `python evaluate.py` (or "
+                                   "`python evaluate.py --compare-only`) first", path)
+    return common.read_json(path)
+
+
+def compared_runs(output_dir: Path, metrics: bool = False):
+    """evaluation.json and each compared run's per-question records, one list per seed.
+
+    With metrics, also each trained run's metrics.json: (info, runs, metrics by method).
+    """
+    output_dir = Path(output_dir)
+    info_path = runpaths.evaluation_file(output_dir)
+    if not info_path.exists():
+        raise common.PipelineError("no evaluation to compare: run `python evaluate.py` first",
+                                   info_path)
+    info = common.read_json(info_path)
+    runs: dict[str, list[list[dict]]] = {}
+    trained: dict[str, list[dict]] = {}
+    for name, folders in info["runs"].items():
+        for folder in folders:
+            paths = runpaths.RunPaths(output_dir, name, folder)
+            if not paths.predictions.exists():
+                raise common.PipelineError(f"{runpaths.PREDICTIONS} is missing; re-run "
+                                           "`python evaluate.py`", paths.run)
+            runs.setdefault(name, []).append(common.read_jsonl(paths.predictions))
+            if metrics and name != "base":
+                trained.setdefault(name, []).append(common.read_json(paths.metrics))
+    return (info, runs, trained) if metrics else (info, runs)
+
+
+def read_searches(output_dir: Path, methods) -> dict[str, dict]:
+    """The learning-rate searches (search/<method>.json) of the given methods that ran one."""
+    found = {}
+    for name in methods:
+        path = runpaths.search_file(output_dir, name)
+        if path.exists():
+            found[name] = common.read_json(path)
+    return found
+
+
+# --- The one column list: comparison.md, comparison.csv and report.html ---------
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the comparison table; every table format is built from COLUMNS."""
+    key: str              # the row's field in comparison.json, and the CSV header
+    header: str           # the markdown and HTML header
+    digits: int = 0       # decimals shown in the tables (the CSV keeps the raw number)
+    interval: bool = False  # shown as 'mean [low, high]'; the CSV adds <key>_ci95_low/_high
+    shown: bool = True    # False: in the CSV only (the same on every row; the title says it)
+
+
+COLUMNS = (
+    Column("method", "method"), Column("seeds", "seeds"), Column("lr", "lr"),
+    Column("answer_perplexity", "answer PPL [95% CI]", 2, interval=True),
+    Column("exact_match", "exact match % [95% CI]", 1, interval=True),
+    Column("key_accuracy", "key acc. % [95% CI]", 1, interval=True),
+    Column("token_f1", "F1 % [95% CI]", 1, interval=True),
+    Column("train_loss", "train loss", 3), Column("train_seconds", "train time (s)"),
+    Column("train_tokens_per_s", "tokens/s"), Column("peak_memory_mb", "peak mem. (MB)"),
+    Column("trainable_params", "trainable params"), Column("trainable_percent", "trainable %", 3),
+    Column("size_on_disk_mb", "saved (MB)", 1), Column("n", "questions", shown=False),
+    Column("note", "note"))
+SHOWN = tuple(c for c in COLUMNS if c.shown)
+
+
+def fmt(value, digits: int = 1) -> str:
+    """A table cell: numbers rounded, missing values a dash."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def cell(row: dict, column: Column) -> tuple[str, str]:
+    """A table cell as (value, interval); the interval is '' when the column or row has none."""
+    value = row.get(column.key)
+    if column.key == "lr":  # a rate reads best in significant figures
+        return ("-" if value is None else f"{value:.2g}"), ""
+    if value is None or not column.interval:
+        return fmt(value, column.digits), ""
+    ci, digits = row.get(f"{column.key}_ci95"), column.digits
+    return fmt(value, digits), (f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+def csv_fields() -> list[str]:
+    """comparison.csv's header: every column's key, an interval column's two ends after it."""
+    fields = []
+    for column in COLUMNS:
+        fields.append(column.key)
+        if column.interval:
+            fields += [f"{column.key}_ci95_low", f"{column.key}_ci95_high"]
+    return fields
+
+
+def csv_text(rows: list[dict]) -> str:
+    """comparison.csv: one row per method, raw numbers and interval ends."""
+    flat = []
+    for row in rows:
+        item = dict(row)
+        for column in COLUMNS:
+            if column.interval:
+                low, high = row.get(f"{column.key}_ci95") or (None, None)
+                item[f"{column.key}_ci95_low"], item[f"{column.key}_ci95_high"] = low, high
+        flat.append(item)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=csv_fields(), extrasaction="ignore",
+                            lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return out.getvalue()
+
+
+def winner(pair: dict, alpha: float) -> str | None:
+    """The method a paired test shows better at level alpha, or None when it shows neither."""
+    if not verdict.is_significant(pair, alpha):
+        return None
+    return pair["a"] if pair["difference"] > 0 else pair["b"]
+
+
+def breakdown_rows(comparison: dict, field: str) -> tuple[list[str], list[tuple[str, list]]]:
+    """Headline score per value of a field (eval kind, category): (headers, (method, cells))."""
+    key, breakdowns = comparison["headline_metric"], comparison["breakdowns"]
+    values = sorted({v for b in breakdowns.values() for v in b[field]})
+    base = breakdowns.get("base", {}).get(field, {})
+    headers = [f"{v} (n={base.get(v, {}).get('n', '?')})" for v in values]
+    rows = [(r["method"], [fmt(breakdowns[r["method"]][field].get(v, {}).get(key))
+                           for v in values]) for r in comparison["rows"]]
+    return headers, rows
+
+
+BREAKDOWNS = (("eval_kind", "eval kind"), ("category", "category"))
+
+
+# --- comparison.md -------------------------------------------------------------
+
+
+def markdown_table(comparison: dict) -> str:
+    """comparison.md: the table, the paired tests, per-kind and per-category tables, the verdict."""
+    rows, label = comparison["rows"], comparison["headline_label"]
+    note = comparison["perplexity"]
+    out = io.StringIO()
+    out.write(f"# Comparison on {comparison['questions']} held-out questions\n\n")
+    out.write("Means over seeds; 95% t intervals, clustered by fact group, with each method's "
+              f"seed-to-seed variation. {note[0].upper() + note[1:]}.\n\n")
+    out.write("| " + " | ".join(c.header for c in SHOWN) + " |\n")
+    out.write("|" + "---|" * len(SHOWN) + "\n")
+    for row in rows:
+        out.write("| " + " | ".join(" ".join(filter(None, cell(row, c))) for c in SHOWN)
+                  + " |\n")
+    out.write(f"\n## Paired comparisons ({label})\n\n"
+              f"{verdict.describe(comparison['procedure'])}\n\n"
+              + markdown_pairs(comparison["pairwise"], label, comparison["alpha"]))
+    for field, title in BREAKDOWNS:
+        headers, cells = breakdown_rows(comparison, field)
+        if not headers:
+            continue
+        out.write(f"\n## {label} (%) by {title}\n\n| method | " + " | ".join(headers) + " |\n")
+        out.write("|" + "---|" * (len(headers) + 1) + "\n")
+        for method, values in cells:
+            out.write(f"| {method} | " + " | ".join(values) + " |\n")
+    out.write(f"\n## Recommendation\n\n{comparison['recommendation']}\n")
+    return out.getvalue()
+
+
+def markdown_pairs(pairs: list[dict], label: str, alpha: float) -> str:
+    """The paired comparisons as a markdown table."""
+    out = io.StringIO()
+    out.write(f"| a | b | {label} a - b (points) | adjusted CI | p | p (Bonferroni) | verdict |\n"
+              "|---|---|---|---|---|---|---|\n")
+    for p in pairs:
+        better = winner(p, alpha)
+        word = "not shown" if better is None else ("a better" if better == p["a"] else "b better")
+        out.write(f"| {p['a']} | {p['b']} | {p['difference']:+.1f} | "
+                  f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] | {p['p_value']:.3g} | "
+                  f"{p['p_adjusted']:.3g} | {word} |\n")
+    return out.getvalue()
+
+
+# --- Charts --------------------------------------------------------------------
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a chart atomically (a reader sees the old PNG or the new one), then close it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        common.pyplot().close(fig)
+
+
+def plot_comparison(rows: list[dict], path: Path) -> None:
+    """One bar panel per measure, methods in the same order and colour; 95% intervals as bars."""
+    plt = common.pyplot()
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
+    names = [r["method"] for r in rows]
+    colours = [COLOURS.get(n, "#333333") for n in names]
+    for ax, (key, title) in zip(axes.flat, MEASURES):
+        values = [r.get(key) for r in rows]
+        heights = [v if v is not None else 0 for v in values]
+        errors = None
+        if all(r.get(f"{key}_ci95") for r in rows):
+            errors = np.array([[h - r[f"{key}_ci95"][0], r[f"{key}_ci95"][1] - h]
+                               for h, r in zip(heights, rows)]).T.clip(min=0)
+        bars = ax.bar(names, heights, color=colours, yerr=errors, capsize=4,
+                      error_kw={"elinewidth": 1})
+        for bar, value, row in zip(bars, values, rows):
+            top = max(bar.get_height(), (row.get(f"{key}_ci95") or [0, 0])[1])
+            ax.annotate("n/a" if value is None else fmt(value, 1 if value < 100 else 0),
+                        (bar.get_x() + bar.get_width() / 2, top), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        if key == "trainable_params":  # spans three orders of magnitude
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    seeds = max(r.get("seeds", 1) for r in rows)
+    fig.suptitle("Fine-tuning methods compared (base = untuned model; no training cost)"
+                 + (f"; means over {seeds} seeds, 95% intervals" if seeds > 1 else
+                    "; 95% intervals over questions"))
+    save_figure(fig, path)
+
+
+def plot_quality_vs_cost(comparison: dict, path: Path) -> None:
+    """Quality against training time and against peak memory: the trade-off to choose from."""
+    plt = common.pyplot()
+    rows, key = comparison["rows"], comparison["headline_metric"]
+    label = comparison["headline_label"]
+    trained = [r for r in rows if r["method"] != "base"]
+    base = next((r for r in rows if r["method"] == "base"), None)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for ax, cost, xlabel in ((axes[0], "train_seconds", "training time (s)"),
+                             (axes[1], "peak_memory_mb", "peak training memory (MB)")):
+        for r in trained:
+            ci = r.get(f"{key}_ci95")
+            yerr = [[r[key] - ci[0]], [ci[1] - r[key]]] if ci else None
+            ax.errorbar(r[cost], r[key], yerr=yerr, fmt="o", ms=10, capsize=4,
+                        color=COLOURS.get(r["method"]), zorder=3)
+            ax.annotate(r["method"], (r[cost], r[key]), textcoords="offset points",
+                        xytext=(8, 6))
+        if base is not None:
+            ax.axhline(base[key], color=COLOURS["base"], ls="--",
+                       label=f"untuned base ({base[key]:.1f}%)")
+            ax.legend(loc="lower right")
+        ax.set(xlabel=xlabel, ylabel=f"{label} %",
+               title=f"{label} vs {xlabel.split(' (')[0]}")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Quality against cost: up and to the left is better (bars: 95% intervals)")
+    save_figure(fig, path)
+
+
+def plot_lr_search(searches: dict[str, dict], path: Path) -> None:
+    """Validation score against learning rate, one line per method, the chosen rate marked."""
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    label = "validation score"
+    for name, search in searches.items():
+        results = [r for r in search["results"] if not r.get("diverged")]
+        label = search["metric_label"]
+        xs, ys = [r["lr"] for r in results], [r["score"] for r in results]
+        ax.plot(xs, ys, "o-", color=COLOURS.get(name),
+                label=f"{name} (chose {search['chosen_lr']:.2g})")
+        # A diverged rate has no score: an x on the axis, where no curve can hide it.
+        diverged = [r["lr"] for r in search["results"] if r.get("diverged")]
+        if diverged:
+            ax.scatter(diverged, [0] * len(diverged), marker="x", s=80, clip_on=False,
+                       color=COLOURS.get(name), label=f"{name}: diverged", zorder=3)
+        chosen = next(r for r in results if r["lr"] == search["chosen_lr"])
+        ax.scatter([chosen["lr"]], [chosen["score"]], s=160, facecolors="none",
+                   edgecolors=COLOURS.get(name), linewidths=2, zorder=3)
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel=f"{label} % (validation split)",
+           title="Learning-rate search: each rate scored on data/valid.jsonl")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
+# --- report.html ---------------------------------------------------------------
 
 STYLE = """
 body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2433;
@@ -53,6 +375,7 @@ document.getElementById('count').textContent=shown;}
 """
 
 
+
 def image(path: Path, alt: str) -> str:
     """An <img> with the PNG embedded as a data URI (empty when the file is missing)."""
     if not path.exists():
@@ -61,86 +384,53 @@ def image(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def fmt(value, digits: int = 1) -> str:
-    """A table cell (HTML here, markdown in evaluate.py): numbers rounded, missing values a dash."""
-    if value is None or value == "":
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def with_interval(row: dict, key: str, digits: int) -> str:
-    """'68.6 <span>[64.1, 72.9]</span>'."""
-    if row.get(key) is None:
-        return "-"
-    ci = row.get(f"{key}_ci95")
-    tail = (f' <span class="ci">[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]</span>' if ci
-            else "")
-    return fmt(row[key], digits) + tail
+def html_cell(row: dict, column: Column) -> str:
+    """One <td> of the comparison table: cell()'s text, the interval on its own small line."""
+    value, ci = cell(row, column)
+    text = html.escape(value) + (f' <span class="ci">{ci}</span>' if ci else "")
+    return f"<td class=text>{text}</td>" if column.key == "note" else f"<td>{text}</td>"
 
 
 def comparison_table(comparison: dict) -> str:
-    """The main table: quality with intervals, then cost."""
+    """The main table, the columns of comparison.md; the best trained method in bold."""
     key = comparison["headline_metric"]
     trained = [r for r in comparison["rows"] if r["method"] != "base"]
     best = max(trained, key=lambda r: r[key])["method"] if trained else None
-    head = ("<tr><th>method</th><th>seeds</th><th>learning rate</th><th>answer PPL</th>"
-            "<th>exact match %</th><th>key accuracy %</th><th>token F1 %</th>"
-            "<th>train time (s)</th><th>tokens/s</th><th>peak memory (MB)</th>"
-            "<th>trainable params</th><th class=text>note</th></tr>")
-    body = []
-    for r in comparison["rows"]:
-        lr = "-" if r.get("lr") is None else f"{r['lr']:.2g}"
-        body.append(
-            f'<tr class="{"best" if r["method"] == best else ""}"><td>{r["method"]}</td>'
-            f'<td>{r.get("seeds", 1)}</td><td>{lr}</td>'
-            f'<td>{with_interval(r, "answer_perplexity", 2)}</td>'
-            f'<td>{with_interval(r, "exact_match", 1)}</td>'
-            f'<td>{with_interval(r, "key_accuracy", 1)}</td>'
-            f'<td>{with_interval(r, "token_f1", 1)}</td>'
-            f'<td>{fmt(r.get("train_seconds"), 0)}</td>'
-            f'<td>{fmt(r.get("train_tokens_per_s"), 0)}</td>'
-            f'<td>{fmt(r.get("peak_memory_mb"), 0)}</td>'
-            f'<td>{fmt(r.get("trainable_params"))}</td>'
-            f'<td class=text>{html.escape(r.get("note") or "")}</td></tr>')
-    return f"<table>{head}{''.join(body)}</table>"
+    head = "".join(f"<th class=text>{html.escape(c.header)}</th>" if c.key == "note" else
+                   f"<th>{html.escape(c.header)}</th>" for c in SHOWN)
+    body = "".join(f'<tr class="{"best" if r["method"] == best else ""}">'
+                   + "".join(html_cell(r, c) for c in SHOWN) + "</tr>"
+                   for r in comparison["rows"])
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def pairwise_table(comparison: dict) -> str:
     """Every paired comparison: difference, adjusted interval, p and Bonferroni-adjusted p."""
-    alpha = comparison.get("alpha", 0.05)
+    alpha = comparison["alpha"]
     rows = []
     for p in comparison["pairwise"]:
-        significant = verdict.is_significant(p, alpha)
-        winner = p["a"] if p["difference"] > 0 else p["b"]
-        word = (f'<span class="ok">{winner} better</span>' if significant
-                else '<span class="muted">not shown</span>')
+        better = winner(p, alpha)
+        word = ('<span class="muted">not shown</span>' if better is None
+                else f'<span class="ok">{better} better</span>')
         rows.append(f"<tr><td>{p['a']} vs {p['b']}</td><td>{p['difference']:+.1f}</td>"
                     f"<td>[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}]</td>"
                     f"<td>{p['p_value']:.3g}</td><td>{p['p_adjusted']:.3g}</td>"
                     f"<td class=text>{word}</td></tr>")
-    return ("<table><tr><th>comparison</th><th>difference (points)</th><th>adjusted CI</th>"
+    label = html.escape(comparison["headline_label"])
+    return (f"<table><tr><th>comparison</th><th>{label} a - b (points)</th><th>adjusted CI</th>"
             "<th>p</th><th>p (Bonferroni)</th><th class=text>verdict</th></tr>"
             + "".join(rows) + "</table>")
 
 
 def breakdown_table(comparison: dict, field: str) -> str:
     """Headline score per value of a field (eval kind, category), one row per method."""
-    key = comparison["headline_metric"]
-    breakdowns = comparison["breakdowns"]
-    values = sorted({v for b in breakdowns.values() for v in b[field]})
-    if not values:
+    headers, rows = breakdown_rows(comparison, field)
+    if not headers:
         return "<p class=muted>not in this data</p>"
-    base = breakdowns.get("base", {}).get(field, {})
-    head = "".join(f"<th>{html.escape(v)} (n={base.get(v, {}).get('n', '?')})</th>"
-                   for v in values)
-    rows = [f"<tr><td>{name}</td>" + "".join(
-        f"<td>{fmt(b[field].get(v, {}).get(key))}</td>" for v in values) + "</tr>"
-        for name, b in breakdowns.items()]
-    return f"<table><tr><th>method</th>{head}</tr>{''.join(rows)}</table>"
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join(f"<tr><td>{method}</td>" + "".join(f"<td>{v}</td>" for v in values) + "</tr>"
+                   for method, values in rows)
+    return f"<table><tr><th>method</th>{head}</tr>{body}</table>"
 
 
 def search_table(comparison: dict, output_dir: Path) -> str:
@@ -151,8 +441,7 @@ def search_table(comparison: dict, output_dir: Path) -> str:
                 "Run the fine-tune scripts with <code>--tune-lr</code> (or "
                 "<code>make all TUNE=1</code>) to choose rates on the validation split.</p>")
     rows = []
-    for name in searches:
-        full = common.read_json(runpaths.search_file(output_dir, name))
+    for name, full in read_searches(output_dir, searches).items():
         cells = ", ".join(
             f"{r['lr']:.2g}: diverged" if r.get("diverged") else
             (f"<b>{r['lr']:.2g}: {r['score']:.1f}%</b>" if r["lr"] == full["chosen_lr"]
@@ -215,13 +504,15 @@ def disagreement_table(all_runs: dict[str, list[list[dict]]]) -> str:
             "</tbody></table></div>")
 
 
-def build_report(output_dir: Path, comparison: dict, all_runs: dict[str, list[list[dict]]]) -> str:
+def build_report(output_dir: Path, comparison: dict, all_runs: dict[str, list[list[dict]]],
+                 folders: dict[str, list[str]]) -> str:
     """The page's HTML."""
-    methods = [r["method"] for r in comparison["rows"] if r["method"] != "base"]
     curves = "".join(
-        f"<div><h3>{m}</h3>{image(output_dir / m / 'training_metrics.png', m + ' training')}</div>"
-        for m in methods)
+        f"<div><h3>{m}</h3>"
+        f"{image(runpaths.RunPaths(output_dir, m, names[0]).training_plot, m + ' training')}</div>"
+        for m, names in folders.items() if m != "base")
     lr_chart = image(output_dir / "lr_search.png", "learning-rate search")
+    note = comparison["perplexity"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -229,10 +520,10 @@ def build_report(output_dir: Path, comparison: dict, all_runs: dict[str, list[li
 <body><main>
 <h1>Which fine-tuning method for this data?</h1>
 <p class="sub">{comparison['questions']} held-out questions from <code>data/eval.jsonl</code>;
-headline: {comparison['headline_metric'].replace('_', ' ')}; base model
+headline: {html.escape(comparison['headline_label'])}; base model
 <code>{html.escape(comparison['model'])}</code>.
 Means over seeds; intervals: {html.escape(comparison['intervals'])}.
-{html.escape(comparison['perplexity'][0].upper() + comparison['perplexity'][1:])}.</p>
+{html.escape(note[0].upper() + note[1:])}.</p>
 <div class="verdict"><b>Verdict.</b> {html.escape(comparison['recommendation'])}</div>
 <h2>Comparison</h2>{comparison_table(comparison)}
 <h2>Paired tests</h2>
@@ -248,8 +539,36 @@ Means over seeds; intervals: {html.escape(comparison['intervals'])}.
 """
 
 
-def write_report(output_dir: Path, comparison: dict, all_runs: dict[str, list[list[dict]]]) -> Path:
-    """Write outputs/report.html atomically; returns its path."""
-    path = Path(output_dir) / "report.html"
-    common.write_text_atomic(path, build_report(Path(output_dir), comparison, all_runs))
-    return path
+# --- Everything, from the files ----------------------------------------------------
+
+
+def render(output_dir: str | Path) -> list[Path]:
+    """Write every table, chart and report.html from the files in output_dir; returns them."""
+    output_dir = Path(output_dir)
+    comparison = read_comparison(output_dir)
+    info, all_runs = compared_runs(output_dir)
+    searches = read_searches(output_dir, comparison.get("lr_search") or {})
+    written = [output_dir / name for name in ("comparison.md", "comparison.csv", "comparison.png",
+                                              "quality_vs_cost.png")]
+    common.write_text_atomic(written[0], markdown_table(comparison))
+    common.write_text_atomic(written[1], csv_text(comparison["rows"]))
+    plot_comparison(comparison["rows"], written[2])
+    plot_quality_vs_cost(comparison, written[3])
+    if searches:
+        plot_lr_search(searches, output_dir / "lr_search.png")
+        written.append(output_dir / "lr_search.png")
+    else:
+        (output_dir / "lr_search.png").unlink(missing_ok=True)  # never show a stale search
+    page = build_report(output_dir, comparison, all_runs, info["runs"])
+    common.write_text_atomic(output_dir / "report.html", page)
+    return written + [output_dir / "report.html"]
+
+
+def main(args):
+    """Render the comparison in args.output_dir and say what was written."""
+    written = render(Path(args.output_dir))
+    print(f"rendered {', '.join(str(p) for p in written)}")
+
+
+if __name__ == "__main__":
+    common.run_main(main, parse_args())

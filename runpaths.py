@@ -28,6 +28,8 @@ from common import PipelineError
 COMPLETED = "COMPLETED"  # written last into a run folder: the run finished
 PREDICTIONS = "predictions.jsonl"
 FINGERPRINT = "predictions.fingerprint.json"
+EVALUATION = "evaluation.json"  # which runs were compared, and the decoding they were scored with
+COMPARISON = "comparison.json"  # the numbers every table, chart and the report are drawn from
 
 
 def is_complete(folder: str | os.PathLike) -> bool:
@@ -38,6 +40,16 @@ def is_complete(folder: str | os.PathLike) -> bool:
 def search_file(output_dir: str | os.PathLike, method: str) -> Path:
     """A method's learning-rate search: <output>/search/<method>.json."""
     return Path(output_dir) / "search" / f"{method}.json"
+
+
+def evaluation_file(output_dir: str | os.PathLike) -> Path:
+    """What evaluate.py compared: <output>/evaluation.json."""
+    return Path(output_dir) / EVALUATION
+
+
+def comparison_file(output_dir: str | os.PathLike) -> Path:
+    """The measured comparison that report.py renders: <output>/comparison.json."""
+    return Path(output_dir) / COMPARISON
 
 
 def lock_file(output_dir: str | os.PathLike, method: str) -> Path:
@@ -72,6 +84,14 @@ class RunPaths:
     @property
     def fingerprint(self) -> Path:
         return self.run / FINGERPRINT
+
+    @property
+    def metrics(self) -> Path:
+        return self.run / "metrics.json"
+
+    @property
+    def training_plot(self) -> Path:
+        return self.run / "training_metrics.png"
 
     @property
     def checkpoints(self) -> Path:

@@ -276,6 +276,7 @@ def test_tables_keep_their_types():
     ("countries.csv", 3, "Germany,Berlin", "2 fields, expected 3"),
     ("countries.csv", 2, "France, Paris,Europe", "capital"),
     ("plurals.csv", 1, "word,plurals", "header"),
+    ("planets.csv", 3, 'Venus,"second', "unterminated quote"),
     ("small_talk.jsonl", 2, '{"slug": "x", "answer": "A.", "key": "A", "questions": "Hi?"}',
      "questions"),
     ("science_facts.jsonl", 1, '{"slug": "x", "answer": "A.", "key": "A"}', "questions"),

@@ -12,6 +12,7 @@ import numpy as np
 
 import common
 import evaluate
+import runpaths
 import verdict
 from helpers import ROOT
 
@@ -20,7 +21,7 @@ RESULTS = ROOT / "results" / "smollm2-135m"
 
 def published_runs() -> dict[str, list[list[dict]]]:
     """Each compared model's per-question records, one list per seed, as evaluate.py compared them."""
-    info = common.read_json(RESULTS / evaluate.EVALUATION)
+    info = common.read_json(runpaths.evaluation_file(RESULTS))
     return {name: [common.read_jsonl(RESULTS / folder / "predictions.jsonl") for folder in folders]
             for name, folders in info["runs"].items()}
 

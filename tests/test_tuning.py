@@ -164,11 +164,10 @@ def test_a_diverged_rate_is_recorded_and_never_chosen(data_dir, tmp_path):
     assert not (out / "checkpoints" / "lora").exists()
     assert json.loads((out / "lora" / "metrics.json").read_text())["args"]["lr"] == \
         search["chosen_lr"]
-    # evaluate.py draws it (an x on the axis) and the report lists it as diverged
-    import evaluate
+    # the chart draws it (an x on the axis) and the report lists it as diverged
     import report
 
-    evaluate.plot_lr_search({"lora": search}, tmp_path / "lr_search.png")
+    report.plot_lr_search({"lora": search}, tmp_path / "lr_search.png")
     assert (tmp_path / "lr_search.png").stat().st_size > 0
     table = report.search_table({"lr_search": {"lora": search}}, out)
     assert "0.001: diverged" in table

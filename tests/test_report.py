@@ -1,0 +1,113 @@
+"""report.py: every table, chart and report.html, rendered from the files evaluate.py wrote.
+
+Runs over a copy of the published run (results/smollm2-135m/), which holds the
+per-question predictions but no model, so no test here trains or loads one.
+"""
+
+import csv
+import html
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import evaluate
+import report
+from helpers import ROOT, run_and_expect_exit
+
+RESULTS = ROOT / "results" / "smollm2-135m"
+RENDERED = ("comparison.md", "comparison.csv", "comparison.png", "quality_vs_cost.png",
+            "lr_search.png", "report.html")
+
+
+@pytest.fixture
+def measured(tmp_path):
+    """A copy of the published run on which evaluate.py --compare-only has just run."""
+    folder = tmp_path / "results"
+    shutil.copytree(RESULTS, folder)
+    evaluate.main(evaluate.parse_args(["--output-dir", str(folder), "--compare-only"]))
+    return folder
+
+
+def test_report_py_alone_rebuilds_what_evaluate_wrote(measured):
+    written = {name: (measured / name).read_bytes() for name in ("comparison.md",
+                                                                 "comparison.csv")}
+    for name in RENDERED:
+        (measured / name).unlink()
+    done = subprocess.run([sys.executable, str(ROOT / "report.py"), str(measured)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    for name, content in written.items():
+        assert (measured / name).read_bytes() == content, name
+    assert all((measured / name).stat().st_size > 0 for name in RENDERED)
+
+
+def markdown_header(text: str) -> list[str]:
+    """The cells of the first markdown table's header row."""
+    line = next(line for line in text.splitlines() if line.startswith("| "))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_md_csv_and_html_headers_all_come_from_the_one_column_list(measured):
+    shown = [c.header for c in report.COLUMNS if c.shown]
+    assert markdown_header((measured / "comparison.md").read_text()) == shown
+    page = (measured / "report.html").read_text()
+    table = page.split("<h2>Comparison</h2>")[1].split("</tr>")[0]
+    assert [html.unescape(h) for h in re.findall(r"<th[^>]*>(.*?)</th>", table)] == shown
+    with open(measured / "comparison.csv", newline="") as fh:
+        header = next(csv.reader(fh))
+    # the CSV holds each column's raw value under its key, an interval as its two ends
+    expected = []
+    for column in report.COLUMNS:
+        expected.append(column.key)
+        if column.interval:
+            expected += [f"{column.key}_ci95_low", f"{column.key}_ci95_high"]
+    assert header == expected
+    # a column the tables leave out is one whose value every row shares
+    rows = json.loads((measured / "comparison.json").read_text())["rows"]
+    for column in report.COLUMNS:
+        if not column.shown:
+            assert len({r.get(column.key) for r in rows}) == 1, column.key
+
+
+def test_every_table_shows_the_same_cells(measured):
+    comparison = json.loads((measured / "comparison.json").read_text())
+    markdown = (measured / "comparison.md").read_text()
+    page = (measured / "report.html").read_text()
+    for row in comparison["rows"]:
+        cells = [" ".join(filter(None, report.cell(row, c))) for c in report.COLUMNS if c.shown]
+        assert "| " + " | ".join(cells) + " |" in markdown
+        assert all(f">{html.escape(report.cell(row, c)[0])}" in page
+                   for c in report.COLUMNS if c.shown)
+
+
+def test_the_level_of_every_statement_is_read_from_comparison_json(measured):
+    comparison = json.loads((measured / "comparison.json").read_text())
+    assert any(p["significant"] for p in comparison["pairwise"])  # else this shows nothing
+    comparison["alpha"] = 1e-300  # no test of these clears it
+    comparison["procedure"]["alpha"] = 1e-300
+    (measured / "comparison.json").write_text(json.dumps(comparison))
+    report.render(measured)
+    markdown = (measured / "comparison.md").read_text()
+    pairs = markdown.split("## Paired comparisons")[1].split("\n## ")[0]
+    assert "a better" not in pairs and "b better" not in pairs
+    assert pairs.count("| not shown |") == len(comparison["pairwise"])
+    assert "adjusted p < 1e-300" in pairs
+    assert "better</span>" not in (measured / "report.html").read_text()
+
+
+def test_a_folder_without_comparison_json_is_one_line(tmp_path, capsys):
+    line = run_and_expect_exit(report.main, report.parse_args([str(tmp_path)]), capsys)
+    assert "comparison.json" in line and "python evaluate.py" in line
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_help_names_both_ways_to_run_it():
+    done = subprocess.run([sys.executable, str(ROOT / "report.py"), "--help"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0
+    assert "python report.py outputs/" in done.stdout
+    assert "python report.py results/smollm2-135m" in done.stdout
