@@ -372,6 +372,8 @@ def render(report: dict) -> str:
              "| step | status | seconds | summary |", "|---|---|---|---|"]
     for step in report["steps"]:
         summary = pytest_summary(step.get("tail", "")) if "pytest" in step["command"] else ""
+        if not summary and step["status"] not in ("passed",) and step.get("tail"):
+            summary = step["tail"].strip().splitlines()[-1][:160].replace("|", "/")  # why
         lines.append(f"| {step['step']} | {step['status']} | {step['seconds']} | {summary} |")
     lines += ["", f"Logs: `{report['logs']}`", "", "## Memory table", "",
               "Tensor-level peak (`torch.cuda.max_memory_allocated`) and the allocator's reserved "
