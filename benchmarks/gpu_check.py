@@ -25,14 +25,15 @@ so every answer runs to the bound: evaluation times are worst cases.
 
 Bringing libraries to a GPU machine without network.  bitsandbytes (QLoRA, 8-bit Adam),
 TRL (the comparison), datasets (TRL's input) and gguf (the smollm2-135m conversion) are
-optional there.  On a machine with network and the same Python and platform:
+optional there.  On a machine with network:
 
     pip download --only-binary=:all: --no-deps --dest wheels/ \\
-        --python-version 3.11 --platform manylinux_2_24_x86_64 \\
         bitsandbytes==0.50.2 trl==1.16.0 datasets gguf
 
-then carry wheels/ along and pass --wheels wheels/.  At most 64 MiB may travel with the
-working tree; bitsandbytes alone is about 43 MB, so bring the others only if they fit
+(add --python-version and --platform, e.g. 3.11 and manylinux2014_x86_64, where that
+machine's differ from the GPU machine's), then carry wheels/ along and pass --wheels
+wheels/.  At most 64 MiB may travel with the working tree; bitsandbytes alone is about
+43 MB, so bring the others only if they fit
 (TRL's and datasets' own dependencies, e.g. pyarrow, are large: check what is missing
 with pip check first).  The smollm2-135m tokenizer travels as its converted cache folder.
 """
