@@ -397,14 +397,16 @@ def store_frozen_in_bf16(model, precision: str) -> list[str]:
     return [name for name, _ in cast]
 
 
-def restore_frozen_fp32(model, base_path: str) -> int:
-    """Put the base checkpoint's fp32 values back into frozen bf16 weights; the count restored.
+def restore_frozen_fp32(model, base_path: str, trust_remote_code: bool = False) -> int:
+    """Put the base model's fp32 values back into frozen bf16 weights; the count restored.
 
     Before saving a whole model (BitFit) whose frozen weights store_frozen_in_bf16 cast:
-    the saved weights must be the base's, not their bf16 rounding.  An adapter model
-    (PEFT) saves only its adapter and is left as it is.
+    the saved weights must be the base's, not their bf16 rounding.  The base is read
+    with from_pretrained, whose key conversions match the model's own names whatever
+    the checkpoint's layout; an adapter model (PEFT) saves only its adapter and is left
+    as it is.
     """
-    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
     if hasattr(model, "peft_config"):
         return 0
@@ -412,18 +414,19 @@ def restore_frozen_fp32(model, base_path: str) -> int:
               if param.dtype == torch.bfloat16 and not param.requires_grad}
     if not wanted:
         return 0
-    restored = 0
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+                                                trust_remote_code=trust_remote_code)
+    source = dict(base.named_parameters())
+    missing = sorted(set(wanted) - set(source))
+    if missing:
+        raise PipelineError(f"cannot save the fp32 base weights: {len(missing)} frozen weights "
+                            f"(e.g. {missing[0]}) are not in the base model", base_path)
     with torch.no_grad():
-        for file in sorted(Path(base_path).glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as handle:
-                for key in set(handle.keys()) & set(wanted):
-                    param = wanted.pop(key)
-                    param.data = handle.get_tensor(key).to(param.device, torch.float32)
-                    restored += 1
-    if wanted:
-        raise PipelineError(f"cannot save the fp32 base weights: {len(wanted)} frozen weights "
-                            f"(e.g. {next(iter(wanted))}) are not in the checkpoint", base_path)
-    return restored
+        for name, param in wanted.items():
+            param.data = source[name].data.to(param.device, torch.float32)
+    del base, source
+    release_free_heap()
+    return len(wanted)
 
 
 def context_length(model, default: int = 1024) -> int:

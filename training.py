@@ -576,7 +576,7 @@ def save_outputs(run: Run, model, tokenizer, metrics: dict) -> Path:
     try:
         with staged_dir(final) as tmp:
             # a whole model saves the base's fp32 weights, not the bf16 copies it trained with
-            restore_frozen_fp32(model, metrics["base_model_path"])
+            restore_frozen_fp32(model, metrics["base_model_path"], run.settings.trust_remote_code)
             model.save_pretrained(tmp)  # the full model, or only the adapter for LoRA/QLoRA
             tokenizer.save_pretrained(tmp)
             metrics["size_on_disk_mb"] = folder_size_mb(tmp)
