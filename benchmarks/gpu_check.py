@@ -286,7 +286,8 @@ class Steps:
         """Wait for a background step within the budget left (killed past it); record it."""
         try:
             rc = process.wait(timeout=max(1.0, self.left()))
-            status = "passed" if rc == 0 else f"failed (exit {rc})"
+            # its seconds run to when it was collected; pytest's summary has its own time
+            status = ("passed" if rc == 0 else f"failed (exit {rc})") + " (background)"
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
