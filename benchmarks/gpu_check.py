@@ -242,7 +242,7 @@ def memory_row(shape: str, method: str, checkpointing: bool, device, precision: 
            "precision": precision, "batch": batch, "seq_len": seq_len,
            "trainable_params": trainable, "total_params": total,
            "seconds_per_step": round(statistics.median(times[warmup:]), 4),
-           "loss": round(float(nll / count), 4), "device": str(device),
+           "loss": round(float(nll.detach() / count), 4), "device": str(device),
            "weights_gib": None, "peak_allocated_gib": None, "peak_reserved_gib": None}
     if cuda:
         row.update(weights_gib=round(held / gib, 2),
