@@ -12,7 +12,7 @@ import common
 import evaluate
 import generation
 import models
-import tuning
+from settings import TrainSettings
 from helpers import SCRIPTS, write_split
 
 CPU = torch.device("cpu")
@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 
 def prepared(method, model_name, cast, precision="bf16"):
     """A tiny model loaded and prepared by the method's script, cast or not."""
-    settings = tuning.TrainSettings.from_args(SCRIPTS[method].parse_args(
+    settings = TrainSettings.from_args(SCRIPTS[method].parse_args(
         ["--device", "cpu", "--model", model_name, "--precision", precision]))
     kwargs = {"quantize_4bit": True} if method == "qlora" else {}
     model, tokenizer, _ = models.load_model(model_name, CPU, precision=precision, **kwargs)
