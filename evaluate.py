@@ -189,6 +189,7 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
     A LoRA adapter on an unquantised base is merged into it (W + B·A once), so each
     forward runs one matmul a layer instead of two; QLoRA keeps its adapter on the 4-bit
     base, as it was trained, whose 4-bit layers dequantise to the precision's dtype.
+    At bf16 the matmul weights are then stored in bf16 (models.store_frozen_in_bf16).
     """
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM
@@ -196,14 +197,18 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
     kwargs = {"dtype": torch.float32, "use_safetensors": True,
               "trust_remote_code": trust_remote_code}
     if name == "base":
-        return AutoModelForCausalLM.from_pretrained(base_path, **kwargs).to(device)
-    if not (folder / "adapter_config.json").exists():
-        return AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
-    if metrics["details"].get("base_quantization") == "nf4":
+        model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs).to(device)
+    elif not (folder / "adapter_config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
+    elif metrics["details"].get("base_quantization") == "nf4":
         kwargs.update(models.nf4_load_kwargs(device, precision))
-        return AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs)
-    model = AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
-    return model.merge_and_unload()
+        model = AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs)
+    else:  # merged in fp32, cast below: W + B·A rounded once, as autocast would round it
+        model = AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
+        model = model.merge_and_unload()
+    # Nothing trains here: at bf16 every matmul weight is stored as the bf16 copy autocast uses
+    models.store_frozen_in_bf16(model.requires_grad_(False), precision)
+    return model
 
 
 # --- Fingerprints: score again only what changed ------------------------------

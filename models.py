@@ -353,6 +353,82 @@ def _detach_from_checkpoint_file(model) -> None:
     release_free_heap()
 
 
+def frozen_bf16_candidates(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The frozen, unquantised matrix-multiply parameters that bf16 autocast re-casts at every
+    forward: weights and biases of Linear and Conv1D layers whose requires_grad is False.
+
+    Left out: 4-bit layers (their codes are not floats), any tensor shared with an
+    embedding (a tied LM head: the lookup is not autocast, so bf16 there would change
+    every hidden state), norms and embeddings (not matmuls), and all trainable tensors.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    found, seen = [], set()
+    for module_name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        if module.weight.__class__.__name__ == "Params4bit":
+            continue  # the whole 4-bit layer, its bias too, computes in its compute dtype
+        for name in ("weight", "bias"):
+            param = getattr(module, name, None)
+            if (param is None or param.requires_grad or param.dtype != torch.float32
+                    or id(param) in embedded or id(param) in seen):
+                continue
+            seen.add(id(param))
+            found.append((f"{module_name}.{name}", param))
+    return found
+
+
+def store_frozen_in_bf16(model, precision: str) -> list[str]:
+    """At precision bf16, store frozen matmul weights in bf16 (frozen_bf16_candidates); their names.
+
+    bf16 autocast casts an fp32 weight to bf16 (round to nearest) at every forward;
+    storing that same bf16 copy once gives the same numbers, halves the weights'
+    memory and saves the cast.  At fp32 nothing changes.  Call it after the method
+    has chosen what trains (PEFT's wrapping, BitFit's freezing).
+    """
+    if precision != "bf16":
+        return []
+    cast = frozen_bf16_candidates(model)
+    with torch.no_grad():
+        for _, param in cast:
+            param.data = param.data.to(torch.bfloat16)
+    return [name for name, _ in cast]
+
+
+def restore_frozen_fp32(model, base_path: str, trust_remote_code: bool = False) -> int:
+    """Put the base model's fp32 values back into frozen bf16 weights; the count restored.
+
+    Before saving a whole model (BitFit) whose frozen weights store_frozen_in_bf16 cast:
+    the saved weights must be the base's, not their bf16 rounding.  The base is read
+    with from_pretrained, whose key conversions match the model's own names whatever
+    the checkpoint's layout; an adapter model (PEFT) saves only its adapter and is left
+    as it is.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if hasattr(model, "peft_config"):
+        return 0
+    wanted = {name: param for name, param in causal_lm(model).named_parameters()
+              if param.dtype == torch.bfloat16 and not param.requires_grad}
+    if not wanted:
+        return 0
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
+                                                trust_remote_code=trust_remote_code)
+    source = dict(base.named_parameters())
+    missing = sorted(set(wanted) - set(source))
+    if missing:
+        raise PipelineError(f"cannot save the fp32 base weights: {len(missing)} frozen weights "
+                            f"(e.g. {missing[0]}) are not in the base model", base_path)
+    with torch.no_grad():
+        for name, param in wanted.items():
+            param.data = source[name].data.to(param.device, torch.float32)
+    del base, source
+    release_free_heap()
+    return len(wanted)
+
+
 def context_length(model, default: int = 1024) -> int:
     """The longest sequence the model accepts (its position limit), capped for sanity."""
     config = model.config

@@ -35,7 +35,7 @@ from common import (PipelineError, collate, file_sha256, is_write_failure, lengt
 from generation import AnswerLoss, answer_nll
 from memory import PeakMemory
 from models import (autocast_dtype, causal_lm, context_length, count_parameters, pick_device,
-                    resolve_model)
+                    resolve_model, restore_frozen_fp32)
 from runpaths import RunPaths
 from settings import TrainSettings
 
@@ -575,6 +575,8 @@ def save_outputs(run: Run, model, tokenizer, metrics: dict) -> Path:
     final = paths.run
     try:
         with staged_dir(final) as tmp:
+            # a whole model saves the base's fp32 weights, not the bf16 copies it trained with
+            restore_frozen_fp32(model, metrics["base_model_path"], run.settings.trust_remote_code)
             model.save_pretrained(tmp)  # the full model, or only the adapter for LoRA/QLoRA
             tokenizer.save_pretrained(tmp)
             metrics["size_on_disk_mb"] = folder_size_mb(tmp)

@@ -62,6 +62,7 @@ def load_prepared(settings: TrainSettings, prepare, device, load_kwargs: dict,
         settings.model, device, trust_remote_code=settings.trust_remote_code,
         precision=precision, **load_kwargs)
     model, details = prepare(model, settings)
+    models.store_frozen_in_bf16(model, precision)  # after prepare: only then is "frozen" known
     if settings.gradient_checkpointing:  # after prepare: PEFT wraps the model it is given
         models.enable_gradient_checkpointing(model)
     return model, tokenizer, base_path, details

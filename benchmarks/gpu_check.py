@@ -1,0 +1,551 @@
+"""One command that checks the GPU path and measures it, with nothing from the network.
+
+    python benchmarks/gpu_check.py                        # on a CUDA machine: about 8 minutes
+    python benchmarks/gpu_check.py --wheels wheels/       # install brought wheels first
+    python benchmarks/gpu_check.py --device cpu --tiny    # rehearsal: tiny shapes, a few steps
+
+It runs, each step in its own process under a timeout, the whole under --budget seconds:
+  1. pip install of the wheels in --wheels (no index, no dependencies);
+  2. pytest tests/test_cuda.py (skipped where torch sees no CUDA);
+  3. the four methods and evaluate.py end to end on random weights in SmolLM2-135M's shape;
+  4. benchmarks/bench_speed.py's training comparison against TRL on the distilgpt2 and
+     SmolLM2 shapes at bf16 (its own JSON, folded into ours);
+  5. the memory table: tensor-level peak (torch.cuda.max_memory_allocated) and time per step
+     on a Llama-3.2-1B shape for all four methods at batch 16, and on a Llama-3.1-8B shape
+     for LoRA on a bf16 base and QLoRA, with which fit on 24 GB and 80 GB cards;
+  6. the CPU-pinned suite (pytest tests/ but test_cuda.py), started first in the
+     background on the upper half of the CPU cores (torch threads capped), so it shares
+     neither cores nor the GPU with the timed steps.
+and writes benchmarks/results-gpu.md and benchmarks/results-gpu.json (with --tiny,
+results-gpu-tiny.*, so a rehearsal never overwrites real results).  Each step's log goes
+to $OUT/gpu-check/ when $OUT is set, else to a temporary folder named in the report.
+
+Models are random weights in named shapes (SHAPES below, configs written here); their
+tokenizer is the offline smollm2-135m preset's (--tokenizer, default its converted
+cache folder), whose ids fit every shape's vocabulary.  Random weights never emit EOS,
+so every answer runs to the bound: evaluation times are worst cases.
+
+Bringing libraries to a GPU machine without network.  bitsandbytes (QLoRA, 8-bit Adam),
+TRL (the comparison), datasets (TRL's input) and gguf (the smollm2-135m conversion) are
+optional there.  On a machine with network:
+
+    pip download --only-binary=:all: --no-deps --dest wheels/ \\
+        bitsandbytes==0.50.2 trl==1.16.0 datasets gguf
+
+(add --python-version and --platform, e.g. 3.11 and manylinux2014_x86_64, where that
+machine's differ from the GPU machine's), then carry wheels/ along and pass --wheels
+wheels/.  At most 64 MiB may travel with the working tree; bitsandbytes alone is about
+43 MB, so bring the others only if they fit
+(TRL's and datasets' own dependencies, e.g. pyarrow, are large: check what is missing
+with pip check first).  The smollm2-135m tokenizer travels as its converted cache folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# --- Shapes: random-weight models with the real architectures' sizes ------------
+# Rope scaling (Llama 3.x) is left out: it changes neither memory nor time per step.
+SHAPES = {
+    "distilgpt2": ("gpt2", {"n_layer": 6, "n_embd": 768, "n_head": 12, "n_positions": 1024,
+                            "vocab_size": 50257}),
+    "smollm2-135m": ("llama", {"hidden_size": 576, "intermediate_size": 1536,
+                               "num_hidden_layers": 30, "num_attention_heads": 9,
+                               "num_key_value_heads": 3, "vocab_size": 49152,
+                               "max_position_embeddings": 8192, "rope_theta": 100000.0,
+                               "rms_norm_eps": 1e-5, "tie_word_embeddings": True}),
+    "llama-3.2-1b": ("llama", {"hidden_size": 2048, "intermediate_size": 8192,
+                               "num_hidden_layers": 16, "num_attention_heads": 32,
+                               "num_key_value_heads": 8, "vocab_size": 128256,
+                               "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                               "rms_norm_eps": 1e-5, "tie_word_embeddings": True}),
+    "llama-3.1-8b": ("llama", {"hidden_size": 4096, "intermediate_size": 14336,
+                               "num_hidden_layers": 32, "num_attention_heads": 32,
+                               "num_key_value_heads": 8, "vocab_size": 128256,
+                               "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                               "rms_norm_eps": 1e-5, "tie_word_embeddings": False}),
+    # --tiny stand-ins: the same families, small enough for a CPU rehearsal
+    "tiny-llama-shape": ("llama", {"hidden_size": 64, "intermediate_size": 128,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4,
+                                   "num_key_value_heads": 2, "vocab_size": 49152,
+                                   "max_position_embeddings": 2048,
+                                   "tie_word_embeddings": True}),
+    "tiny-llama-untied": ("llama", {"hidden_size": 64, "intermediate_size": 128,
+                                    "num_hidden_layers": 2, "num_attention_heads": 4,
+                                    "num_key_value_heads": 2, "vocab_size": 49152,
+                                    "max_position_embeddings": 2048,
+                                    "tie_word_embeddings": False}),
+}
+# (shape, method, --gradient-checkpointing) rows of the memory table, full run and --tiny
+MEMORY_ROWS = [("llama-3.2-1b", m, False) for m in ("full", "lora", "qlora", "bitfit")] + [
+    ("llama-3.1-8b", "lora", False), ("llama-3.1-8b", "qlora", False),
+    ("llama-3.1-8b", "qlora", True)]
+TINY_MEMORY_ROWS = [("tiny-llama-shape", m, False) for m in ("full", "lora", "qlora", "bitfit")] + [
+    ("tiny-llama-untied", "lora", False), ("tiny-llama-untied", "qlora", True)]
+CARDS_GIB = (24, 80)
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # no step may wait on a network
+# A card holds less than its size for tensors: the CUDA context (~0.5 GiB) and the caching
+# allocator's fragmentation; a row fits when its reserved peak plus this margin fits.
+CONTEXT_GIB = 1.0
+METHOD_SCRIPTS = {"full": "finetune", "lora": "finetune_lora", "qlora": "finetune_qlora",
+                  "bitfit": "finetune_bitfit"}
+
+
+def default_tokenizer() -> str:
+    """The converted smollm2-135m preset's folder (models.cache_root), the shapes' tokenizer."""
+    import models
+
+    return str(models.cache_root() / "smollm2-135m")
+
+
+def shape_config(shape: str, tokenizer):
+    """The transformers config of a named shape, with the tokenizer's special tokens."""
+    from transformers import GPT2Config, LlamaConfig
+
+    family, sizes = SHAPES[shape]
+    if len(tokenizer) > sizes["vocab_size"]:
+        raise SystemExit(f"the tokenizer's {len(tokenizer)} ids do not fit {shape}'s vocabulary")
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if family == "gpt2":
+        return GPT2Config(**sizes, **special)
+    return LlamaConfig(**sizes, **special, pad_token_id=tokenizer.pad_token_id)
+
+
+def build_shape(shape: str, tokenizer_dir: str, folder: Path) -> Path:
+    """Save a random-weight model (seed 0, fp32) of the shape with the tokenizer, once."""
+    from transformers import AutoModelForCausalLM
+
+    import models
+
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = models.load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(shape_config(shape, tokenizer), dtype=torch.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# --- The memory table: one (shape, method) in one process -------------------------
+
+
+def quantize_nf4(model, device, compute_dtype) -> None:
+    """Replace every Linear but the LM head by a bitsandbytes NF4 layer (double quantisation),
+    in place: what from_pretrained does with models.nf4_config, without a checkpoint file."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, torch.nn.Linear) or child is head:
+                continue
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                      bias=child.bias is not None, compute_dtype=compute_dtype,
+                                      compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                             compress_statistics=True,
+                                             quant_type="nf4").to(device)  # quantises here
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, layer)
+    model.is_loaded_in_4bit = True  # PEFT wraps Linear4bit layers only on a model marked so
+
+
+def step_batch(batch: int, seq_len: int, vocab: int, device):
+    """Random token ids with the loss on the second half of each row, as answers follow prompts."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (batch, seq_len), generator=generator)
+    labels = ids.clone()
+    labels[:, :seq_len // 2] = -100
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "labels": labels.to(device)}
+
+
+def memory_row(shape: str, method: str, checkpointing: bool, device, precision: str,
+               tokenizer_dir: str, batch: int = 16, seq_len: int = 256, steps: int = 3,
+               warmup: int = 2) -> dict:
+    """Tensor-level peak memory and seconds per optimiser step of one method on one shape.
+
+    The model is built on the device in fp32 (seed 0), quantised for QLoRA, prepared by
+    the method script's prepare() with frozen weights stored in bf16 as training does;
+    the peak counts from there: weights, gradients, optimiser state and activations of
+    warmup + steps steps of batch x seq_len tokens.  Time per step: the median of the
+    steps after warm-up, CUDA-synchronised.  On the CPU the peak is not measured (None).
+    """
+    import importlib
+
+    from transformers import AutoModelForCausalLM
+
+    import models
+    import training
+    from generation import answer_loss
+    from settings import TrainSettings
+
+    script = importlib.import_module(METHOD_SCRIPTS[method])
+    tokenizer = models.load_tokenizer(tokenizer_dir)
+    config = shape_config(shape, tokenizer)
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    dtype = models.autocast_dtype(device, precision)
+    if method == "qlora":
+        quantize_nf4(model, device, dtype or torch.float32)
+    argv = ["--device", device.type, "--precision", precision, "--batch-size", str(batch)]
+    settings = TrainSettings.from_args(script.parse_args(
+        argv + (["--gradient-checkpointing"] if checkpointing else [])))
+    model, _ = script.prepare(model, settings)  # new biases and adapters land on their layer's device
+    models.store_frozen_in_bf16(model, precision)
+    if checkpointing:
+        models.enable_gradient_checkpointing(model)
+    model.train()
+    trainable, total = models.count_parameters(model)
+    optimizer = training.make_optimizer([p for p in model.parameters() if p.requires_grad],
+                                        settings)
+    data = step_batch(batch, seq_len, len(tokenizer), device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated() if cuda else None
+    times = []
+    for _ in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            nll, count = answer_loss(model, **data)
+        (nll / count).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    gib = 2 ** 30
+    row = {"shape": shape, "method": method, "gradient_checkpointing": checkpointing,
+           "precision": precision, "batch": batch, "seq_len": seq_len,
+           "trainable_params": trainable, "total_params": total,
+           "seconds_per_step": round(statistics.median(times[warmup:]), 4),
+           "loss": round(float(nll.detach() / count), 4), "device": str(device),
+           "weights_gib": None, "peak_allocated_gib": None, "peak_reserved_gib": None}
+    if cuda:
+        row.update(weights_gib=round(held / gib, 2),
+                   peak_allocated_gib=round(torch.cuda.max_memory_allocated() / gib, 2),
+                   peak_reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 2))
+        for card in CARDS_GIB:
+            row[f"fits_{card}gb"] = row["peak_reserved_gib"] + CONTEXT_GIB <= card
+    return row
+
+
+# --- Steps: each a process under a timeout, logged ------------------------------------
+
+
+class Steps:
+    """Runs the check's steps in order within one overall budget; keeps their outcomes."""
+
+    def __init__(self, logs: Path, budget: float):
+        self.logs, self.deadline, self.done = logs, time.monotonic() + budget, []
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def start(self, name: str, command: list[str], threads: int) -> tuple:
+        """Start command in the background on the upper half of the cores; (process, outcome)."""
+        cores = sorted(os.sched_getaffinity(0))
+        upper = set(cores[len(cores) // 2:]) or set(cores)
+        log = self.logs / f"{name}.log"
+        outcome = {"step": name, "command": " ".join(command), "log": str(log),
+                   "started": time.monotonic()}
+        print(f"[gpu-check] {name} (background, cores {min(upper)}-{max(upper)}): "
+              f"{outcome['command']}", flush=True)
+        threads_env = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        process = subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"),
+                                   stderr=subprocess.STDOUT,
+                                   env={**os.environ, **OFFLINE, **threads_env},
+                                   preexec_fn=lambda: os.sched_setaffinity(0, upper))
+        return process, outcome
+
+    def finish(self, process, outcome: dict) -> dict:
+        """Wait for a background step within the budget left (killed past it); record it."""
+        try:
+            rc = process.wait(timeout=max(1.0, self.left()))
+            # its seconds run to when it was collected; pytest's summary has its own time
+            status = ("passed" if rc == 0 else f"failed (exit {rc})") + " (background)"
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            status = "timed out at the budget"
+        started = outcome.pop("started")
+        outcome.update(status=status, seconds=round(time.monotonic() - started, 1),
+                       tail=Path(outcome["log"]).read_text(errors="replace")[-1500:])
+        print(f"[gpu-check] {outcome['step']}: {status} in {outcome['seconds']} s", flush=True)
+        self.done.append(outcome)
+        return outcome
+
+    def run(self, name: str, command: list[str], timeout: float, env: dict | None = None) -> dict:
+        """Run command, its output to logs/<name>.log, under min(timeout, the budget left)."""
+        limit = min(timeout, self.left())
+        log = self.logs / f"{name}.log"
+        outcome = {"step": name, "command": " ".join(command), "log": str(log)}
+        if limit < 5:
+            outcome.update(status="skipped: no time left", seconds=0.0)
+            self.done.append(outcome)
+            print(f"[gpu-check] {name}: skipped, no time left", flush=True)
+            return outcome
+        print(f"[gpu-check] {name} (up to {limit:.0f} s): {outcome['command']}", flush=True)
+        start = time.monotonic()
+        with open(log, "w") as handle:
+            try:
+                rc = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                    timeout=limit, env={**os.environ, **OFFLINE, **(env or {})}
+                                    ).returncode
+                status = "passed" if rc == 0 else f"failed (exit {rc})"
+            except subprocess.TimeoutExpired:
+                status = f"timed out after {limit:.0f} s"
+        outcome.update(status=status, seconds=round(time.monotonic() - start, 1),
+                       tail=log.read_text(errors="replace")[-1500:])
+        print(f"[gpu-check] {name}: {status} in {outcome['seconds']} s", flush=True)
+        self.done.append(outcome)
+        return outcome
+
+
+def pytest_summary(tail: str) -> str:
+    """pytest's last summary line ("12 passed, 3 skipped in 40s"), or ''."""
+    lines = [line.strip("= ") for line in tail.splitlines() if " in " in line and (
+        "passed" in line or "failed" in line or "skipped" in line or "error" in line)]
+    return lines[-1] if lines else ""
+
+
+def make_data(steps: Steps, folder: Path, tiny: bool) -> Path:
+    """The default data pipeline (generate -> format -> split) into folder."""
+    size = ["--size", "300"] if tiny else []
+    py = sys.executable
+    steps.run("data-generate", [py, "generate_dataset.py", *size, "--output",
+                                str(folder / "qa_pairs.jsonl")], 60)
+    steps.run("data-format", [py, "format_dataset.py", "--input", str(folder / "qa_pairs.jsonl"),
+                              "--output", str(folder / "formatted.jsonl")], 60)
+    steps.run("data-split", [py, "split_dataset.py", "--input", str(folder / "formatted.jsonl"),
+                             "--output-dir", str(folder)], 60)
+    return folder
+
+
+def end_to_end(steps: Steps, args, model_dir: Path, data: Path, out: Path) -> None:
+    """The four scripts and evaluate.py on the shape's model, at bf16 on the device."""
+    py, common_args = sys.executable, ["--model", str(model_dir), "--data-dir", str(data),
+                                       "--output-dir", str(out), "--device", args.device]
+    precision = ["--precision", args.precision]
+    # a check that every script runs, not a measurement (bench-training measures speed)
+    train = ["--max-steps", "2", "--batch-size", "4"] if args.tiny else ["--max-steps", "20"]
+    for method, script in METHOD_SCRIPTS.items():
+        steps.run(f"train-{method}", [py, f"{script}.py", *common_args, *precision, *train],
+                  90)  # a tiny rehearsal on a busy 2-core CPU takes as long as a GPU run
+    limit = ["--limit", "8"] if args.tiny else []
+    steps.run("evaluate", [py, "evaluate.py", "--data-dir", str(data), "--output-dir", str(out),
+                           "--device", args.device, *precision, *limit], 120)
+
+
+def memory_table(steps: Steps, args, work: Path) -> list[dict]:
+    """Each memory-table row in its own process (a clean allocator, an OOM kept to one row)."""
+    rows = []
+    for shape, method, checkpointing in TINY_MEMORY_ROWS if args.tiny else MEMORY_ROWS:
+        name = f"memory-{shape}-{method}" + ("-ckpt" if checkpointing else "")
+        result = work / f"{name}.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker",
+                   f"{shape},{method},{int(checkpointing)}", "--device", args.device,
+                   "--precision", args.precision, "--tokenizer", args.tokenizer,
+                   "--worker-json", str(result)]
+        if args.tiny:
+            command += ["--worker-steps", "1", "--worker-seq-len", "32", "--worker-batch", "4"]
+        outcome = steps.run(name, command, 120)
+        row = (json.loads(result.read_text()) if result.exists() else
+               {"shape": shape, "method": method, "gradient_checkpointing": checkpointing,
+                "error": outcome["status"]})
+        if "out of memory" in outcome.get("tail", "").lower():
+            row["error"] = "CUDA out of memory"
+        rows.append(row)
+    return rows
+
+
+def bench(steps: Steps, args, work: Path) -> dict | None:
+    """bench_speed.py's training comparison with TRL at bf16 on both shapes; its JSON."""
+    result = work / "bench.json"
+    shapes = "distilgpt2" if args.tiny else "distilgpt2,smollm2-135m"
+    command = [sys.executable, "benchmarks/bench_speed.py", "--device", args.device,
+               "--precisions", args.precision, "--shape", shapes, "--only", "training",
+               "--json", str(result)] + (["--quick"] if args.tiny else [])
+    steps.run("bench-training", command, 90 if args.tiny else 150)
+    return json.loads(result.read_text()) if result.exists() else None
+
+
+# --- Report ------------------------------------------------------------------------------
+
+
+def gib(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def render(report: dict) -> str:
+    """benchmarks/results-gpu.md from the report's JSON."""
+    lines = ["# GPU check", "", f"Made by `{report['command']}` on {report['device_name']} "
+             f"({report['versions']}), {report['started']}; {report['seconds']:.0f} s in all, "
+             f"budget {report['budget']} s.", "", "## Steps", "",
+             "| step | status | seconds | summary |", "|---|---|---|---|"]
+    for step in report["steps"]:
+        summary = pytest_summary(step.get("tail", "")) if "pytest" in step["command"] else ""
+        if not summary and step["status"] not in ("passed",) and step.get("tail"):
+            summary = step["tail"].strip().splitlines()[-1][:160].replace("|", "/")  # why
+        lines.append(f"| {step['step']} | {step['status']} | {step['seconds']} | {summary} |")
+    lines += ["", f"Logs: `{report['logs']}`", "", "## Memory table", "",
+              "Tensor-level peak (`torch.cuda.max_memory_allocated`) and the allocator's reserved "
+              f"peak over warm-up and timed steps, at batch {report['memory_batch']}; weights are "
+              "what the prepared model holds before the first step (frozen weights in bf16, "
+              f"4-bit for QLoRA). A card fits a row when the reserved peak plus {CONTEXT_GIB} "
+              "GiB (CUDA context, fragmentation) is within its size.", "",
+              "| shape | method | checkpointing | weights GiB | peak allocated GiB | "
+              "peak reserved GiB | s/step | 24 GB | 80 GB |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in report["memory"]:
+        if "error" in row:
+            lines.append(f"| {row['shape']} | {row['method']} | "
+                         f"{'yes' if row['gradient_checkpointing'] else 'no'} | "
+                         f"{row['error']} | | | | | |")
+            continue
+        fits = [("yes" if row.get(f"fits_{c}gb") else "no") if f"fits_{c}gb" in row else "–"
+                for c in CARDS_GIB]
+        lines.append(f"| {row['shape']} | {row['method']} | "
+                     f"{'yes' if row['gradient_checkpointing'] else 'no'} | "
+                     f"{gib(row['weights_gib'])} | {gib(row['peak_allocated_gib'])} | "
+                     f"{gib(row['peak_reserved_gib'])} | {row['seconds_per_step']} | "
+                     f"{fits[0]} | {fits[1]} |")
+    lines += ["", "## Training speed against TRL", ""]
+    if report["bench"] is None:
+        lines.append("bench_speed.py wrote no JSON: see the bench-training step's log.")
+    else:
+        lines += ["bench_speed.py's own JSON is kept whole under `bench` in results-gpu.json; "
+                  "its markdown is in the bench-training step's log.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, output: Path) -> None:
+    """The markdown and the JSON beside it, each written whole before it replaces the old."""
+    from common import write_json, write_text_atomic
+
+    write_json(output.with_suffix(".json"), report)
+    write_text_atomic(output, render(report))
+
+
+# --- Main -------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--device", default="cuda", help="cuda (default) or cpu (with --tiny: a rehearsal)")
+    add("--precision", default="bf16", choices=("bf16", "fp32"),
+        help="precision of every run (default bf16, as a GPU user trains)")
+    add("--tiny", action="store_true",
+        help="tiny shapes, a few steps, a small data set: checks the orchestration in minutes")
+    add("--wheels", default=None, help="a folder of wheels to pip install first (see above)")
+    add("--tokenizer", default=None,
+        help="the shapes' tokenizer folder (default: the converted smollm2-135m preset's)")
+    add("--budget", type=float, default=480,
+        help="seconds for the whole check (default 480: the issue's 8 minutes)")
+    add("--suite", default="tests",
+        help="the CPU-pinned pytest selection, run in the background (default tests: the "
+             "whole suite but tests/test_cuda.py)")
+    add("--output", default=None,
+        help="markdown report, JSON beside it (default benchmarks/results-gpu.md; "
+             "with --tiny results-gpu-tiny.md)")
+    add("--memory-worker", default=None, help=argparse.SUPPRESS)  # internal: one table row
+    add("--worker-json", default=None, help=argparse.SUPPRESS)
+    add("--worker-steps", type=int, default=3, help=argparse.SUPPRESS)
+    add("--worker-seq-len", type=int, default=256, help=argparse.SUPPRESS)
+    add("--worker-batch", type=int, default=16, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.tokenizer = args.tokenizer or default_tokenizer()
+    if not (Path(args.tokenizer) / "tokenizer_config.json").exists():
+        parser.error(f"--tokenizer {args.tokenizer}: no tokenizer there (convert the preset "
+                     "once with python -c 'import models; models.resolve_model(\"smollm2-135m\")'"
+                     " or bring its cache folder)")
+    return args
+
+
+def memory_worker(args) -> None:
+    """Internal: measure one memory-table row and write it as JSON."""
+    from common import write_json
+
+    shape, method, checkpointing = args.memory_worker.split(",")
+    row = memory_row(shape, method, checkpointing == "1", torch.device(args.device),
+                     args.precision, args.tokenizer, batch=args.worker_batch,
+                     seq_len=args.worker_seq_len, steps=args.worker_steps)
+    write_json(Path(args.worker_json), row)
+
+
+def main(args) -> dict:
+    """Run every step within the budget; write the report."""
+    if args.memory_worker:
+        memory_worker(args)
+        return {}
+    import models
+
+    started, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.monotonic()
+    base = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(tempfile.mkdtemp())
+    work = base / "gpu-check"
+    steps = Steps(work / "logs", args.budget)
+    py = sys.executable
+    if args.wheels:
+        wheels = sorted(str(p) for p in Path(args.wheels).glob("*.whl"))
+        steps.run("install-wheels", [py, "-m", "pip", "install", "--no-index", "--no-deps",
+                                     "--find-links", args.wheels, *wheels], 90)
+    suite = ["tests/test_results.py"] if args.tiny else args.suite.split()
+    cpu_suite = steps.start("pytest-cpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                           "--ignore", "tests/test_cuda.py", *suite],
+                            threads=max(1, len(os.sched_getaffinity(0)) // 2))
+    steps.run("pytest-cuda", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              "tests/test_cuda.py"], 120)
+    model_dir = build_shape("tiny-llama-shape" if args.tiny else "smollm2-135m", args.tokenizer,
+                            work / "models" / ("tiny" if args.tiny else "smollm2-135m"))
+    data = make_data(steps, work / "data", args.tiny)
+    end_to_end(steps, args, model_dir, data, work / "outputs")
+    bench_result = bench(steps, args, work)
+    memory = memory_table(steps, args, work)
+    steps.finish(*cpu_suite)
+    device = torch.device(args.device)
+    report = {
+        "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]),
+        "started": started, "seconds": round(time.monotonic() - start, 1),
+        "budget": args.budget, "tiny": args.tiny, "precision": args.precision,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "the CPU",
+        "versions": f"torch {torch.__version__}", "logs": str(work / "logs"),
+        "memory_batch": 4 if args.tiny else 16, "steps": steps.done, "memory": memory,
+        "bench": bench_result, "bf16_native": models.native_bf16(device)}
+    output = Path(args.output) if args.output else (
+        ROOT / "benchmarks" / ("results-gpu-tiny.md" if args.tiny else "results-gpu.md"))
+    write_report(report, output)
+    print(f"[gpu-check] wrote {output} and {output.with_suffix('.json')} in "
+          f"{report['seconds']:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main(parse_args())
