@@ -133,6 +133,7 @@ def setup_ours(model_dir: str, method: str, device=None, precision: str = "fp32"
     model, tokenizer, _ = models.load_model(model_dir, device or torch.device("cpu"),
                                             quantize_4bit=method == "qlora", precision=precision)
     model, _ = importlib.import_module(SCRIPTS[method]).prepare(model, settings)
+    models.store_frozen_in_bf16(model, precision)  # as tuning.load_prepared does for a run
     return model, tokenizer, settings
 
 
