@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import answer_loss
 import common
 import generation
 import models
@@ -270,7 +271,7 @@ def evaluate_model(name, model, tokenizer, rows, examples, max_new, stop, args,
 
     precision: "fp32", or "bf16" for bf16 autocast (models.resolve_precision of --precision).
     """
-    nll = generation.answer_nll_by_example(model, examples, tokenizer.pad_token_id, device,
+    nll = answer_loss.answer_nll_by_example(model, examples, tokenizer.pad_token_id, device,
                                        batch_size=args.batch_size, desc=f"{name}: perplexity",
                                        precision=precision)
     predictions = generation.generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new,

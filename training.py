@@ -32,7 +32,7 @@ import torch
 from common import (PipelineError, collate, file_sha256, is_write_failure, length_grouped_batches,
                     load_split, load_template, plot_training, staged_dir, tokenize_rows,
                     write_failed, write_json, write_text_atomic)
-from generation import AnswerLoss, answer_nll
+from answer_loss import AnswerLoss, answer_nll
 from memory import PeakMemory
 from models import (autocast_dtype, causal_lm, context_length, count_parameters, pick_device,
                     resolve_model)

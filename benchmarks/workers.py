@@ -23,6 +23,7 @@ import time
 
 import torch
 
+import answer_loss
 import common
 import generation
 import memory
@@ -345,7 +346,7 @@ def prepared(config: dict):
                                    config["warmup"], config["steps"])
         collate = functools.partial(common.collate, pad_id=tokenizer.pad_token_id)
         stepper = ours_trainer(model, method, settings, total_steps)
-        forward = functools.partial(loss_ours, generation.AnswerLoss(model))
+        forward = functools.partial(loss_ours, answer_loss.AnswerLoss(model))
     else:
         model, tokenizer, lr = setup_original(config["model_dir"], method)
         warm, timed = original_batches(tokenizer, rows, config["warmup"], config["steps"])

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import answer_loss
 import common
-import generation
 import models
 import training
 from helpers import SCRIPTS
@@ -237,7 +237,7 @@ def test_selected_position_loss_equals_full_loss(data_dir):
         rows = common.load_split(data_dir, "train")[:8]
         examples = common.tokenize_rows(tokenizer, rows, 256)
         batch = common.collate(examples, tokenizer.pad_token_id)
-        nll, count = generation.answer_loss(model, **batch)
+        nll, count = answer_loss.answer_loss(model, **batch)
         reference = model(**batch).loss
         torch.testing.assert_close(nll / count, reference, rtol=1e-5, atol=1e-5)
         # and the gradients agree too
