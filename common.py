@@ -4,8 +4,8 @@ Sections: errors and files · prompts and tokenisation · metrics · plotting.
 The data-stage scripts import only this module and the standard library at
 start-up: torch and matplotlib are imported inside the few functions that need
 them.  The model side lives beside it: models.py (presets and loading),
-settings.py (training options), training.py (the loop), generation.py
-(answer loss and greedy answers), memory.py (peak memory).
+settings.py (training options), training.py (the loop), answer_loss.py
+(the answer-only loss), generation.py (greedy answers), memory.py (peak memory).
 """
 
 from __future__ import annotations
@@ -458,13 +458,13 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int,
 
 
 # =============================================================================
-# Metrics and generation
+# Metrics
 # =============================================================================
 
 _ARTICLES = {"a", "an", "the"}
 # A word, or a number with its sign, decimal point and thousands separators kept
-# ("-40", "4.5", "1,000"): deleting punctuation inside numbers made 4.5 equal 45.
-# An apostrophe inside a word stays ("Earth's" is not "Earth" + "s", which matched sulfur's "S").
+# ("-40", "4.5", "1,000"): deleting punctuation inside numbers would make 4.5 equal 45.
+# An apostrophe inside a word stays ("Earth's" is not "Earth" + "s", which would match sulfur's "S").
 _TOKEN = re.compile(r"(?<!\w)-?\d+(?:[.,]\d+)*|\w+(?:['\u2019]\w+)*")
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import answer_loss
 import common
 import generation
 import models
@@ -82,9 +83,9 @@ def parse_args(argv=None):
                         help="re-score every run, even those whose predictions are up to date")
     parser.add_argument("--limit", type=settings.positive_int, default=None,
                         help="evaluate only the first N eval questions (a quick look)")
-    parser.add_argument("--batch-size", type=settings.positive_int, default=64,
-                        help="questions per generation batch (default 64: on 2 CPU cores "
-                             "1.3-1.5x the questions per second of 32, the same answers)")
+    parser.add_argument("--batch-size", type=settings.positive_int, default=None,
+                        help="questions per batch (default: generation.BATCH_BY_DEVICE, 64 on "
+                             "the CPU and 256 on CUDA); answers do not depend on it")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CUDA when present, else CPU")
     parser.add_argument("--precision", default=models.DEFAULT_PRECISION,
@@ -266,12 +267,13 @@ def evaluate_model(name, model, tokenizer, rows, examples, max_new, stop, args,
 
     precision: "fp32", or "bf16" for bf16 autocast (models.resolve_precision of --precision).
     """
-    nll = generation.answer_nll_by_example(model, examples, tokenizer.pad_token_id, device,
-                                       batch_size=args.batch_size, desc=f"{name}: perplexity",
-                                       precision=precision)
-    predictions = generation.generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new,
-                                          device, stop=stop, batch_size=args.batch_size,
-                                          desc=f"{name}: answers", precision=precision)
+    batch_size = args.batch_size or generation.generation_batch_size(device)
+    nll = answer_loss.answer_nll_by_example(model, examples, tokenizer.pad_token_id, device,
+                                            batch_size=batch_size, desc=f"{name}: perplexity",
+                                            precision=precision)
+    predictions = generation.generate_answers(model, tokenizer, [r["prompt"] for r in rows],
+                                              max_new, device, stop=stop, batch_size=batch_size,
+                                              desc=f"{name}: answers", precision=precision)
     records = common.score_rows(rows, predictions)
     for record, (total, count) in zip(records, nll):
         record["answer_nll"], record["answer_tokens"] = round(total, 6), count
@@ -382,7 +384,7 @@ def main(args):
     # Score each run whose predictions are missing or stale; reuse the others
     decoding = {"max_new_tokens": max_new, "stop": stop, "greedy": True,
                 "eos_token_id": tokenizer.eos_token_id,
-                # fp32 predictions made before --precision existed stay valid: same answers
+                # left out at fp32, so fp32 fingerprints equal those written without the key
                 **({"precision": precision} if precision != "fp32" else {})}
     rescore = set(requested_methods(args.methods)) | {"base"}
     compared: dict[str, list[tuple[Path, dict]]] = {}  # per model: its up-to-date runs

@@ -20,10 +20,10 @@ import tuning
 from settings import TrainSettings
 import finetune_lora
 
-# The same adapters as LoRA, but through 4-bit dequantised weights: the published search on
-# smollm2-135m (6e-5 .. 2e-3) chose 2e-3, its top rate (key accuracy 77.4% against 72.6% at
-# LoRA's 6e-4); LoRA's optimum is about 10x full fine-tuning's ("LoRA Without Regret",
-# Schulman and Thinking Machines Lab 2025), and the 4-bit base wants a little more.
+# The same adapters as LoRA, but through 4-bit dequantised weights: the learning-rate search
+# on smollm2-135m chose 2e-3 (results/smollm2-135m/search/qlora.json); LoRA's optimum is
+# about 10x full fine-tuning's ("LoRA Without Regret", Schulman and Thinking Machines Lab
+# 2025), and the 4-bit base wants a little more.
 DEFAULT_LR = 2e-3
 
 
@@ -32,8 +32,8 @@ def parse_args(argv=None):
     parser = finetune_lora.build_parser(
         __doc__, DEFAULT_LR,
         "learning rate (default 2e-3: LoRA's rate is about 10x full fine-tuning's, \"LoRA "
-        "Without Regret\" (Schulman and Thinking Machines Lab 2025), and the published search "
-        "on smollm2-135m chose 2e-3 for QLoRA, its top rate: --tune-lr also tries 6e-3)")
+        "Without Regret\" (Schulman and Thinking Machines Lab 2025), and the learning-rate search "
+        "on smollm2-135m chose 2e-3 for QLoRA: results/smollm2-135m/search/qlora.json)")
     return parser.parse_args(argv)
 
 

@@ -1,9 +1,8 @@
-"""The model side of scoring: answer-only loss, per-question NLL and batched greedy answers.
+"""Batched greedy answers: what evaluate.py and the learning-rate search decode.
 
-Training, the learning-rate search and evaluate.py all go through these, so a
-question is scored and answered the same way everywhere:
+The search and evaluate.py both answer through generate_answers, so a question
+is answered the same way everywhere (the loss lives in answer_loss.py):
 
-    nll, n = answer_loss(model, **batch)       # summed over answer tokens, LM head there only
     answers = generate_answers(model, tokenizer, prompts, max_new, device, stop="User:")
 """
 
@@ -13,104 +12,6 @@ import torch
 
 from common import collate, prompt_ids
 from models import autocast_dtype, causal_lm
-
-
-class AnswerLoss(torch.nn.Module):
-    """Module form of answer_loss, so DistributedDataParallel can wrap it."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, labels):
-        return answer_loss(self.model, input_ids, attention_mask, labels)
-
-
-def answer_loss(model, input_ids, attention_mask, labels):
-    """(summed negative log-likelihood, token count) over positions whose next token has a label.
-
-    The projection onto the vocabulary is a large share of a small model's
-    arithmetic; computing LM-head logits only at the positions that carry a
-    label gives the same loss as the full computation (tests check this).
-    """
-    import torch.nn.functional as F
-
-    logits, targets, keep = labelled_logits(model, input_ids, attention_mask, labels)
-    nll = F.cross_entropy(logits.float(), targets, reduction="sum")
-    return nll, keep.sum()
-
-
-def labelled_logits(model, input_ids, attention_mask, labels):
-    """LM-head logits at the positions whose next token has a label: (logits, labels, mask).
-
-    The mask is batch x (length - 1); answer_loss sums over it, scoring sums per row.
-    """
-    lm = causal_lm(model)
-    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    return lm.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], keep
-
-
-def answer_nll(model, examples: list[dict], pad_id: int, device, batch_size: int = 32,
-               desc: str | None = None, precision: str = "fp32") -> tuple[float, int]:
-    """Summed NLL and token count over the answer tokens of examples, in eval mode.
-
-    precision: "fp32", or "bf16" for bf16 autocast (models.autocast_dtype).
-    """
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    total, count = 0.0, 0
-    dtype = autocast_dtype(device, precision)
-    with torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None,
-                          leave=False):
-            batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                nll, n = answer_loss(model, **batch)
-            total += float(nll)
-            count += int(n)
-    model.train(was_training)
-    return total, count
-
-
-def answer_nll_by_example(model, examples: list[dict], pad_id: int, device,
-                          batch_size: int = 32, desc: str | None = None,
-                          precision: str = "fp32") -> list[tuple[float, int]]:
-    """(summed NLL, token count) over each example's labelled answer tokens, in eval mode.
-
-    Per example, so intervals can resample questions; the LM head runs only at
-    labelled positions, as in training.
-    """
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    dtype = autocast_dtype(device, precision)
-    with torch.no_grad():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None,
-                          leave=False):
-            idx = order[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits, targets, keep = labelled_logits(model, **batch)
-            nll = F.cross_entropy(logits.float(), targets, reduction="none")
-            rows = keep.nonzero()[:, 0]
-            sums = torch.zeros(len(idx), dtype=torch.float64, device=nll.device)
-            sums.index_add_(0, rows, nll.double())
-            counts = keep.sum(dim=1)
-            for j, i in enumerate(idx):
-                out[i] = (float(sums[j]), int(counts[j]))
-    model.train(was_training)
-    return out
 
 
 def max_new_tokens_for(tokenizer, references: list[str]) -> int:

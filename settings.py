@@ -118,7 +118,7 @@ class TrainSettings:
         action="store_true")
     lr_grid: list[float] | None = option(
         None, "comma-separated rates for --tune-lr (default: --lr x 0.3, 1, 3: the script's "
-              "rate, already the published search's choice, and one ~3x step either way)",
+              "rate, already the learning-rate search's choice, and one ~3x step either way)",
         type=lr_grid)
     search_epochs: float = option(
         0.5, "epochs per rate in the --tune-lr search, each with its own warm-up and decay "

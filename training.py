@@ -2,7 +2,8 @@
 
     run = training.start_run(settings, "lora")
     model, tokenizer, base = models.load_model(settings.model, run.device)
-    metrics = training.train_and_save(run, model, tokenizer, base, details)
+    metrics = training.train(run, model, tokenizer, base, details)
+    training.save_outputs(run, model, tokenizer, metrics)
 
 `accelerate` owns the plumbing: processes (torchrun or `accelerate launch`),
 the DistributedDataParallel wrapping, gradient sync only on an optimiser step's
@@ -12,6 +13,11 @@ the answer tokens only, divided by the global answer-token count (so processes
 and micro-batches weigh every token equally); the length-grouped batch order;
 the check that --resume continues the same configuration; and the output folder
 that appears only when complete.
+
+A step leaves its loss, gradient norm and token counts on the device; the loop
+reads every pending step at once at a log interval, an epoch's end, a
+checkpoint and the end, so a CUDA step never waits for the GPU.  A non-finite
+step skips its own update without a read and stops the run at the next read.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +38,7 @@ import torch
 from common import (PipelineError, collate, file_sha256, is_write_failure, length_grouped_batches,
                     load_split, load_template, plot_training, staged_dir, tokenize_rows,
                     write_failed, write_json, write_text_atomic)
-from generation import AnswerLoss, answer_nll
+from answer_loss import AnswerLoss, answer_nll
 from memory import PeakMemory
 from models import (autocast_dtype, causal_lm, context_length, count_parameters, pick_device,
                     resolve_model, restore_frozen_fp32)
@@ -103,8 +109,8 @@ class ResumeConfig:
     lr: float
     seed: int
     total_steps: int
-    precision: str = "fp32"  # checkpoints made before --precision existed were fp32 on the CPU
-    optim: str = "adamw"     # and before --optim, AdamW
+    precision: str = "fp32"  # a checkpoint without this key was made in fp32 on the CPU
+    optim: str = "adamw"     # and one without this key with AdamW
 
     @classmethod
     def of(cls, settings: TrainSettings, total_steps: int, precision: str) -> "ResumeConfig":
@@ -193,6 +199,15 @@ def trainable_state(model) -> dict:
             for name, param in causal_lm(model).named_parameters() if param.requires_grad}
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """One optimiser step's numbers, still on the device: reading them waits for it."""
+
+    step: int              # 1 for the run's first step
+    lr: float
+    numbers: torch.Tensor  # float64: summed answer NLL, answer tokens, gradient norm, tokens
+
+
 class Trainer:
     """The optimiser, schedule and step of one run, prepared by accelerate.
 
@@ -240,16 +255,24 @@ class Trainer:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.run.device)
         return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
-    def step(self, micro: list[dict]) -> dict:
-        """One optimiser step over micro-batches; returns loss, lr, grad norm and token count."""
+    def reduce_sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a float64 tensor over processes, left on the device (identity when there is one)."""
+        if self.run.world == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    def update(self, micro: list[dict]) -> StepStats:
+        """One optimiser step over micro-batches; its numbers stay on the device (no wait for it)."""
         accelerator, run = self.accelerator, self.run
-        n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        step = self.scheduler.last_epoch + 1
+        n_labels = sum((b["labels"][:, 1:] != -100).sum() for b in micro).double()
         # The loss is the mean over every answer token of the step, on all processes.  DDP
         # averages gradients over processes, so each divides its summed NLL by the global
         # label count over world (a per-process mean would weight the processes' tokens
         # unequally whenever their label counts differ).
-        n_labels = self.reduce_sum(n_labels)[0]
-        per_process = n_labels / run.world
+        n_labels = self.reduce_sum_tensor(n_labels)
+        # float32 as the NLL is: a float64 divisor would make the loss and its gradient float64
+        per_process = (n_labels / run.world).float()
         step_nll = 0.0
         for i, batch in enumerate(micro):
             # Gradients are synchronised on the last micro-batch only.
@@ -258,21 +281,41 @@ class Trainer:
             with sync:
                 nll, _ = self.loss_module(**batch)
                 accelerator.backward(nll / per_process)
-            step_nll += nll.item()
-        grad_norm = float(accelerator.clip_grad_norm_(self.params, run.settings.max_grad_norm))
+            step_nll = step_nll + nll.detach().double()  # float64, as the sum of Python floats was
+        grad_norm = accelerator.clip_grad_norm_(self.params, run.settings.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        step_nll, tokens = self.reduce_sum(step_nll, tokens)
-        # Checked before the update, on numbers every process shares, so no weight takes it.
-        if not (math.isfinite(step_nll) and math.isfinite(grad_norm)):
-            raise self.diverged(self.scheduler.last_epoch + 1,
-                                f"loss {step_nll / n_labels:.4g}, gradient norm {grad_norm:.4g} "
-                                f"at learning rate {lr:.4g}")
+        tokens = sum(b["attention_mask"].sum() for b in micro).double()
+        step_nll, tokens = self.reduce_sum_tensor(torch.stack([step_nll, tokens]))
+        # Every process shares these numbers, so all skip together; no weight takes the update.
+        self.skip_unless(torch.isfinite(step_nll) & torch.isfinite(grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": step_nll / n_labels, "lr": lr, "grad_norm": grad_norm,
-                "tokens": int(tokens)}
+        return StepStats(step=step, lr=lr, numbers=torch.stack(
+            [step_nll, n_labels, grad_norm.detach().double(), tokens]))
+
+    def skip_unless(self, finite: torch.Tensor) -> None:
+        """Make the coming optimiser step a no-op where finite is false, without reading it.
+
+        torch's fused AdamW skips its update (and its step count) when found_inf
+        is 1, as under a GradScaler; bitsandbytes' optimiser has no such input,
+        so its non-finite gradients are zeroed instead (the weights stay finite).
+        """
+        inner = self.optimizer.optimizer  # accelerate's wrapper passes step() through
+        if isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused"):
+            inner.found_inf = (~finite).float()
+            return
+        for param in self.params:
+            if param.grad is not None:
+                param.grad.masked_fill_(~finite, 0.0)
+
+    def step(self, micro: list[dict]) -> dict:
+        """One optimiser step, its numbers read at once: loss, lr, grad_norm, tokens.
+
+        For a benchmark that times whole steps; the loop calls update().
+        """
+        row = read_steps(self, (self.update(micro),), steps_per_epoch=1)[0]
+        return {key: row[key] for key in ("loss", "lr", "grad_norm", "tokens")}
 
     def diverged(self, step: int, found: str) -> Diverged:
         """The error for a non-finite loss or gradient norm at a step, with what to try instead."""
@@ -341,9 +384,8 @@ def make_optimizer(params: list, settings: TrainSettings):
         # min_8bit_size): they hold little of the memory.
         return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=0.0)
     # fused: one kernel updates every tensor, where the default (foreach) makes several
-    # passes over weights, gradients and moments.  On this project's 2-core CPU, 82M
-    # parameters: 0.024-0.026 s a step against 0.08 s, the same update up to float
-    # rounding.
+    # passes over weights, gradients and moments: the same update up to float rounding,
+    # in a fraction of the time (README, "Speed and memory"; benchmarks/profile.md).
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0, fused=True)
 
 
@@ -351,8 +393,8 @@ def linear_schedule(optimizer, total_steps: int, warmup_ratio: float):
     """Linear warm-up then linear decay to zero.
 
     Kept instead of transformers.get_scheduler("linear"): that schedule's first
-    step has learning rate 0, a lost step in these 40-90-step runs, and taking it
-    would change every published figure.  Ours starts the warm-up at lr/warmup.
+    step has learning rate 0, a lost step in these 40-90-step runs.  Ours starts
+    the warm-up at lr/warmup.
     """
     warmup = max(1, int(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
 
@@ -449,62 +491,162 @@ def stop_on_signals(control: Control):
             signal.signal(sig, handler)
 
 
-def run_steps(trainer: Trainer, plan: Plan, state: dict,
-              callbacks: tuple[Callback, ...] = ()) -> PeakMemory:
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the loop needs of a run and its plan, fixed before the first step."""
+
+    method: str
+    device: torch.device
+    rank: int
+    world: int
+    grad_accum: int
+    steps_per_epoch: int
+    total_steps: int
+    save_every: int
+    # Steps between reads of the device's numbers for the progress bar and history: a read
+    # waits for the GPU to finish, so reading every step would stall its queue.
+    log_every: int = 10
+
+    @classmethod
+    def of(cls, run: Run, plan: Plan) -> "LoopConfig":
+        s = run.settings
+        return cls(method=run.method, device=run.device, rank=run.rank, world=run.world,
+                   grad_accum=s.grad_accum, steps_per_epoch=plan.steps_per_epoch,
+                   total_steps=plan.total_steps, save_every=s.save_every)
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """A run's progress (what a checkpoint holds), plus the steps not yet read from the device."""
+
+    step: int = 0
+    history: tuple[dict, ...] = ()
+    valid_loss: tuple[dict, ...] = ()
+    train_seconds: float = 0.0
+    train_tokens: int = 0
+    train_examples: int = 0
+    config: dict = field(default_factory=dict)
+    pending: tuple[StepStats, ...] = ()
+
+    def saved(self) -> dict:
+        """The state a checkpoint's state.json holds; every step must have been read."""
+        assert not self.pending, "read the pending steps before saving"
+        out = asdict(replace(self, pending=()))
+        del out["pending"]
+        return {**out, "history": list(self.history), "valid_loss": list(self.valid_loss)}
+
+    @classmethod
+    def restored(cls, saved: dict) -> "TrainState":
+        """The state of a checkpoint's state.json."""
+        return cls(**{**saved, "history": tuple(saved["history"]),
+                      "valid_loss": tuple(saved["valid_loss"])})
+
+
+def read_steps(trainer: Trainer, pending: tuple[StepStats, ...],
+               steps_per_epoch: int) -> list[dict]:
+    """History rows (plus "tokens") of steps left on the device, read in one wait.
+
+    Raises Diverged at the first step whose loss or gradient norm is not finite.
+    """
+    rows = torch.stack([stats.numbers for stats in pending]).tolist()
+    out = []
+    for stats, (nll, labels, grad_norm, tokens) in zip(pending, rows):
+        if not (math.isfinite(nll) and math.isfinite(grad_norm)):
+            raise trainer.diverged(stats.step, f"loss {nll / labels:.4g}, gradient norm "
+                                               f"{grad_norm:.4g} at learning rate {stats.lr:.4g}")
+        out.append({"step": stats.step, "epoch": round(stats.step / steps_per_epoch, 4),
+                    "loss": nll / labels, "lr": stats.lr, "grad_norm": grad_norm,
+                    "tokens": int(tokens)})
+    return out
+
+
+def read_pending(trainer: Trainer, config: LoopConfig, state: TrainState) -> TrainState:
+    """The state with its pending steps read into the history (the wait counts as training time)."""
+    if not state.pending:
+        return state
+    started = time.perf_counter()
+    rows = read_steps(trainer, state.pending, config.steps_per_epoch)
+    tokens = sum(row.pop("tokens") for row in rows)
+    return replace(state, pending=(), history=state.history + tuple(rows),
+                   train_tokens=state.train_tokens + tokens,
+                   train_seconds=state.train_seconds + time.perf_counter() - started)
+
+
+def micro_batches(plan: Plan, indices: list[list[int]], device) -> list[dict]:
+    """Collated micro-batches of the given example indices, on the device."""
+    return [{k: v.to(device) for k, v in collate([plan.train[i] for i in idx], plan.pad_id).items()}
+            for idx in indices]
+
+
+def train_step(trainer: Trainer, plan: Plan, config: LoopConfig, state: TrainState,
+               indices: list[list[int]]) -> TrainState:
+    """The state after one optimiser step on these micro-batches; its numbers stay pending."""
+    started = time.perf_counter()
+    stats = trainer.update(micro_batches(plan, indices, config.device))
+    return replace(state, step=state.step + 1, pending=state.pending + (stats,),
+                   train_seconds=state.train_seconds + time.perf_counter() - started,
+                   train_examples=state.train_examples
+                   + sum(len(idx) for idx in indices) * config.world)
+
+
+def validate(trainer: Trainer, plan: Plan, config: LoopConfig, state: TrainState,
+             progress) -> TrainState:
+    """The state with the validation loss at this step; Diverged if it is not finite."""
+    step = state.step
+    loss = valid_loss(trainer, plan)
+    if not math.isfinite(loss):  # the last update broke the model
+        raise trainer.diverged(step, f"validation loss {loss:.4g}")
+    progress.write(f"step {step}: validation loss {loss:.4f}")
+    trainer.model.train()
+    return replace(state, valid_loss=state.valid_loss + (
+        {"step": step, "loss": loss, "epoch": round(step / config.steps_per_epoch, 4)},))
+
+
+def run_steps(trainer: Trainer, plan: Plan, state: TrainState,
+              callbacks: tuple[Callback, ...] = ()) -> tuple[TrainState, PeakMemory]:
     """The training loop: steps, validation loss at each epoch's end, checkpoints, Ctrl-C.
 
-    Updates state in place (it is what a checkpoint holds) and returns the peak
-    memory measured while training.
+    Returns the final state, every step read, and the peak memory measured while training.
     """
     from tqdm.auto import tqdm
 
-    run, model = trainer.run, trainer.model
-    settings, device = run.settings, run.device
-    batches: dict[int, list] = {}
-    model.train()
-    progress = tqdm(total=plan.total_steps, initial=state["step"], desc=f"train {run.method}",
-                    disable=run.rank != 0, dynamic_ncols=True)
+    run = trainer.run
+    config = LoopConfig.of(run, plan)
+    epoch, batches = -1, []
+    trainer.model.train()
+    progress = tqdm(total=config.total_steps, initial=state.step, desc=f"train {run.method}",
+                    disable=config.rank != 0, dynamic_ncols=True)
     try:
-        with stop_on_signals(Control()) as control, PeakMemory(device) as peak:
-            while state["step"] < plan.total_steps:
-                epoch, within = divmod(state["step"], plan.steps_per_epoch)
-                if epoch not in batches:
-                    batches = {epoch: epoch_batches(run, plan, epoch)}
-                accum = settings.grad_accum
-                indices = batches[epoch][within * accum:(within + 1) * accum]
-                started = time.perf_counter()
-                micro = [{k: v.to(device) for k, v in
-                          collate([plan.train[i] for i in idx], plan.pad_id).items()}
-                         for idx in indices]
-                result = trainer.step(micro)
-                state["train_seconds"] += time.perf_counter() - started
-                state["train_tokens"] += result["tokens"]
-                state["train_examples"] += sum(len(idx) for idx in indices) * run.world
-                state["step"] += 1
-                step = state["step"]
-                state["history"].append({"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
-                                         "loss": result["loss"], "lr": result["lr"],
-                                         "grad_norm": result["grad_norm"]})
+        with stop_on_signals(Control()) as control, PeakMemory(config.device) as peak:
+            while state.step < config.total_steps:
+                # This process's micro-batches of the step: its share of the epoch's batches
+                within = state.step % config.steps_per_epoch
+                if state.step // config.steps_per_epoch != epoch:
+                    epoch = state.step // config.steps_per_epoch
+                    batches = epoch_batches(run, plan, epoch)
+                accum = config.grad_accum
+                state = train_step(trainer, plan, config, state,
+                                   batches[within * accum:(within + 1) * accum])
+                step = state.step
                 progress.update(1)
-                progress.set_postfix(loss=f"{result['loss']:.3f}", epoch=epoch + 1)
-                epoch_end = step % plan.steps_per_epoch == 0
-                if epoch_end or step == plan.total_steps:
-                    loss = valid_loss(trainer, plan)
-                    if not math.isfinite(loss):  # the last update broke the model
-                        raise trainer.diverged(step, f"validation loss {loss:.4g}")
-                    state["valid_loss"].append({"step": step, "loss": loss,
-                                                "epoch": round(step / plan.steps_per_epoch, 4)})
-                    progress.write(f"step {step}: validation loss {loss:.4f}")
-                    model.train()
+                epoch_end, last = step % config.steps_per_epoch == 0, step == config.total_steps
+                # The device's numbers are read where they are shown, validated or saved
+                if epoch_end or last or step % config.log_every == 0:
+                    state = read_pending(trainer, config, state)
+                    progress.set_postfix(loss=f"{state.history[-1]['loss']:.3f}", epoch=epoch + 1)
+                if epoch_end or last:
+                    state = validate(trainer, plan, config, state, progress)
                 for callback in callbacks:
                     callback(step, control)
-                if step == plan.total_steps:
+                if last:
                     break
-                if control.stop or epoch_end or step % settings.save_every == 0:
-                    saved = trainer.save(state)
+                if control.stop or epoch_end or step % config.save_every == 0:
+                    # Read first: a checkpoint never holds a step that was not checked
+                    state = read_pending(trainer, config, state)
+                    saved = trainer.save(state.saved())
                 if control.stop:
                     progress.close()
-                    if run.rank == 0:
+                    if config.rank == 0:
                         print(f"stopped at step {step}; checkpoint {saved}; continue with the "
                               "same command plus --resume", file=sys.stderr)
                     raise KeyboardInterrupt
@@ -514,7 +656,7 @@ def run_steps(trainer: Trainer, plan: Plan, state: dict,
         raise oom_advice(run) from None
     finally:
         progress.close()
-    return peak
+    return state, peak
 
 
 # --- what a finished run writes ------------------------------------------------------
@@ -536,12 +678,12 @@ def folder_size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / 1e6
 
 
-def run_metrics(run: Run, model, plan: Plan, state: dict, peak: PeakMemory, base_path: str,
-                details: dict | None) -> dict:
+def run_metrics(run: Run, model, plan: Plan, state: TrainState, peak: PeakMemory,
+                base_path: str, details: dict | None) -> dict:
     """Everything metrics.json records about a finished run."""
     settings = run.settings
     trainable, total = count_parameters(model)
-    history = state["history"]
+    history = list(state.history)
     recent = history[-10:]
     dtype = autocast_dtype(run.device, run.precision)
     data_dir = Path(settings.data_dir)
@@ -549,13 +691,13 @@ def run_metrics(run: Run, model, plan: Plan, state: dict, peak: PeakMemory, base
         "method": run.method, "model": settings.model, "base_model_path": base_path,
         "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100 * trainable / total,
-        "train_seconds": state["train_seconds"],
-        "train_tokens_per_s": state["train_tokens"] / max(state["train_seconds"], 1e-9),
-        "seconds_per_100_examples": 100 * state["train_seconds"] / max(state["train_examples"], 1),
+        "train_seconds": state.train_seconds,
+        "train_tokens_per_s": state.train_tokens / max(state.train_seconds, 1e-9),
+        "seconds_per_100_examples": 100 * state.train_seconds / max(state.train_examples, 1),
         "peak_memory_mb": peak.peak_bytes / 1e6, "peak_memory_kind": peak.kind,
         "train_loss": sum(h["loss"] for h in recent) / len(recent),
         "train_loss_note": f"mean of the last {len(recent)} steps",
-        "valid_loss": state["valid_loss"], "steps": plan.total_steps,
+        "valid_loss": list(state.valid_loss), "steps": plan.total_steps,
         "epochs": plan.total_steps / plan.steps_per_epoch,
         "effective_batch_size": plan.effective_batch, "processes": run.world,
         "train_examples": len(plan.train), "valid_examples": len(plan.valid),
@@ -569,8 +711,11 @@ def run_metrics(run: Run, model, plan: Plan, state: dict, peak: PeakMemory, base
     }
 
 
-def save_outputs(run: Run, model, tokenizer, metrics: dict) -> Path:
-    """Write outputs/<run name>/ in a temporary folder and move it into place when complete."""
+def write_outputs(run: Run, model, tokenizer, metrics: dict) -> dict:
+    """Write outputs/<run name>/ in a temporary folder and move it into place when complete.
+
+    Returns the metrics as written (with the folder's size on disk).
+    """
     paths = run.paths
     final = paths.run
     try:
@@ -579,7 +724,7 @@ def save_outputs(run: Run, model, tokenizer, metrics: dict) -> Path:
             restore_frozen_fp32(model, metrics["base_model_path"], run.settings.trust_remote_code)
             model.save_pretrained(tmp)  # the full model, or only the adapter for LoRA/QLoRA
             tokenizer.save_pretrained(tmp)
-            metrics["size_on_disk_mb"] = folder_size_mb(tmp)
+            metrics = {**metrics, "size_on_disk_mb": folder_size_mb(tmp)}
             write_json(tmp / "metrics.json", metrics)
             plot_training(metrics, tmp / "training_metrics.png")
             # Written last: evaluate.py takes a folder without it for an unfinished run.
@@ -589,17 +734,16 @@ def save_outputs(run: Run, model, tokenizer, metrics: dict) -> Path:
             raise
         # staged_dir removed the partial folder; the previous <run>/ is as it was.
         raise write_failed(final, exc) from None
-    return final
+    return metrics
 
 
-def train_and_save(run: Run, model, tokenizer, base_path: str, details: dict | None = None,
-                   extra: dict | None = None, save: bool = True,
-                   callbacks: tuple[Callback, ...] = ()) -> dict:
-    """Train the parameters that require grad; write the model, metrics.json and the plot.
+def train(run: Run, model, tokenizer, base_path: str, details: dict | None = None,
+          callbacks: tuple[Callback, ...] = ()) -> dict:
+    """Train the parameters that require grad; return what metrics.json records.
 
-    details: what the method did (adapter settings, added biases, quantisation),
-    recorded in metrics.json; extra: more top-level metrics (run_id, lr_search).
-    save=False trains and returns the metrics only (a learning-rate search run).
+    details: what the method did (adapter settings, added biases, quantisation).
+    Writes checkpoints only: save_outputs writes the finished run, and
+    discard_checkpoints drops a run that is not kept (a learning-rate search run).
     """
     settings = run.settings
     # Tokenise: prompt + answer + EOS, loss on the answer
@@ -616,27 +760,34 @@ def train_and_save(run: Run, model, tokenizer, base_path: str, details: dict | N
 
     # Start afresh, or from the newest checkpoint with --resume
     config = ResumeConfig.of(settings, plan.total_steps, run.precision)
-    state = {"step": 0, "history": [], "valid_loss": [], "train_seconds": 0.0,
-             "train_tokens": 0, "train_examples": 0, "config": asdict(config)}
+    state = TrainState(config=asdict(config))
     ckpt_dir = run.paths.checkpoints
     if settings.resume:
-        state = trainer.load(config)
+        state = TrainState.restored(trainer.load(config))
     elif run.rank == 0 and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir)  # a fresh run must never resume from stale state later
 
-    # Train, then write the finished output (one process only)
-    peak = run_steps(trainer, plan, state, callbacks)
-    metrics = {**run_metrics(run, model, plan, state, peak, base_path, details), **(extra or {})}
-    if not save:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    elif run.rank == 0:
-        final = save_outputs(run, model, tokenizer, metrics)
+    state, peak = run_steps(trainer, plan, state, callbacks)
+    return run_metrics(run, model, plan, state, peak, base_path, details)
+
+
+def save_outputs(run: Run, model, tokenizer, metrics: dict) -> dict:
+    """Write the finished run's folder (one process) and drop its checkpoints; returns its metrics."""
+    if run.rank == 0:
+        metrics = write_outputs(run, model, tokenizer, metrics)
+        ckpt_dir = run.paths.checkpoints
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         with contextlib.suppress(OSError):  # leave no empty checkpoints/ folder behind
             ckpt_dir.parent.rmdir()
-        print(f"wrote {final}/ (model, metrics.json, training_metrics.png): "
+        print(f"wrote {run.paths.run}/ (model, metrics.json, training_metrics.png): "
               f"{metrics['train_seconds']:.1f} s, {metrics['train_tokens_per_s']:.0f} tokens/s, "
               f"peak {metrics['peak_memory_mb']:.0f} MB, final train loss "
-              f"{metrics['train_loss']:.4f}, valid loss {state['valid_loss'][-1]['loss']:.4f}")
+              f"{metrics['train_loss']:.4f}, valid loss {metrics['valid_loss'][-1]['loss']:.4f}")
     run.accelerator.wait_for_everyone()
     return metrics
+
+
+def discard_checkpoints(run: Run) -> None:
+    """Drop the checkpoints of a run that is not kept, so no later --resume continues it."""
+    shutil.rmtree(run.paths.checkpoints, ignore_errors=True)
+    run.accelerator.wait_for_everyone()

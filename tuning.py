@@ -69,15 +69,21 @@ def load_prepared(settings: TrainSettings, prepare, device, load_kwargs: dict,
 
 
 def train_once(settings: TrainSettings, method: str, prepare, name: str, load_kwargs: dict,
-               extra: dict, save: bool = True,
                callbacks: tuple = ()) -> tuple[dict, training.Run, object, object]:
-    """Load the base, apply the method, train; returns (metrics, run, model, tokenizer)."""
+    """Load the base, apply the method, train; returns (metrics, run, model, tokenizer), unsaved."""
     run = training.start_run(settings, method, name)
     model, tokenizer, base_path, details = load_prepared(settings, prepare, run.device, load_kwargs,
                                                          run.precision)
-    metrics = training.train_and_save(run, model, tokenizer, base_path, details, extra=extra,
-                                      save=save, callbacks=callbacks)
+    metrics = training.train(run, model, tokenizer, base_path, details, callbacks=callbacks)
     return metrics, run, model, tokenizer
+
+
+def train_and_save(settings: TrainSettings, method: str, prepare, name: str, load_kwargs: dict,
+                   extra: dict, callbacks: tuple = ()) -> dict:
+    """train_once, then write the run's folder; returns its metrics only, so the model is let go."""
+    metrics, run, model, tokenizer = train_once(settings, method, prepare, name, load_kwargs,
+                                                callbacks)
+    return training.save_outputs(run, model, tokenizer, {**metrics, **extra})
 
 
 def validation_score(run: training.Run, model, tokenizer) -> tuple[float, str, str]:
@@ -115,8 +121,8 @@ def search_learning_rate(settings: TrainSettings, method: str, prepare, load_kwa
                                  resume=False, seeds=1)
         try:
             metrics, run, model, tokenizer = train_once(trial, method, prepare, method,
-                                                        load_kwargs, extra={}, save=False,
-                                                        callbacks=callbacks)
+                                                        load_kwargs, callbacks=callbacks)
+            training.discard_checkpoints(run)
         except training.Diverged as exc:
             # The diverged run's checkpoints must not be resumed from by a later command.
             shutil.rmtree(Path(settings.output_dir) / "checkpoints" / method, ignore_errors=True)
@@ -247,7 +253,7 @@ def train_locked(settings: TrainSettings, method: str, prepare, callbacks: tuple
         seed_settings = settings.replace(seed=seed, resume=resume)
         # Keep only the metrics: holding on to this seed's model while the next one trains
         # would add its weights to the next run's peak memory.
-        metrics = train_once(seed_settings, method, prepare, name, load_kwargs,
-                             extra={**extra, "run_id": identity}, callbacks=callbacks)[0]
+        metrics = train_and_save(seed_settings, method, prepare, name, load_kwargs,
+                                 extra={**extra, "run_id": identity}, callbacks=callbacks)
         finished.append(metrics)
     return finished

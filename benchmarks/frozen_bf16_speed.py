@@ -21,7 +21,7 @@ import finetune_bitfit  # noqa: E402
 import finetune_lora  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
-from generation import answer_loss  # noqa: E402
+from answer_loss import answer_loss  # noqa: E402
 from settings import TrainSettings  # noqa: E402
 
 

@@ -194,7 +194,7 @@ def memory_row(shape: str, method: str, checkpointing: bool, device, precision: 
 
     import models
     import training
-    from generation import answer_loss
+    from answer_loss import answer_loss
     from settings import TrainSettings
 
     script = importlib.import_module(METHOD_SCRIPTS[method])

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+import answer_loss
 import common
 import generation
 import memory
@@ -207,7 +208,7 @@ def collate_original(examples: list[dict]) -> dict:
 
 
 def loss_ours(answer_loss, batch: dict):
-    """train_and_save's objective: answer-token NLL over the step's labelled tokens (for profiling)."""
+    """A training run's objective: answer-token NLL over the step's labelled tokens (for profiling)."""
     n_labels = int((batch["labels"][:, 1:] != -100).sum())
     nll, _ = answer_loss(**batch)
     return nll / n_labels
@@ -335,7 +336,7 @@ def memory_parts(model) -> dict:
 
 def ours_trainer(model, method: str, settings: TrainSettings, total_steps: int, device,
                  precision: str):
-    """training.Trainer for a model on the device at the precision, as train_and_save builds it."""
+    """training.Trainer for a model on the device at the precision, as training.train builds it."""
     accelerator = training.make_accelerator(device.type, precision)
     run = training.Run(method=method, settings=settings, accelerator=accelerator,
                        template={}, train_rows=[], valid_rows=[])
@@ -374,7 +375,7 @@ def prepared(config: dict):
                                    config["warmup"], config["steps"])
         collate = functools.partial(common.collate, pad_id=tokenizer.pad_token_id)
         stepper = ours_trainer(model, method, settings, total_steps, device, precision)
-        forward = functools.partial(loss_ours, generation.AnswerLoss(model))
+        forward = functools.partial(loss_ours, answer_loss.AnswerLoss(model))
     else:
         model, tokenizer, lr = setup_original(config["model_dir"], method, device)
         warm, timed = original_batches(tokenizer, rows, config["warmup"], config["steps"])

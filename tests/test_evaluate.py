@@ -8,6 +8,7 @@ import pytest
 import scipy.stats
 import torch
 
+import answer_loss
 import common
 import generation
 import models
@@ -101,7 +102,7 @@ def test_answer_perplexity_from_known_logits(data_dir):
         model.get_output_embeddings().weight.zero_()
     rows = common.load_split(data_dir, "eval")
     examples = common.tokenize_rows(tokenizer, rows, 256)
-    nll, count = generation.answer_nll(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
+    nll, count = answer_loss.answer_nll(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
     answer_tokens = sum(sum(1 for label in ex["labels"][1:] if label != -100) for ex in examples)
     assert count == answer_tokens  # prompt tokens are not scored
     assert common.perplexity(nll, count) == pytest.approx(model.config.vocab_size, rel=1e-5)
@@ -117,13 +118,13 @@ def test_scoring_leaves_eos_out_and_counts_per_example(data_dir):
         assert a["input_ids"] == b["input_ids"]
         assert a["labels"][-1] == tokenizer.eos_token_id and b["labels"][-1] == -100
         assert a["labels"][:-1] == b["labels"][:-1]
-    per_example = generation.answer_nll_by_example(model, scored, tokenizer.pad_token_id,
+    per_example = answer_loss.answer_nll_by_example(model, scored, tokenizer.pad_token_id,
                                                torch.device("cpu"), batch_size=3)
-    total, count = generation.answer_nll(model, scored, tokenizer.pad_token_id, torch.device("cpu"))
+    total, count = answer_loss.answer_nll(model, scored, tokenizer.pad_token_id, torch.device("cpu"))
     assert sum(n for n, _ in per_example) == pytest.approx(total, rel=1e-5)
     assert sum(c for _, c in per_example) == count
     for (nll, n), ex in zip(per_example, scored):
-        alone, alone_n = generation.answer_nll(model, [ex], tokenizer.pad_token_id,
+        alone, alone_n = answer_loss.answer_nll(model, [ex], tokenizer.pad_token_id,
                                            torch.device("cpu"))
         assert n == alone_n and nll == pytest.approx(alone, rel=1e-5)
 
@@ -141,7 +142,7 @@ def test_answer_nll_scores_only_answer_tokens(data_dir):
         for pos in range(1, len(ex["labels"])):
             if ex["labels"][pos] != -100:
                 expected -= logprobs[pos - 1, ex["labels"][pos]].item()
-    nll, _ = generation.answer_nll(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
+    nll, _ = answer_loss.answer_nll(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
     assert nll == pytest.approx(expected, rel=1e-5)
 
 

@@ -73,7 +73,7 @@ def test_the_weights_never_take_the_non_finite_update_and_the_checkpoint_stays(d
     model, tokenizer, base = models.load_model(settings.model, run.device)
     model, details = finetune.prepare(model, settings)
     with pytest.raises(training.Diverged) as caught:
-        training.train_and_save(run, model, tokenizer, base, details)
+        training.train(run, model, tokenizer, base, details)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     kept = training.checkpoints(tmp_path, "full")
     assert [p.name for p in kept] == ["step-0000001"]  # the last good step, not deleted

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import common
 import evaluate
+import answer_loss
 import generation
 import models
 from settings import TrainSettings
@@ -40,7 +41,7 @@ def step(model, tokenizer, data_dir):
     rows = common.load_split(data_dir, "train")[:8]
     batch = common.collate(common.tokenize_rows(tokenizer, rows, 256), tokenizer.pad_token_id)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        nll, count = generation.answer_loss(model, **batch)
+        nll, count = answer_loss.answer_loss(model, **batch)
     loss = nll / count
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

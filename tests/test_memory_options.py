@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+import answer_loss
 import common
-import generation
 import models
 import training
 import tuning
@@ -38,7 +38,7 @@ def one_step_gradients(method, data_dir, checkpointing):
     examples = common.tokenize_rows(tokenizer, common.load_split(data_dir, "train")[:6], 256)
     batch = common.collate(examples, tokenizer.pad_token_id)
     model.train()
-    nll, _ = generation.answer_loss(model, **batch)
+    nll, _ = answer_loss.answer_loss(model, **batch)
     nll.backward()
     grads = {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
     return grads, calls

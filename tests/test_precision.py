@@ -22,17 +22,17 @@ def train(method, data_dir, out, *extra, model="tiny-gpt2", hook=None):
     if hook is None:
         script.main(args)
     else:
-        original = training.train_and_save
+        original = training.train
 
         def wrapped(run, model_, *rest, **kwargs):
             hook(model_)
             return original(run, model_, *rest, **kwargs)
 
-        training.train_and_save = wrapped
+        training.train = wrapped
         try:
             script.main(args)
         finally:
-            training.train_and_save = original
+            training.train = original
     return json.loads((out / method / "metrics.json").read_text())
 
 

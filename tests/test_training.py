@@ -1,16 +1,20 @@
 """The four fine-tuning scripts, end to end on tiny models (seconds each)."""
 
 import json
+import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import answer_loss
 import common
-import generation
+import finetune
 import models
 import training
-from helpers import SCRIPTS
+from helpers import SCRIPTS, train_args
+from settings import TrainSettings
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 COMMON_FILES = {"COMPLETED", "metrics.json", "training_metrics.png", "tokenizer.json",
@@ -26,7 +30,7 @@ def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
     if spy is None:
         SCRIPTS[method].main(args)
         return None
-    original = training.train_and_save
+    original = training.train
 
     def wrapped(run, model_, *args, **kwargs):
         spy(model_, "before")
@@ -34,11 +38,11 @@ def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
         spy(model_, "after")
         return metrics
 
-    training.train_and_save = wrapped
+    training.train = wrapped
     try:
         SCRIPTS[method].main(args)
     finally:
-        training.train_and_save = original
+        training.train = original
 
 
 def snapshot(model):
@@ -237,7 +241,7 @@ def test_selected_position_loss_equals_full_loss(data_dir):
         rows = common.load_split(data_dir, "train")[:8]
         examples = common.tokenize_rows(tokenizer, rows, 256)
         batch = common.collate(examples, tokenizer.pad_token_id)
-        nll, count = generation.answer_loss(model, **batch)
+        nll, count = answer_loss.answer_loss(model, **batch)
         reference = model(**batch).loss
         torch.testing.assert_close(nll / count, reference, rtol=1e-5, atol=1e-5)
         # and the gradients agree too
@@ -279,3 +283,70 @@ def test_length_grouped_batches_cover_every_example_once_and_are_deterministic()
     padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b)
                   for b in batches)
     assert padding < 0.1 * sum(lengths)
+
+
+# --- the loop reads the device's numbers only where it needs them -------------------------
+
+# Every way a tensor's value reaches Python; on CUDA each one waits for the GPU.
+READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
+
+
+def count_reads(monkeypatch) -> list[tuple[str, str]]:
+    """Record each read of a tensor's value, with the file that asked for it (undone by monkeypatch)."""
+    reads = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append((_name, sys._getframe(1).f_code.co_filename))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def ours(reads: list[tuple[str, str]]) -> list[str]:
+    """The reads not made by transformers' mask builder.
+
+    transformers decides whether a batch can skip its explicit attention mask by
+    reading the padding mask (one bool per forward, masking_utils.fast_all): the
+    model's own choice, which no loop around it can avoid.
+    """
+    return [name for name, path in reads if not path.endswith("transformers/masking_utils.py")]
+
+
+def test_a_step_returns_tensors_that_are_read_only_when_asked(data_dir, tmp_path, monkeypatch):
+    settings = TrainSettings.from_args(train_args(finetune, data_dir, tmp_path))
+    run = training.start_run(settings, "full")
+    model, tokenizer, _ = models.load_model(settings.model, run.device)
+    plan = training.plan_training(run, model, tokenizer)
+    trainer = training.Trainer(run, model, plan.total_steps)
+    batches = training.epoch_batches(run, plan, 0)
+    micro = [training.micro_batches(plan, batches[i:i + 1], run.device) for i in (0, 1)]
+    reads = count_reads(monkeypatch)
+    pending = tuple(trainer.update(m) for m in micro)
+    assert ours(reads) == []  # two whole steps, forward to optimiser update, without one read
+    assert all(isinstance(stats.numbers, torch.Tensor) for stats in pending)
+    rows = training.read_steps(trainer, pending, plan.steps_per_epoch)
+    assert ours(reads) == ["tolist"]  # both steps in one read
+    monkeypatch.undo()
+    assert [row["step"] for row in rows] == [1, 2]
+    tokens = [int(m[0]["attention_mask"].sum()) for m in micro]
+    assert [row["tokens"] for row in rows] == tokens
+    assert all(math.isfinite(row["loss"]) and row["loss"] > 0 for row in rows)
+
+
+def test_the_loop_reads_at_log_steps_epoch_ends_and_the_end(data_dir, tmp_path, monkeypatch):
+    """48 examples in batches of 8: epochs end at steps 6 and 12, the log interval is 10."""
+    sizes = []
+    original = training.read_steps
+
+    def spy(trainer, pending, steps_per_epoch):
+        sizes.append([stats.step for stats in pending])
+        return original(trainer, pending, steps_per_epoch)
+
+    monkeypatch.setattr(training, "read_steps", spy)
+    run_script("full", data_dir, tmp_path / "out", "--max-steps", "12")
+    assert sizes == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10], [11, 12]]
+    metrics = json.loads((tmp_path / "out" / "full" / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["history"]] == list(range(1, 13))

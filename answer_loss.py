@@ -1,0 +1,127 @@
+"""The answer-only loss: negative log-likelihood over the answer tokens, LM head there only.
+
+Training, the learning-rate search, the validation loss and evaluate.py all
+score through this module, so a question's loss is the same number everywhere:
+
+    nll, n = answer_loss(model, **batch)                      # a training batch, summed
+    total, count = answer_nll(model, examples, pad_id, device)  # held-out examples, summed
+    per_example = answer_nll_by_example(model, examples, pad_id, device)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from common import collate
+from models import autocast_dtype, causal_lm
+
+
+class AnswerLoss(torch.nn.Module):
+    """Module form of answer_loss, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        return answer_loss(self.model, input_ids, attention_mask, labels)
+
+
+def answer_loss(model, input_ids, attention_mask, labels):
+    """(summed negative log-likelihood, token count) over positions whose next token has a label.
+
+    The projection onto the vocabulary is a large share of a small model's
+    arithmetic; computing LM-head logits only at the positions that carry a
+    label gives the same loss as the full computation (tests check this).
+    """
+    logits, targets, keep = labelled_logits(model, input_ids, attention_mask, labels)
+    nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return nll, keep.sum()
+
+
+def labelled_logits(model, input_ids, attention_mask, labels):
+    """LM-head logits at the positions whose next token has a label: (logits, labels, mask).
+
+    The mask is batch x (length - 1); answer_loss sums over it, scoring sums per row.
+    """
+    lm = causal_lm(model)
+    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return lm.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], keep
+
+
+# score(logits, targets, keep) -> what one batch contributes (its rows are keep's rows)
+Score = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]
+
+
+def score_batches(model, examples: list[dict], pad_id: int, device, score: Score,
+                  batch_size: int = 32, desc: str | None = None,
+                  precision: str = "fp32") -> list[tuple[list[int], object]]:
+    """The evaluation loop: (example indices, score(...)) per batch, in eval mode without gradients.
+
+    Batches hold examples of similar length (less padding); precision "bf16"
+    runs the model under bf16 autocast (models.autocast_dtype).
+    """
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    dtype = autocast_dtype(device, precision)
+    out = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None,
+                          leave=False):
+            idx = order[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits, targets, keep = labelled_logits(model, **batch)
+            out.append((idx, score(logits, targets, keep)))
+    model.train(was_training)
+    return out
+
+
+def batch_total(logits, targets, keep) -> tuple[float, int]:
+    """A batch's summed NLL and token count, summed as answer_loss sums a training batch."""
+    return float(F.cross_entropy(logits.float(), targets, reduction="sum")), int(keep.sum())
+
+
+def row_totals(logits, targets, keep) -> list[tuple[float, int]]:
+    """Each row's summed NLL (in float64) and token count."""
+    nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    sums = torch.zeros(keep.shape[0], dtype=torch.float64, device=nll.device)
+    sums.index_add_(0, keep.nonzero()[:, 0], nll.double())
+    return list(zip(sums.tolist(), keep.sum(dim=1).tolist()))
+
+
+def answer_nll(model, examples: list[dict], pad_id: int, device, batch_size: int = 32,
+               desc: str | None = None, precision: str = "fp32") -> tuple[float, int]:
+    """Summed NLL and token count over the answer tokens of examples, in eval mode.
+
+    The sum of answer_nll_by_example's rows up to float rounding: each batch is
+    summed in one float32 reduction, as a training step sums its loss.
+    """
+    batches = score_batches(model, examples, pad_id, device, batch_total, batch_size, desc,
+                            precision)
+    return sum(nll for _, (nll, _) in batches), sum(n for _, (_, n) in batches)
+
+
+def answer_nll_by_example(model, examples: list[dict], pad_id: int, device,
+                          batch_size: int = 32, desc: str | None = None,
+                          precision: str = "fp32") -> list[tuple[float, int]]:
+    """(summed NLL, token count) over each example's labelled answer tokens, in eval mode.
+
+    Per example, so intervals can resample questions; the LM head runs only at
+    labelled positions, as in training.
+    """
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    for idx, rows in score_batches(model, examples, pad_id, device, row_totals, batch_size, desc,
+                                   precision):
+        for i, row in zip(idx, rows):
+            out[i] = row
+    return out
