@@ -121,9 +121,10 @@ class TrainSettings:
               "rate, already the learning-rate search's choice, and one ~3x step either way)",
         type=lr_grid)
     search_epochs: float = option(
-        0.5, "epochs per rate in the --tune-lr search, each with its own warm-up and decay "
-             "(default 0.5: on the default data it chooses the 1-epoch search's rates, "
-             "benchmarks/search-check.md)", type=positive_float)
+        1, "epochs per rate in the --tune-lr search, each with its own warm-up and decay; a "
+           "fraction such as 0.5 trains that share of an epoch (default 1: half an epoch "
+           "favoured rates that score worse on validation after the full run, "
+           "benchmarks/search-check.md)", type=positive_float)
     search_only: bool = option(
         False, "with --tune-lr: write the search (<output-dir>/search/<method>.json) and stop "
                "without training the seeds", action="store_true")

@@ -2,6 +2,7 @@
 
     python benchmarks/search_check.py --search-epochs 0.5            # smollm2-135m, data/
     python benchmarks/search_check.py --search-epochs 0.5 --reference results/smollm2-135m/search
+    python benchmarks/search_check.py --score-runs outputs/lora /tmp/other/lora   # at the final budget
 
 Runs each fine-tune script with --tune-lr --search-only at the given budget (same
 grid, seed, precision and validation split as the reference), then writes
@@ -41,6 +42,10 @@ def parse_args(argv=None):
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--methods", default="full,lora,qlora,bitfit")
     parser.add_argument("--report", type=Path, default=ROOT / "benchmarks/search-check.md")
+    parser.add_argument("--score-runs", nargs="+", type=Path, default=None, metavar="RUN",
+                        help="instead: score finished run folders (e.g. the same method trained "
+                             "to the end at two rates) on the validation split, with the "
+                             "search's greedy decoding, and print each one's score and loss")
     parser.add_argument("--no-run", action="store_true",
                         help="compare the searches already in --output-dir/search (e.g. a "
                              "rigorous run's outputs/) instead of running them")
@@ -78,7 +83,39 @@ def verdict(new: dict, reference: dict) -> tuple[bool, str]:
                 + ("no worse" if ok else "worse"))
 
 
+def score_runs(args) -> int:
+    """Validation score and loss of finished runs, decoded as the search decodes."""
+    import torch
+
+    import evaluate
+    import generation
+    import models
+
+    device = torch.device("cpu")
+    rows = common.read_jsonl(args.data_dir / "valid.jsonl")
+    template = common.read_json(args.data_dir / "template.json")
+    stop = common.turn_marker(template)
+    for folder in args.score_runs:
+        metrics = common.read_json(folder / "metrics.json")
+        precision = metrics["precision"]
+        model = evaluate.load_for_eval(metrics["method"], folder, metrics["base_model_path"],
+                                       metrics, device, False, precision)
+        tokenizer = models.load_tokenizer(folder) if (folder / "tokenizer.json").exists() \
+            else models.load_tokenizer(metrics["base_model_path"])
+        max_new = generation.max_new_tokens_for(tokenizer, [r["completion"] for r in rows])
+        answers = generation.generate_answers(model, tokenizer, [r["prompt"] for r in rows],
+                                              max_new, device, stop=stop, precision=precision)
+        summary = common.summarise(common.score_rows(rows, answers))
+        field, _, label = common.quality_key([summary])
+        print(f"{folder}: lr {metrics['args']['lr']:g}, seed {metrics['args']['seed']}, "
+              f"{metrics['epochs']:g} epoch(s): validation {label} {summary[field]:.1f}%, "
+              f"validation loss {metrics['valid_loss'][-1]['loss']:.4f}")
+    return 0
+
+
 def main(args) -> int:
+    if args.score_runs:
+        return score_runs(args)
     methods = args.methods.split(",")
     walls = {m: None if args.no_run else run_search(m, args) for m in methods}
     lines = [
