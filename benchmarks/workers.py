@@ -260,8 +260,12 @@ def profile_matmuls(model, forward, batch) -> dict:
     handles = [module.register_forward_hook(functools.partial(recorder.hook, name))
                for name, module in model.named_modules()
                if isinstance(module, (torch.nn.Linear, Conv1D))]
+    # Frozen weights stored in bf16 (models.store_frozen_in_bf16) need the autocast of the run
+    bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+    device_type = next(model.parameters()).device.type
     try:
-        forward(batch)  # the graph is dropped unused
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            forward(batch)  # the graph is dropped unused
     finally:
         for handle in handles:
             handle.remove()
