@@ -58,36 +58,35 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 # --- Shapes: random-weight models with the real architectures' sizes ------------
+# All Llama (the distilgpt2 shape of the speed comparison is bench_speed.DISTILGPT2_SHAPE).
 # Rope scaling (Llama 3.x) is left out: it changes neither memory nor time per step.
 SHAPES = {
-    "distilgpt2": ("gpt2", {"n_layer": 6, "n_embd": 768, "n_head": 12, "n_positions": 1024,
-                            "vocab_size": 50257}),
-    "smollm2-135m": ("llama", {"hidden_size": 576, "intermediate_size": 1536,
-                               "num_hidden_layers": 30, "num_attention_heads": 9,
-                               "num_key_value_heads": 3, "vocab_size": 49152,
-                               "max_position_embeddings": 8192, "rope_theta": 100000.0,
-                               "rms_norm_eps": 1e-5, "tie_word_embeddings": True}),
-    "llama-3.2-1b": ("llama", {"hidden_size": 2048, "intermediate_size": 8192,
-                               "num_hidden_layers": 16, "num_attention_heads": 32,
-                               "num_key_value_heads": 8, "vocab_size": 128256,
-                               "max_position_embeddings": 131072, "rope_theta": 500000.0,
-                               "rms_norm_eps": 1e-5, "tie_word_embeddings": True}),
-    "llama-3.1-8b": ("llama", {"hidden_size": 4096, "intermediate_size": 14336,
-                               "num_hidden_layers": 32, "num_attention_heads": 32,
-                               "num_key_value_heads": 8, "vocab_size": 128256,
-                               "max_position_embeddings": 131072, "rope_theta": 500000.0,
-                               "rms_norm_eps": 1e-5, "tie_word_embeddings": False}),
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536,
+                     "num_hidden_layers": 30, "num_attention_heads": 9,
+                     "num_key_value_heads": 3, "vocab_size": 49152,
+                     "max_position_embeddings": 8192, "rope_theta": 100000.0,
+                     "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192,
+                     "num_hidden_layers": 16, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "vocab_size": 128256,
+                     "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                     "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "llama-3.1-8b": {"hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "vocab_size": 128256,
+                     "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                     "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
     # --tiny stand-ins: the same families, small enough for a CPU rehearsal
-    "tiny-llama-shape": ("llama", {"hidden_size": 64, "intermediate_size": 128,
-                                   "num_hidden_layers": 2, "num_attention_heads": 4,
-                                   "num_key_value_heads": 2, "vocab_size": 49152,
-                                   "max_position_embeddings": 2048,
-                                   "tie_word_embeddings": True}),
-    "tiny-llama-untied": ("llama", {"hidden_size": 64, "intermediate_size": 128,
-                                    "num_hidden_layers": 2, "num_attention_heads": 4,
-                                    "num_key_value_heads": 2, "vocab_size": 49152,
-                                    "max_position_embeddings": 2048,
-                                    "tie_word_embeddings": False}),
+    "tiny-llama-shape": {"hidden_size": 64, "intermediate_size": 128,
+                         "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "vocab_size": 49152,
+                         "max_position_embeddings": 2048,
+                         "tie_word_embeddings": True},
+    "tiny-llama-untied": {"hidden_size": 64, "intermediate_size": 128,
+                          "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "num_key_value_heads": 2, "vocab_size": 49152,
+                          "max_position_embeddings": 2048,
+                          "tie_word_embeddings": False},
 }
 # (shape, method, --gradient-checkpointing) rows of the memory table, full run and --tiny
 MEMORY_ROWS = [("llama-3.2-1b", m, False) for m in ("full", "lora", "qlora", "bitfit")] + [
@@ -112,16 +111,14 @@ def default_tokenizer() -> str:
 
 
 def shape_config(shape: str, tokenizer):
-    """The transformers config of a named shape, with the tokenizer's special tokens."""
-    from transformers import GPT2Config, LlamaConfig
+    """The transformers config of a named Llama shape, with the tokenizer's special tokens."""
+    from transformers import LlamaConfig
 
-    family, sizes = SHAPES[shape]
+    sizes = SHAPES[shape]
     if len(tokenizer) > sizes["vocab_size"]:
         raise SystemExit(f"the tokenizer's {len(tokenizer)} ids do not fit {shape}'s vocabulary")
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    if family == "gpt2":
-        return GPT2Config(**sizes, **special)
-    return LlamaConfig(**sizes, **special, pad_token_id=tokenizer.pad_token_id)
+    return LlamaConfig(**sizes, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 def build_shape(shape: str, tokenizer_dir: str, folder: Path) -> Path:
