@@ -4,6 +4,7 @@ Training, the learning-rate search, the validation loss and evaluate.py all
 score through this module, so a question's loss is the same number everywhere:
 
     nll, n = answer_loss(model, **batch)                      # a training batch, summed
+    nll, n = answer_loss_at(model, batch["input_ids"], *label_positions(batch["labels"]))
     total, count = answer_nll(model, examples, pad_id, device)  # held-out examples, summed
     per_example = answer_nll_by_example(model, examples, pad_id, device)
 """
@@ -20,14 +21,21 @@ from models import autocast_dtype, causal_lm
 
 
 class AnswerLoss(torch.nn.Module):
-    """Module form of answer_loss, so DistributedDataParallel can wrap it."""
+    """Module form of the training loss, so DistributedDataParallel can wrap it.
+
+    A batch that carries `positions` and `targets` (label_positions, computed on
+    the host) is scored by answer_loss_at, which never waits for the device;
+    otherwise by answer_loss, the CPU's exact path.
+    """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels):
-        return answer_loss(self.model, input_ids, attention_mask, labels)
+    def forward(self, input_ids, attention_mask, labels, positions=None, targets=None):
+        if positions is None:
+            return answer_loss(self.model, input_ids, attention_mask, labels)
+        return answer_loss_at(self.model, input_ids, positions, targets)
 
 
 def answer_loss(model, input_ids, attention_mask, labels):
@@ -53,6 +61,44 @@ def labelled_logits(model, input_ids, attention_mask, labels):
     targets = labels[:, 1:]
     keep = targets != -100
     return lm.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], keep
+
+
+def label_positions(labels: torch.Tensor, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """On the host: (flat positions, targets) of the positions whose next token has a label.
+
+    Positions index the batch x (length - 1) grid in row order, as answer_loss's
+    mask selects them.  Counted here, before the batch goes to the device, the
+    number of LM-head rows is known without asking the device (a boolean mask
+    there makes the host wait for the GPU in the middle of the forward pass).
+    multiple > 1 pads both to a multiple of it with target -100 (no loss, no
+    gradient), so compiled steps see few distinct shapes.
+    """
+    flat = labels[:, 1:].reshape(-1)
+    positions = (flat != -100).nonzero().squeeze(1)
+    targets = flat[positions]
+    extra = -len(positions) % multiple
+    if extra:
+        positions = torch.cat([positions, positions.new_zeros(extra)])
+        targets = torch.cat([targets, targets.new_full((extra,), -100)])
+    return positions, targets
+
+
+def answer_loss_at(model, input_ids, positions, targets):
+    """answer_loss without any wait for the device: label positions come from the host.
+
+    The batch must be right-padded (common.collate's default): causal attention
+    then keeps every real token from seeing the padding after it, so no
+    attention mask is passed, and the model runs plain causal attention with no
+    mask to inspect.  The loss equals answer_loss's up to float rounding (tests
+    check it); every shape follows from the inputs' shapes, so torch.compile and
+    CUDA graphs can capture the whole forward pass.
+    """
+    lm = causal_lm(model)
+    hidden = lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    rows = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    logits = lm.get_output_embeddings()(rows)
+    nll = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    return nll, (targets != -100).sum()
 
 
 # score(logits, targets, keep) -> what one batch contributes (its rows are keep's rows)

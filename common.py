@@ -417,11 +417,11 @@ def tokenize_rows(tokenizer, rows: list[dict], max_len: int, train_on_prompt: bo
     return examples
 
 
-def collate(examples: list[dict], pad_id: int, side: str = "right"):
-    """Pad a batch to its longest example (never to a fixed length)."""
+def collate(examples: list[dict], pad_id: int, side: str = "right", width: int | None = None):
+    """Pad a batch to its longest example (never to a fixed length), or to width if given."""
     import torch
 
-    width = max(len(ex["input_ids"]) for ex in examples)
+    width = max([len(ex["input_ids"]) for ex in examples] + [width or 0])
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)

@@ -107,6 +107,13 @@ class TrainSettings:
                "long sequences or large batches on a GPU (off by default: a small model's "
                "activations are small)",
         action="store_true")
+    compile: str = option(
+        "off", "torch.compile the training step's forward and backward: default fuses kernels, "
+               "reduce-overhead also replays them as CUDA graphs; it pays where a step is bound by "
+               "launching kernels rather than by arithmetic (a small model on a GPU), after a "
+               "compilation of tens of seconds; batches are then padded to a multiple of 16 "
+               "tokens so few shapes occur (off by default: on a CPU the step is arithmetic)",
+        choices=["off", "default", "reduce-overhead"])
     seed: int = option(42, "seeds initialisation, dropout and batch order", type=int)
     seeds: int = option(
         1, "train N runs with seeds --seed, --seed+1, ...: the first writes "

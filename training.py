@@ -38,12 +38,17 @@ import torch
 from common import (PipelineError, collate, file_sha256, is_write_failure, length_grouped_batches,
                     load_split, load_template, plot_training, staged_dir, tokenize_rows,
                     write_failed, write_json, write_text_atomic)
-from answer_loss import AnswerLoss, answer_nll
+from answer_loss import AnswerLoss, answer_nll, label_positions
 from memory import PeakMemory
 from models import (autocast_dtype, causal_lm, context_length, count_parameters, pick_device,
                     resolve_model, restore_frozen_fp32)
 from runpaths import RunPaths
 from settings import TrainSettings
+
+
+# A compiled step's batches are padded to these multiples of tokens and of label positions,
+# so dynamic-shape kernels see aligned sizes and CUDA graphs are recorded for few shapes.
+COMPILED_PADDING = (16, 64)
 
 
 class Diverged(PipelineError):
@@ -98,6 +103,22 @@ class Run:
         """"bf16" (autocast) or "fp32": what the accelerator computes in."""
         return "bf16" if self.accelerator.mixed_precision == "bf16" else "fp32"
 
+    @property
+    def sync_free(self) -> bool:
+        """Whether steps score label positions counted on the host (answer_loss_at).
+
+        On CUDA the exact path's boolean mask, and the attention mask the model
+        inspects, make the host wait for the GPU in every forward pass; a compiled
+        step needs shapes that follow from its inputs.  The CPU otherwise keeps the
+        exact path (the same loss up to float rounding).
+        """
+        return self.device.type == "cuda" or self.settings.compile != "off"
+
+    @property
+    def pad_multiple(self) -> tuple[int, int]:
+        """(width, label positions) multiples a batch is padded to: few shapes to compile."""
+        return COMPILED_PADDING if self.settings.compile != "off" else (1, 1)
+
 
 @dataclass(frozen=True)
 class ResumeConfig:
@@ -130,6 +151,7 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     effective_batch: int
+    max_length: int = 1 << 30  # no batch is padded beyond the model's context
 
 
 def process_rank() -> int:
@@ -224,6 +246,12 @@ class Trainer:
             raise PipelineError(f"{run.method}: the model has no trainable parameters")
         optimizer = make_optimizer(params, settings)
         self.loss_module, self.optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
+        if settings.compile != "off":
+            # dynamic: one compilation serves every batch width and label count
+            self.loss_module = torch.compile(
+                self.loss_module, dynamic=True,
+                mode=None if settings.compile == "default" else settings.compile)
+        self.cuda_graphs = settings.compile == "reduce-overhead"
         self.params = params
         self.scheduler = linear_schedule(optimizer, total_steps, settings.warmup_ratio)
         accelerator.register_for_checkpointing(self.scheduler)
@@ -279,6 +307,8 @@ class Trainer:
             sync = (contextlib.nullcontext() if i == len(micro) - 1
                     else accelerator.no_sync(self.loss_module))
             with sync:
+                if self.cuda_graphs:  # the previous replay's outputs are no longer needed
+                    torch.compiler.cudagraph_mark_step_begin()
                 nll, _ = self.loss_module(**batch)
                 accelerator.backward(nll / per_process)
             step_nll = step_nll + nll.detach().double()  # float64, as the sum of Python floats was
@@ -427,7 +457,8 @@ def plan_training(run: Run, model, tokenizer) -> Plan:
     return Plan(train=train, valid=valid, lengths=lengths, pad_id=tokenizer.pad_token_id,
                 steps_per_epoch=steps_per_epoch,
                 total_steps=settings.max_steps or max(1, round(settings.epochs * steps_per_epoch)),
-                effective_batch=settings.batch_size * settings.grad_accum * run.world)
+                effective_batch=settings.batch_size * settings.grad_accum * run.world,
+                max_length=max_len)
 
 
 def epoch_batches(run: Run, plan: Plan, epoch: int) -> list[list[int]]:
@@ -506,13 +537,16 @@ class LoopConfig:
     # Steps between reads of the device's numbers for the progress bar and history: a read
     # waits for the GPU to finish, so reading every step would stall its queue.
     log_every: int = 10
+    sync_free: bool = False                  # Run.sync_free
+    pad_multiple: tuple[int, int] = (1, 1)   # Run.pad_multiple
 
     @classmethod
     def of(cls, run: Run, plan: Plan) -> "LoopConfig":
         s = run.settings
         return cls(method=run.method, device=run.device, rank=run.rank, world=run.world,
                    grad_accum=s.grad_accum, steps_per_epoch=plan.steps_per_epoch,
-                   total_steps=plan.total_steps, save_every=s.save_every)
+                   total_steps=plan.total_steps, save_every=s.save_every,
+                   sync_free=run.sync_free, pad_multiple=run.pad_multiple)
 
 
 @dataclass(frozen=True)
@@ -572,17 +606,43 @@ def read_pending(trainer: Trainer, config: LoopConfig, state: TrainState) -> Tra
                    train_seconds=state.train_seconds + time.perf_counter() - started)
 
 
-def micro_batches(plan: Plan, indices: list[list[int]], device) -> list[dict]:
-    """Collated micro-batches of the given example indices, on the device."""
-    return [{k: v.to(device) for k, v in collate([plan.train[i] for i in idx], plan.pad_id).items()}
-            for idx in indices]
+def micro_batches(plan: Plan, indices: list[list[int]], device, sync_free: bool = False,
+                  multiple: tuple[int, int] = (1, 1)) -> list[dict]:
+    """Collated micro-batches of the given example indices, on the device.
+
+    sync_free adds the label positions counted here (answer_loss.label_positions);
+    multiple pads the width and the positions to multiples (Run.pad_multiple).
+    """
+    out = []
+    for idx in indices:
+        examples = [plan.train[i] for i in idx]
+        width = max(len(ex["input_ids"]) for ex in examples)
+        width = min(-(-width // multiple[0]) * multiple[0], max(plan.max_length, width))
+        batch = collate(examples, plan.pad_id, width=width)
+        if sync_free:
+            batch["positions"], batch["targets"] = label_positions(batch["labels"], multiple[1])
+        out.append(to_device(batch, device))
+    return out
+
+
+def to_device(batch: dict, device) -> dict:
+    """A batch's tensors on the device; on CUDA through pinned memory, without waiting.
+
+    A copy from ordinary host memory makes the host wait until the GPU has run
+    everything queued before it; from pinned memory it is queued like a kernel
+    (torch keeps the pinned buffer until the copy is done).
+    """
+    if device.type != "cuda":
+        return {key: value.to(device) for key, value in batch.items()}
+    return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def train_step(trainer: Trainer, plan: Plan, config: LoopConfig, state: TrainState,
                indices: list[list[int]]) -> TrainState:
     """The state after one optimiser step on these micro-batches; its numbers stay pending."""
     started = time.perf_counter()
-    stats = trainer.update(micro_batches(plan, indices, config.device))
+    stats = trainer.update(micro_batches(plan, indices, config.device, config.sync_free,
+                                         config.pad_multiple))
     return replace(state, step=state.step + 1, pending=state.pending + (stats,),
                    train_seconds=state.train_seconds + time.perf_counter() - started,
                    train_examples=state.train_examples
@@ -704,6 +764,8 @@ def run_metrics(run: Run, model, plan: Plan, state: TrainState, peak: PeakMemory
         "device": str(run.device),
         "autocast": str(dtype).replace("torch.", "") if dtype else "none",
         "precision": run.precision,
+        "step_loss": "answer_loss_at (label positions from the host)" if run.sync_free
+                     else "answer_loss (boolean mask)",
         "details": details or {}, "args": settings.as_dict(), "versions": versions(),
         "data_sha256": {name: file_sha256(data_dir / name)
                         for name in ("train.jsonl", "valid.jsonl", "template.json")},

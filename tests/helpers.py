@@ -6,9 +6,11 @@ tests import the project's modules and these helpers by name.
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import common
 import finetune
@@ -79,3 +81,32 @@ def stop_at(step):
         if current == step:
             control.stop = True
     return callback
+
+
+# Every way a tensor's value reaches Python; on CUDA each one waits for the GPU.
+READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
+
+
+def count_reads(monkeypatch) -> list[tuple[str, str]]:
+    """Record each read of a tensor's value, with the file that asked for it (undone by monkeypatch)."""
+    reads = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append((_name, sys._getframe(1).f_code.co_filename))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+def ours(reads: list[tuple[str, str]]) -> list[str]:
+    """The reads not made by transformers' mask builder.
+
+    Given an attention mask, transformers decides whether it can skip it by
+    reading it (one bool per forward, masking_utils.fast_all).  The exact path
+    (the CPU's) passes the mask; the sync-free path passes none, so it has no
+    such read (tests/test_sync_free.py).
+    """
+    return [name for name, path in reads if not path.endswith("transformers/masking_utils.py")]

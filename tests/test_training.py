@@ -13,7 +13,7 @@ import common
 import finetune
 import models
 import training
-from helpers import SCRIPTS, train_args
+from helpers import SCRIPTS, count_reads, ours, train_args
 from settings import TrainSettings
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
@@ -286,34 +286,6 @@ def test_length_grouped_batches_cover_every_example_once_and_are_deterministic()
 
 
 # --- the loop reads the device's numbers only where it needs them -------------------------
-
-# Every way a tensor's value reaches Python; on CUDA each one waits for the GPU.
-READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
-
-
-def count_reads(monkeypatch) -> list[tuple[str, str]]:
-    """Record each read of a tensor's value, with the file that asked for it (undone by monkeypatch)."""
-    reads = []
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            reads.append((_name, sys._getframe(1).f_code.co_filename))
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return reads
-
-
-def ours(reads: list[tuple[str, str]]) -> list[str]:
-    """The reads not made by transformers' mask builder.
-
-    transformers decides whether a batch can skip its explicit attention mask by
-    reading the padding mask (one bool per forward, masking_utils.fast_all): the
-    model's own choice, which no loop around it can avoid.
-    """
-    return [name for name, path in reads if not path.endswith("transformers/masking_utils.py")]
-
 
 def test_a_step_returns_tensors_that_are_read_only_when_asked(data_dir, tmp_path, monkeypatch):
     settings = TrainSettings.from_args(train_args(finetune, data_dir, tmp_path))
