@@ -11,6 +11,7 @@ score through this module, so a question's loss is the same number everywhere:
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -83,15 +84,28 @@ def label_positions(labels: torch.Tensor, multiple: int = 1) -> tuple[torch.Tens
     return positions, targets
 
 
+class RightPaddedWithoutMask(logging.Filter):
+    """Drop transformers' advice to pass an attention mask: answer_loss_at leaves it out on
+    purpose (causal attention over right padding), and every other caller passes one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "passing in an `attention_mask`" not in record.getMessage()
+
+
+logging.getLogger("transformers.modeling_utils").addFilter(RightPaddedWithoutMask())
+
+
 def answer_loss_at(model, input_ids, positions, targets):
-    """answer_loss without any wait for the device: label positions come from the host.
+    """answer_loss without our wait for the device: label positions come from the host.
 
     The batch must be right-padded (common.collate's default): causal attention
     then keeps every real token from seeing the padding after it, so no
     attention mask is passed, and the model runs plain causal attention with no
     mask to inspect.  The loss equals answer_loss's up to float rounding (tests
     check it); every shape follows from the inputs' shapes, so torch.compile and
-    CUDA graphs can capture the whole forward pass.
+    CUDA graphs can capture the whole forward pass.  Uncompiled, transformers
+    still reads one value per forward (its check for packed sequences, and on
+    GPT-2 with a pad id its padding warning); compiled, it skips both.
     """
     lm = causal_lm(model)
     hidden = lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state

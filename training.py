@@ -608,21 +608,25 @@ def read_pending(trainer: Trainer, config: LoopConfig, state: TrainState) -> Tra
 
 def micro_batches(plan: Plan, indices: list[list[int]], device, sync_free: bool = False,
                   multiple: tuple[int, int] = (1, 1)) -> list[dict]:
-    """Collated micro-batches of the given example indices, on the device.
+    """Collated micro-batches of the given example indices, on the device."""
+    return [to_device(step_batch([plan.train[i] for i in idx], plan.pad_id, plan.max_length,
+                                 sync_free, multiple), device) for idx in indices]
+
+
+def step_batch(examples: list[dict], pad_id: int, max_length: int = 1 << 30,
+               sync_free: bool = False, multiple: tuple[int, int] = (1, 1)) -> dict:
+    """One micro-batch on the host, as a step takes it (Run.sync_free, Run.pad_multiple).
 
     sync_free adds the label positions counted here (answer_loss.label_positions);
-    multiple pads the width and the positions to multiples (Run.pad_multiple).
+    multiple pads the width and the positions to multiples, the width never past
+    max_length (the model's context).
     """
-    out = []
-    for idx in indices:
-        examples = [plan.train[i] for i in idx]
-        width = max(len(ex["input_ids"]) for ex in examples)
-        width = min(-(-width // multiple[0]) * multiple[0], max(plan.max_length, width))
-        batch = collate(examples, plan.pad_id, width=width)
-        if sync_free:
-            batch["positions"], batch["targets"] = label_positions(batch["labels"], multiple[1])
-        out.append(to_device(batch, device))
-    return out
+    width = max(len(ex["input_ids"]) for ex in examples)
+    width = min(-(-width // multiple[0]) * multiple[0], max(max_length, width))
+    batch = collate(examples, pad_id, width=width)
+    if sync_free:
+        batch["positions"], batch["targets"] = label_positions(batch["labels"], multiple[1])
+    return batch
 
 
 def to_device(batch: dict, device) -> dict:

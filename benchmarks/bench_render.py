@@ -41,9 +41,12 @@ def speed_table(training: dict, precisions: list[str]) -> list[str]:
     rows = training["rows"]
     default = rows[0]["default_precision"] if rows else "fp32"
     with_previous = any(r["previous"] for r in rows)
+    compiled = [p for p in precisions if any(r.get("ours-compiled", {}).get(p) for r in rows)]
     header = (["method", "original tok/s (fp32)"] + [f"TRL {p} tok/s" for p in precisions]
               + [f"ours {p} tok/s" for p in precisions]
               + [f"ours / TRL at {p}" for p in precisions]
+              + [f"ours compiled {p} tok/s" for p in compiled]
+              + [f"compiled / TRL at {p}" for p in compiled]
               + [f"ours ({default}) / original (fp32)"]
               + (["previous commit tok/s (fp32)", "ours / previous (fp32)"] if with_previous else []))
     out = []
@@ -54,6 +57,8 @@ def speed_table(training: dict, precisions: list[str]) -> list[str]:
                  + [tokens_cell(row["trl"][p]) for p in precisions]
                  + [tokens_cell(row["ours"][p]) for p in precisions]
                  + [fmt(row["vs_trl"][p], ".2f", unit="x") for p in precisions]
+                 + [tokens_cell(row.get("ours-compiled", {}).get(p)) for p in compiled]
+                 + [fmt(row.get("compiled_vs_trl", {}).get(p), ".2f", unit="x") for p in compiled]
                  + [fmt(row["vs_original"], ".2f", unit="x")])
         if with_previous:
             cells += [tokens_cell(row["previous"]), fmt(row["vs_previous"], ".2f", unit="x")]
@@ -70,6 +75,7 @@ def utilisation_table(training: dict, precisions: list[str], peaks: dict[str, fl
         runs = [("original", "fp32", row["original"])]
         runs += [("TRL", p, row["trl"][p]) for p in precisions if row["method"] in TRL_METHODS]
         runs += [("ours", p, row["ours"][p]) for p in precisions]
+        runs += [("ours compiled", p, row.get("ours-compiled", {}).get(p)) for p in precisions]
         for recipe, precision, stats in runs:
             if not stats:
                 continue

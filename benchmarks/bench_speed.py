@@ -66,12 +66,8 @@ from dispatch import worker_main  # noqa: E402
 from workers import ORIGINAL_BATCH, log  # noqa: E402
 
 # --- The models -----------------------------------------------------------------
-# distilgpt2's shape (82 M parameters); random weights cost the same arithmetic.
-DISTILGPT2_SHAPE = {"n_layer": 6, "n_embd": 768, "n_head": 12, "n_positions": 1024,
-                    "vocab_size": 50257}
-QUICK_SHAPE = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 1024, "vocab_size": 50257}
-TOKENIZER_PRESET = "smollm2-135m"  # realistic token lengths; its ids are all < 50257
-SHAPES = ("distilgpt2", "smollm2-135m")  # smollm2-135m's shape is read from its cached config
+# Random weights in a named shape (shapes.py) cost the same arithmetic as trained ones.
+TRAIN_SHAPES = ("distilgpt2", "smollm2-135m")
 PARTS = ("training", "evaluation", "memory")
 
 
@@ -94,52 +90,11 @@ def make_data(folder: Path, size: int) -> Path:
     return folder
 
 
-def build_gpt2_shaped(folder: Path, shape: dict) -> Path:
-    """Save a randomly initialised GPT-2 of the given shape with the smollm2 tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config
-    from transformers.utils import logging as hf_logging
+def build_shaped(folder: Path, shape: str, tokenizer: str) -> Path:
+    """A random-weight training model of a named shape (--quick: GPT-2's tiny stand-in)."""
+    import shapes
 
-    import common
-    import models
-
-    hf_logging.disable_progress_bar()
-    tokenizer = models.load_tokenizer(models.resolve_model(TOKENIZER_PRESET))
-    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    if len(tokenizer) > shape["vocab_size"]:  # smollm2's 49,152 ids fit GPT-2's 50,257
-        raise common.PipelineError(f"the {TOKENIZER_PRESET} tokenizer has ids beyond the "
-                                   f"model's vocabulary of {shape['vocab_size']}")
-    # The tokenizer's special ids, so generate() stops and pads as it would with it.
-    config = GPT2Config(**shape, bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def build_smollm2_shaped(folder: Path) -> Path:
-    """Save a randomly initialised model of smollm2-135m's shape (its config) with its tokenizer."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    import models
-
-    hf_logging.disable_progress_bar()
-    path = models.resolve_model(TOKENIZER_PRESET)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    model.save_pretrained(folder)
-    models.load_tokenizer(path).save_pretrained(folder)
-    return folder
-
-
-def build_shaped(folder: Path, s: dict) -> Path:
-    """The random-weight training model of the run's shape."""
-    if s["shape"] == "smollm2-135m":
-        return build_smollm2_shaped(folder)
-    return build_gpt2_shaped(folder, QUICK_SHAPE if s["quick"] else DISTILGPT2_SHAPE)
+    return shapes.build(shape, tokenizer, folder)
 
 
 def settings_from(args, default_precision: str) -> dict:
@@ -150,7 +105,9 @@ def settings_from(args, default_precision: str) -> dict:
               "device": args.device, "precisions": args.precisions,
               "default_precision": default_precision, "parts": args.only or list(PARTS),
               "quick": args.quick,
-              "shape": "gpt2-tiny" if args.quick and args.shape == "distilgpt2" else args.shape}
+              "shapes": ["gpt2-tiny" if args.quick and shape == "distilgpt2" else shape
+                         for shape in args.shape],
+              "compile": args.compile}
     if args.quick:
         # The real-model section reuses the tiny model unless one is named.
         return {**shared, "repeats": 1, "steps": 1, "steps_original": 2,
@@ -241,6 +198,12 @@ def build_plan(s: dict, methods: list[str], models: dict[str, str], data_dir: st
         if training:
             plan += train_configs(s, key, model_dir, data_dir, methods, previous)
         plan += eval_configs(s, key, model_dir, data_dir)
+    if training and s.get("compile"):
+        # Ours compiled, after everything else: compiling takes tens of seconds a
+        # configuration, so a --time-limit cuts these first.
+        plan += [(label.replace("/train/ours/", "/train/ours-compiled/"),
+                  {**config, "compile": s["compile"]})
+                 for label, config in list(plan) if "/train/ours/" in label]
     if real is not None and "memory" in s["parts"]:
         # Memory: the longest batch twice (AdamW state, then the real peak), one more step
         key, model_dir = real
@@ -287,13 +250,19 @@ def checkout(rev: str, folder: Path) -> Path:
     return folder
 
 
-def run_worker(label: str, config: dict, index: int, count: int) -> dict:
+def run_worker(label: str, config: dict, index: int, count: int,
+               timeout: float | None = None) -> dict:
     """Run one configuration in a fresh Python process; its JSON result, or an error record."""
     log(f"[{index}/{count}] {label}")
     started = time.perf_counter()
     root = Path(config.get("root", ROOT))  # another commit's checkout runs its own worker
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_speed.py"), "--worker",
-                           json.dumps(config)], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        proc = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_speed.py"),
+                               "--worker", json.dumps(config)], cwd=root, stdout=subprocess.PIPE,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f"    STOPPED at the time limit after {timeout:.0f} s")
+        return {"config": config, "error": "stopped at --time-limit", "wall_s": timeout}
     wall = time.perf_counter() - started
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode != 0 or not lines:
@@ -388,10 +357,18 @@ def parse_args(argv=None):
     add("--device", choices=("cpu", "cuda"), default="cpu",
         help="where every worker trains, evaluates and multiplies (default cpu; on cuda each "
              "timer reading waits for torch.cuda.synchronize())")
-    add("--shape", choices=SHAPES, default="distilgpt2",
-        help="the random-weight training model's shape (default distilgpt2, 82 M parameters; "
-             "smollm2-135m is a Llama of 135 M, slower here). --quick uses a tiny GPT-2 unless "
-             "smollm2-135m is named")
+    add("--shape", default="distilgpt2",
+        help="comma-separated shapes of the random-weight training models, each compared in "
+             f"full (of {', '.join(TRAIN_SHAPES)}; default distilgpt2, 82 M parameters; "
+             "smollm2-135m is a Llama of 135 M, slower here). --quick uses a tiny GPT-2 for "
+             "distilgpt2")
+    add("--tokenizer", default=None,
+        help="the shapes' tokenizer folder (default: the converted smollm2-135m preset's; "
+             "its tokenizer files suffice)")
+    add("--compile", default=None, choices=("default", "reduce-overhead"),
+        help="also time ours with --compile MODE beside ours uncompiled and TRL (compilation "
+             "and CUDA-graph recording happen in the warm-up, which covers every timed batch "
+             "once)")
     add("--only", choices=PARTS, action="append", default=None,
         help="run only this part (repeatable; default all): training skips the evaluation "
              "and memory parts, which take most of a full run's time")
@@ -431,6 +408,10 @@ def parse_args(argv=None):
              "so a partial or smoke run never overwrites the published results)")
     add("--json", default=None, metavar="PATH",
         help="where to write every result as JSON (default: --output's name with .json)")
+    add("--time-limit", type=float, default=None, metavar="SECONDS",
+        help="stop starting (and stop) workers once this many seconds have passed, and report "
+             "what was measured; the compiled configurations come last, so they are what a "
+             "limit cuts first (default: no limit)")
     add("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one configuration
     args = parser.parse_args(argv)
     for name in ("repeats", "steps", "steps_original", "warmup", "batch_size", "eval_questions",
@@ -447,6 +428,9 @@ def parse_args(argv=None):
     if not args.precisions or set(args.precisions) - set(PRECISIONS):
         parser.error(f"--precisions: expected some of {', '.join(PRECISIONS)}")
     args.precisions = list(dict.fromkeys(args.precisions))  # once each, in the order given
+    args.shape = list(dict.fromkeys(part.strip() for part in args.shape.split(",") if part.strip()))
+    if not args.shape or set(args.shape) - set(TRAIN_SHAPES):
+        parser.error(f"--shape: expected some of {', '.join(TRAIN_SHAPES)}")
     if args.only:
         args.only = list(dict.fromkeys(args.only))
     if args.compare_ref and "fp32" not in args.precisions:
@@ -481,9 +465,15 @@ def main(args) -> None:
         n_train = len(common.load_split(data_dir, "train"))
         n_eval = len(common.load_split(data_dir, "eval"))
         report["data"] += f": {n_train} train, {n_eval} eval rows"
-        main_key = f"{s['shape']}-shape"
-        log(f"building the {main_key} model (random weights, {TOKENIZER_PRESET} tokenizer) ...")
-        train_models = {main_key: str(build_shaped(tmp / "model", s))}
+        import shapes
+
+        tokenizer = args.tokenizer or shapes.default_tokenizer()
+        train_models = {}
+        for shape in s["shapes"]:
+            log(f"building the {shape}-shape model (random weights, "
+                f"{shapes.TOKENIZER_PRESET} tokenizer) ...")
+            train_models[f"{shape}-shape"] = str(build_shaped(tmp / shape, shape, tokenizer))
+        main_key = next(iter(train_models))
         if args.smollm2:
             train_models["smollm2-135m"] = models.resolve_model("smollm2-135m")
         tuned = None
@@ -505,7 +495,12 @@ def main(args) -> None:
                           str(previous) if previous else None)
         workers = {}
         for i, (label, config) in enumerate(plan, start=1):
-            workers[label] = run_worker(label, config, i, len(plan))
+            left = args.time_limit - (time.time() - started) if args.time_limit else None
+            if left is not None and left < 5:
+                log(f"[{i}/{len(plan)}] {label}: skipped, --time-limit reached")
+                workers[label] = {"config": config, "error": "skipped at --time-limit"}
+                continue
+            workers[label] = run_worker(label, config, i, len(plan), timeout=left)
             log(f"    elapsed {(time.time() - started) / 60:.1f} min")
 
         if previous:

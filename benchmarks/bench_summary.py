@@ -95,8 +95,10 @@ def summarise_training(workers: dict, key: str, methods: list[str], precisions: 
                                           peaks),
                **{recipe: {p: training_stats(workers.get(train_label(key, recipe, method, p)),
                                              peaks) for p in precisions}
-                  for recipe in ("ours", "trl")}}
+                  for recipe in ("ours", "ours-compiled", "trl")}}
         row["vs_trl"] = {p: speedup(row["ours"][p], row["trl"][p]) for p in precisions}
+        row["compiled_vs_trl"] = {p: speedup(row["ours-compiled"][p], row["trl"][p])
+                                  for p in precisions}
         row["vs_original"] = speedup(row["ours"].get(default), row["original"])
         row["vs_previous"] = speedup(row["ours"].get("fp32"), row["previous"])
         rows.append(row)

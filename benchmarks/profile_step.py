@@ -52,12 +52,12 @@ def main(argv=None) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import bench_speed
+    import shapes
     import workers
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(bench_speed.build_gpt2_shaped(Path(tmp) / "model",
-                                                      bench_speed.DISTILGPT2_SHAPE))
+        model_dir = str(shapes.build("distilgpt2", shapes.default_tokenizer(),
+                                     Path(tmp) / "model"))
         config = {"recipe": "ours", "method": args.method, "model_dir": model_dir,
                   "data_dir": args.data_dir, "batch_size": 16, "warmup": 2,
                   "steps": args.steps, "repeats": 1, "precision": args.precision}

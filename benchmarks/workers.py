@@ -99,8 +99,8 @@ def sync(device) -> None:
 
 
 def to_device(batch: dict, device) -> dict:
-    """A collated batch's tensors on the device."""
-    return {key: value.to(device) for key, value in batch.items()}
+    """A collated batch's tensors on the device (on CUDA through pinned memory, as training does)."""
+    return training.to_device(batch, device)
 
 
 # --- set-up: this project's (each script's prepare) and the original's --------------
@@ -377,8 +377,12 @@ def prepared(config: dict):
         model, tokenizer, settings = setup_ours(config["model_dir"], method, device, precision)
         warm, timed = ours_batches(tokenizer, rows, model, config["batch_size"],
                                    config["warmup"], config["steps"])
-        collate = functools.partial(common.collate, pad_id=tokenizer.pad_token_id)
+        settings = settings.replace(compile=config.get("compile", "off"))
         stepper = ours_trainer(model, method, settings, total_steps, device, precision)
+        run = stepper.run  # the step's batch form: sync-free on CUDA or when compiled
+        collate = functools.partial(training.step_batch, pad_id=tokenizer.pad_token_id,
+                                    max_length=models.context_length(model),
+                                    sync_free=run.sync_free, multiple=run.pad_multiple)
         forward = functools.partial(loss_ours, answer_loss.AnswerLoss(model))
     else:
         model, tokenizer, lr = setup_original(config["model_dir"], method, device)
@@ -410,6 +414,10 @@ def task_train(config: dict, baseline: int) -> dict:
     memory.release_free_heap()
     loaded, loaded_split = memory.rss_bytes(), memory.rss_split()
     repeats = []
+    if config.get("compile", "off") != "off":
+        # Compiling (and recording CUDA graphs) happens once per run, and per shape: the
+        # warm-up meets every timed batch once, so the timed steps are steady ones.
+        warm = warm + timed
     with memory.PeakMemory(device) as peak:
         for examples in warm:
             seconds, _, loss = timed_step(stepper, examples, collate, device)

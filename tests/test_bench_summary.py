@@ -152,6 +152,36 @@ def test_the_plan_runs_ours_and_trl_at_each_precision_and_the_original_once():
     assert plan["matmul/start/bf16"]["dtype"] == "bf16" and plan["matmul/start/bf16"]["inner"] == 1
 
 
+def test_with_compile_ours_compiled_runs_beside_ours_and_is_compared_with_trl(tmp_path):
+    args = bench_speed.parse_args(["--quick", "--precisions", "bf16", "--only", "training",
+                                   "--methods", "full", "--device", "cpu", "--shape",
+                                   "distilgpt2,smollm2-135m", "--compile", "reduce-overhead"])
+    assert args.shape == ["distilgpt2", "smollm2-135m"]
+    settings = {**bench_speed.settings_from(args, "bf16"), "trl": True}
+    assert settings["shapes"] == ["gpt2-tiny", "smollm2-135m"]  # --quick shrinks distilgpt2 only
+    plan = dict(bench_speed.build_plan(settings, args.methods, {"m": "/model"}, "/data",
+                                       real=None, tuned=None))
+    trains = [label for label in plan if "/train/" in label]
+    assert trains == ["m/train/original/full", "m/train/ours/full/bf16", "m/train/trl/full/bf16",
+                      "m/train/trl-defaults/full", "m/train/ours-compiled/full/bf16"]  # last
+    assert plan["m/train/ours-compiled/full/bf16"]["compile"] == "reduce-overhead"
+    assert "compile" not in plan["m/train/ours/full/bf16"]
+    workers = {**made_up_workers(), "m-shape/train/ours-compiled/full/bf16": train_worker([1600, 2000])}
+    summary = summary_of(workers)
+    row = summary["training"]["m-shape"]["rows"][0]
+    assert row["compiled_vs_trl"]["bf16"]["median"] == pytest.approx(4.5)  # 4.0 and 5.0
+    assert row["compiled_vs_trl"]["fp32"] is None  # not measured at fp32
+    lines = bench_render.speed_table(summary["training"]["m-shape"], summary["precisions"])
+    assert "| ours compiled bf16 tok/s | compiled / TRL at bf16 |" in lines[0]
+    assert "ours compiled fp32" not in lines[0]
+    assert "| 4.50x [4.00-5.00] |" in lines[2]
+
+
+def test_unknown_shapes_are_refused():
+    with pytest.raises(SystemExit):
+        bench_speed.parse_args(["--shape", "distilgpt2,gpt-5"])
+
+
 def test_unknown_precisions_are_refused():
     with pytest.raises(SystemExit):
         bench_speed.parse_args(["--precisions", "fp16"])

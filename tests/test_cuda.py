@@ -137,3 +137,49 @@ def test_8bit_adamw_learns_on_cuda(data_dir, tmp_path):
     assert metrics["args"]["optim"] == "adamw_8bit"
     losses = [h["loss"] for h in metrics["history"]]
     assert sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
+
+
+def test_a_cuda_step_waits_for_the_gpu_only_where_transformers_looks(data_dir, tmp_path):
+    """torch's sync debug mode flags every operation that makes the host wait for the GPU.
+
+    Two whole steps (upload, forward, backward, clipping, update): the only waits
+    left are transformers' own look at the position ids, one per forward, in
+    masking_utils.py (tests/test_sync_free.py shows the same on the CPU).
+    """
+    import warnings
+
+    import training
+
+    settings = TrainSettings.from_args(finetune_lora.parse_args(
+        ["--device", "cuda", "--model", "tiny-llama", "--data-dir", str(data_dir),
+         "--output-dir", str(tmp_path), "--batch-size", "8", "--max-steps", "4"]))
+    run = training.start_run(settings, "lora")
+    model, tokenizer, _, _ = tuning.load_prepared(settings, finetune_lora.prepare, run.device,
+                                                  {}, run.precision)
+    plan = training.plan_training(run, model, tokenizer)
+    trainer = training.Trainer(run, model, plan.total_steps)
+    assert run.sync_free
+    batches = training.epoch_batches(run, plan, 0)
+    trainer.update(training.micro_batches(plan, batches[:1], CUDA, True))  # allocates AdamW state
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for i in (1, 2):
+                trainer.update(training.micro_batches(plan, batches[i:i + 1], CUDA, True))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message)]
+    assert all(name.endswith("masking_utils.py") for name, _ in waits), waits
+    assert len(waits) <= 2, waits
+
+
+def test_a_step_compiled_with_cuda_graphs_trains_as_the_eager_one(data_dir, tmp_path):
+    """--compile reduce-overhead: the same losses up to bf16 rounding."""
+    eager = train(finetune_lora, data_dir, tmp_path / "eager", "--dropout", "0")
+    graphs = train(finetune_lora, data_dir, tmp_path / "graphs", "--dropout", "0",
+                   "--compile", "reduce-overhead")
+    assert graphs["step_loss"].startswith("answer_loss_at") and graphs["args"]["compile"]
+    torch.testing.assert_close([h["loss"] for h in graphs["history"]],
+                               [h["loss"] for h in eager["history"]], rtol=2e-2, atol=0)
