@@ -25,7 +25,7 @@ class AnswerLoss(torch.nn.Module):
     """Module form of the training loss, so DistributedDataParallel can wrap it.
 
     A batch that carries `positions` and `targets` (label_positions, computed on
-    the host) is scored by answer_loss_at, which never waits for the device;
+    the host) is scored by answer_loss_at, which adds no wait for the device;
     otherwise by answer_loss, the CPU's exact path.
     """
 

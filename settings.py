@@ -111,8 +111,9 @@ class TrainSettings:
         "off", "torch.compile the training step's forward and backward: default fuses kernels, "
                "reduce-overhead also replays them as CUDA graphs; it pays where a step is bound by "
                "launching kernels rather than by arithmetic (a small model on a GPU), after a "
-               "compilation of tens of seconds; batches are then padded to a multiple of 16 "
-               "tokens so few shapes occur (off by default: on a CPU the step is arithmetic)",
+               "compilation of tens of seconds; under CUDA graphs batches are padded to a "
+               "multiple of 16 tokens so few shapes occur (off by default: on a CPU the step "
+               "is arithmetic, and compiling did not pay there)",
         choices=["off", "default", "reduce-overhead"])
     seed: int = option(42, "seeds initialisation, dropout and batch order", type=int)
     seeds: int = option(

@@ -46,9 +46,11 @@ from runpaths import RunPaths
 from settings import TrainSettings
 
 
-# A compiled step's batches are padded to these multiples of tokens and of label positions,
-# so dynamic-shape kernels see aligned sizes and CUDA graphs are recorded for few shapes.
-COMPILED_PADDING = (16, 64)
+# Under CUDA graphs (--compile reduce-overhead) batches are padded to these multiples of
+# tokens and of label positions, so graphs are recorded for few shapes.  Plain compilation
+# has dynamic shapes and needs none: on the CPU this padding (21% more positions on the
+# default data) cost more than compiling saved (benchmarks/results-compile-cpu.md).
+GRAPH_PADDING = (16, 64)
 
 
 class Diverged(PipelineError):
@@ -116,8 +118,8 @@ class Run:
 
     @property
     def pad_multiple(self) -> tuple[int, int]:
-        """(width, label positions) multiples a batch is padded to: few shapes to compile."""
-        return COMPILED_PADDING if self.settings.compile != "off" else (1, 1)
+        """(width, label positions) multiples a batch is padded to: few shapes to record."""
+        return GRAPH_PADDING if self.settings.compile == "reduce-overhead" else (1, 1)
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,17 @@ It runs, each step in its own process under a timeout, the whole under --budget 
   2. pytest tests/test_cuda.py (skipped where torch sees no CUDA);
   3. the four methods and evaluate.py end to end on random weights in SmolLM2-135M's shape;
   4. benchmarks/bench_speed.py's training comparison against TRL on the distilgpt2 and
-     SmolLM2 shapes at bf16 (its own JSON, folded into ours);
+     SmolLM2 shapes at bf16, ours also with --compile (default reduce-overhead: CUDA
+     graphs), on the data of step 3, under its own --time-limit so that a cut keeps what
+     was measured (its own JSON, folded into ours);
   5. the memory table: tensor-level peak (torch.cuda.max_memory_allocated) and time per step
      on a Llama-3.2-1B shape for all four methods at batch 16, and on a Llama-3.1-8B shape
      for LoRA on a bf16 base and QLoRA, with which fit on 24 GB and 80 GB cards;
   6. the CPU-pinned suite (pytest tests/ but test_cuda.py), started first in the
      background on the upper half of the CPU cores (torch threads capped), so it shares
      neither cores nor the GPU with the timed steps.
-and writes benchmarks/results-gpu.md and benchmarks/results-gpu.json (with --tiny,
+and writes benchmarks/results-gpu.md, the targets first (met or not), and
+benchmarks/results-gpu.json (with --tiny,
 results-gpu-tiny.*, so a rehearsal never overwrites real results).  Each step's log goes
 to $OUT/gpu-check/ when $OUT is set, else to a temporary folder named in the report.
 
