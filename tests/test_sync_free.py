@@ -146,3 +146,13 @@ def test_a_compiled_run_trains_as_the_uncompiled_one(data_dir, tmp_path):
         step_loss = metrics["step_loss"]
         assert step_loss.startswith("answer_loss_at" if mode != "off" else "answer_loss (")
     assert histories["default"] == pytest.approx(histories["off"], rel=1e-4)
+
+
+@pytest.mark.parametrize("mode, expected", [("off", (False, (1, 1))),
+                                            ("default", (True, (1, 1))),
+                                            ("reduce-overhead", (True, (16, 64)))])
+def test_only_cuda_graphs_pad_and_any_compilation_is_sync_free_on_the_cpu(
+        mode, expected, data_dir, tmp_path):
+    settings = TrainSettings.from_args(train_args(finetune, data_dir, tmp_path, "--compile", mode))
+    run = training.start_run(settings, "full")
+    assert (run.sync_free, run.pad_multiple) == expected
