@@ -28,19 +28,13 @@ tokenizer is the offline smollm2-135m preset's (--tokenizer, default its convert
 cache folder), whose ids fit every shape's vocabulary.  Random weights never emit EOS,
 so every answer runs to the bound: evaluation times are worst cases.
 
-Bringing libraries to a GPU machine without network.  bitsandbytes (QLoRA, 8-bit Adam),
-TRL (the comparison), datasets (TRL's input) and gguf (the smollm2-135m conversion) are
-optional there.  On a machine with network:
-
-    pip download --only-binary=:all: --no-deps --dest wheels/ \\
-        bitsandbytes==0.50.2 trl==1.16.0 datasets gguf
-
-(add --python-version and --platform, e.g. 3.11 and manylinux2014_x86_64, where that
-machine's differ from the GPU machine's), then carry wheels/ along and pass --wheels
-wheels/.  At most 64 MiB may travel with the working tree; bitsandbytes alone is about
-43 MB, so bring the others only if they fit
-(TRL's and datasets' own dependencies, e.g. pyarrow, are large: check what is missing
-with pip check first).  The smollm2-135m tokenizer travels as its converted cache folder.
+Bringing libraries to a GPU machine without network: `make gpu-bundle`, on a machine
+with network, downloads bitsandbytes (QLoRA, 8-bit Adam), TRL and datasets (the
+comparison) as CPython 3.12 wheels into .whl/ (about 43 MB) and copies the smollm2-135m
+tokenizer into .gpu-tokenizer/ (3.4 MB; shapes.default_tokenizer prefers it).  Carry both;
+there, `python benchmarks/gpu_check.py --wheels .whl`.  At most 64 MiB may travel with
+the working tree: that leaves no room for pyarrow, so datasets' own dependencies must
+already be on the GPU machine.
 """
 
 from __future__ import annotations
@@ -516,9 +510,15 @@ def main(args) -> dict:
     steps = Steps(work / "logs", args.budget)
     py = sys.executable
     if args.wheels:
+        # Into a folder of the check's own, on every step's path: the machine's environment
+        # may not be writable, and stays as it was.
         wheels = sorted(str(p) for p in Path(args.wheels).glob("*.whl"))
-        steps.run("install-wheels", [py, "-m", "pip", "install", "--no-index", "--no-deps",
-                                     "--find-links", args.wheels, *wheels], 90)
+        site = work / "site"
+        steps.run("install-wheels", [py, "-m", "pip", "install", "--quiet", "--no-index",
+                                     "--no-deps", "--no-compile", "--target", str(site),
+                                     *wheels], 90)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [str(site)] + [part for part in [os.environ.get("PYTHONPATH")] if part])
     suite = ["tests/test_results.py"] if args.tiny else args.suite.split()
     cpu_suite = steps.start("pytest-cpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                            "--ignore", "tests/test_cuda.py", *suite],

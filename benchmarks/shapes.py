@@ -57,14 +57,33 @@ SHAPES = {
 }
 
 
-def default_tokenizer() -> str:
-    """The converted smollm2-135m preset's folder (models.cache_root): the shapes' tokenizer.
+# Where `make gpu-bundle` puts the tokenizer for a machine with no copy of the preset.
+BUNDLED_TOKENIZER = ROOT / ".gpu-tokenizer"
 
-    Only its tokenizer files are read, so the folder may travel without model.safetensors.
-    """
+
+def default_tokenizer() -> str:
+    """The shapes' tokenizer folder: the bundled one when present, else the converted
+    smollm2-135m preset's (models.cache_root).  Only its tokenizer files are read."""
     import models
 
+    if (BUNDLED_TOKENIZER / "tokenizer_config.json").exists():
+        return str(BUNDLED_TOKENIZER)
     return str(models.cache_root() / TOKENIZER_PRESET)
+
+
+def bundle_tokenizer(dest: Path = BUNDLED_TOKENIZER) -> Path:
+    """Copy the preset's tokenizer (converting the preset once if needed), without its
+    weights, to dest: what a GPU machine without the 98 MB GGUF needs (3.5 MB)."""
+    import shutil
+
+    import models
+
+    source = Path(models.resolve_model(TOKENIZER_PRESET))
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and path.suffix != ".safetensors":
+            shutil.copy2(path, dest / path.name)
+    return dest
 
 
 def config(shape: str, tokenizer):
