@@ -67,7 +67,7 @@ from workers import ORIGINAL_BATCH, log  # noqa: E402
 
 # --- The models -----------------------------------------------------------------
 # Random weights in a named shape (shapes.py) cost the same arithmetic as trained ones.
-TRAIN_SHAPES = ("distilgpt2", "smollm2-135m")
+TRAIN_SHAPES = ("distilgpt2", "smollm2-135m", "gpt2-tiny")
 PARTS = ("training", "evaluation", "memory")
 
 
@@ -360,8 +360,9 @@ def parse_args(argv=None):
     add("--shape", default="distilgpt2",
         help="comma-separated shapes of the random-weight training models, each compared in "
              f"full (of {', '.join(TRAIN_SHAPES)}; default distilgpt2, 82 M parameters; "
-             "smollm2-135m is a Llama of 135 M, slower here). --quick uses a tiny GPT-2 for "
-             "distilgpt2")
+             "smollm2-135m is a Llama of 135 M, slower here; gpt2-tiny, 2x64, is so small "
+             "that a step is bound by per-operation overhead, as a small model's is on a GPU). "
+             "--quick uses gpt2-tiny for distilgpt2")
     add("--tokenizer", default=None,
         help="the shapes' tokenizer folder (default: the converted smollm2-135m preset's; "
              "its tokenizer files suffice)")

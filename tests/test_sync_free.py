@@ -58,7 +58,7 @@ def test_the_sync_free_loss_and_gradients_equal_the_exact_ones(model_name, data_
         model.zero_grad()
         nll, count = loss()
         nll.backward()
-        results.append((float(nll), int(count), {name: p.grad.clone()
+        results.append((float(nll.detach()), int(count), {name: p.grad.clone()
                                                 for name, p in model.named_parameters()}))
     (exact, n_exact, g_exact), (free, n_free, g_free) = results
     assert n_free == n_exact
