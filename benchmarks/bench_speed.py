@@ -324,6 +324,8 @@ def hardware(device) -> dict:
 def default_output(args) -> Path:
     """benchmarks/results.md for the whole CPU run, else a name saying what differs from it."""
     parts = (["quick"] if args.quick else []) + ([args.device] if args.device != "cpu" else [])
+    parts += [] if args.shape == ["distilgpt2"] else args.shape
+    parts += ["compile"] if args.compile else []
     parts += args.only or []
     return Path(__file__).parent / ("-".join(["results", *parts]) + ".md")
 

@@ -214,6 +214,8 @@ def test_the_workers_import_one_way_and_dispatch_sits_above_both():
     (["--quick"], "results-quick.md"),
     (["--device", "cuda", "--only", "training"], "results-cuda-training.md"),
     (["--only", "training", "--only", "memory"], "results-training-memory.md"),
+    (["--shape", "gpt2-tiny", "--compile", "default", "--only", "training"],
+     "results-gpt2-tiny-compile-training.md"),
 ])
 def test_only_the_whole_cpu_run_writes_the_published_results(argv, name):
     assert bench_speed.default_output(bench_speed.parse_args(argv)).name == name
