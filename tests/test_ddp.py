@@ -53,8 +53,10 @@ def launcher(name: str) -> list[str]:
             "--main_process_ip", "127.0.0.1", "--main_process_port", port]
 
 
-@pytest.mark.parametrize("launch", ["torchrun", "accelerate"])
-def test_two_processes_train_exactly_like_one_on_the_same_batches(launch, data_dir, tmp_path):
+@pytest.mark.parametrize("launch, extra", [("torchrun", ()), ("accelerate", ()),
+                                           ("torchrun", ("--compile", "default"))])
+def test_two_processes_train_exactly_like_one_on_the_same_batches(launch, extra, data_dir,
+                                                                  tmp_path):
     """2 processes x batch 4 against 1 process x batch 4 x 2 accumulation: the same steps.
 
     length_grouped_batches cuts the 48 examples into 12 batches of 4; under DDP process r
@@ -63,6 +65,8 @@ def test_two_processes_train_exactly_like_one_on_the_same_batches(launch, data_d
     Answers of 1 to 4 sentences give the two batches of every step different numbers of
     answer tokens (28 to 112), so the step's loss must be the mean over all its tokens:
     averaging each process's own per-token mean gives other gradients, and fails here.
+    With --compile both runs take the compiled sync-free step (the GPU's), whose label
+    positions then pass through DistributedDataParallel.
     """
     rows = common.load_split(data_dir, "train")
     common.write_jsonl(data_dir / "train.jsonl", [
@@ -80,13 +84,13 @@ def test_two_processes_train_exactly_like_one_on_the_same_batches(launch, data_d
     script = str(ROOT / "finetune_lora.py")
     ddp_out, one_out = tmp_path / "ddp", tmp_path / "one"
     ddp = subprocess.Popen(
-        [*launcher(launch), script, *TRAIN, *DEVICE,
+        [*launcher(launch), script, *TRAIN, *DEVICE, *extra,
          "--data-dir", str(data_dir), "--output-dir", str(ddp_out), "--batch-size", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True)  # its own process group, so a failure can end all three
     try:  # the two runs side by side
         one = subprocess.run(
-            [sys.executable, script, *TRAIN, *DEVICE, "--data-dir", str(data_dir), "--output-dir",
+            [sys.executable, script, *TRAIN, *DEVICE, *extra, "--data-dir", str(data_dir), "--output-dir",
              str(one_out), "--batch-size", "4", "--grad-accum", "2"],
             capture_output=True, text=True, timeout=600, env=env)
         ddp_stdout, ddp_stderr = ddp.communicate(timeout=600)
@@ -100,6 +104,8 @@ def test_two_processes_train_exactly_like_one_on_the_same_batches(launch, data_d
     metrics = json.loads((ddp_out / "lora" / "metrics.json").read_text())
     single = json.loads((one_out / "lora" / "metrics.json").read_text())
     assert metrics["processes"] == 2 and single["processes"] == 1
+    if extra:
+        assert metrics["step_loss"].startswith("answer_loss_at") and metrics["args"]["compile"]
     assert metrics["effective_batch_size"] == single["effective_batch_size"] == 8
     # 48 examples in batches of 4 is 12 batches, shared by 2 processes: 6 steps.
     assert metrics["steps"] == single["steps"] == 6 and len(metrics["history"]) == 6
