@@ -8,13 +8,14 @@ It runs, each step in its own process under a timeout, the whole under --budget 
   1. pip install of the wheels in --wheels (no index, no dependencies);
   2. pytest tests/test_cuda.py (skipped where torch sees no CUDA);
   3. the four methods and evaluate.py end to end on random weights in SmolLM2-135M's shape;
-  4. benchmarks/bench_speed.py's training comparison against TRL on the distilgpt2 and
-     SmolLM2 shapes at bf16, ours also with --compile (default reduce-overhead: CUDA
-     graphs), on the data of step 3, under its own --time-limit so that a cut keeps what
-     was measured (its own JSON, folded into ours);
-  5. the memory table: tensor-level peak (torch.cuda.max_memory_allocated) and time per step
+  4. the memory table: tensor-level peak (torch.cuda.max_memory_allocated) and time per step
      on a Llama-3.2-1B shape for all four methods at batch 16, and on a Llama-3.1-8B shape
      for LoRA on a bf16 base and QLoRA, with which fit on 24 GB and 80 GB cards;
+  5. benchmarks/bench_speed.py's training comparison against TRL on the distilgpt2 and
+     SmolLM2 shapes at bf16, ours also with --compile (default reduce-overhead: CUDA
+     graphs), on the data of step 3, last, with what the budget has left (at most 240 s)
+     and its own --time-limit so that a cut keeps what was measured (its own JSON,
+     folded into ours);
   6. the CPU-pinned suite (pytest tests/ but test_cuda.py), started first in the
      background on the upper half of the CPU cores (torch threads capped), so it shares
      neither cores nor the GPU with the timed steps.
@@ -327,10 +328,11 @@ def bench(steps: Steps, args, work: Path, data: Path) -> dict | None:
                "--output", str(result.with_suffix(".md")), "--json", str(result)]
     command += ["--compile", args.compile] if args.compile != "off" else []
     command += ["--quick"] if args.tiny else []
-    limit = 150 if args.tiny else 240
-    # Its own limit first: past it, bench_speed stops its current worker (the compiled ones
-    # come last) and still writes what it measured.
-    command += ["--time-limit", str(limit - 25), "--trl-defaults-limit", "30"]
+    # It runs last and takes what the budget has left (at most 240 s); its own limit comes
+    # first: past it, bench_speed stops its current worker (the compiled ones come last)
+    # and still writes what it measured.
+    limit = max(30.0, min(150 if args.tiny else 240, steps.left() - 5))
+    command += ["--time-limit", f"{limit - 25:.0f}", "--trl-defaults-limit", "30"]
     steps.run("bench-training", command, limit)
     return json.loads(result.read_text()) if result.exists() else None
 
@@ -529,8 +531,8 @@ def main(args) -> dict:
                              work / "models" / ("tiny" if args.tiny else "smollm2-135m"))
     data = make_data(steps, work / "data", args.tiny)
     end_to_end(steps, args, model_dir, data, work / "outputs")
-    bench_result = bench(steps, args, work, data)
     memory = memory_table(steps, args, work)
+    bench_result = bench(steps, args, work, data)
     steps.finish(*cpu_suite)
     device = torch.device(args.device)
     report = {
