@@ -11,12 +11,14 @@ It runs, each step in its own process under a timeout, the whole under --budget 
   4. the memory table: tensor-level peak (torch.cuda.max_memory_allocated) and time per step
      on a Llama-3.2-1B shape for all four methods at batch 16, and on a Llama-3.1-8B shape
      for LoRA on a bf16 base and QLoRA, with which fit on 24 GB and 80 GB cards;
-  5. benchmarks/bench_speed.py's training comparison against TRL on the distilgpt2 and
+  5. benchmarks/profile_step.py on a full fine-tuning step of the distilgpt2 shape:
+     torch.profiler with CUDA activity, the step's wall time against the GPU's kernel time;
+  6. benchmarks/bench_speed.py's training comparison against TRL on the distilgpt2 and
      SmolLM2 shapes at bf16, ours also with --compile (default reduce-overhead: CUDA
      graphs), on the data of step 3, last, with what the budget has left (at most 240 s)
      and its own --time-limit so that a cut keeps what was measured (its own JSON,
      folded into ours);
-  6. the CPU-pinned suite (pytest tests/ but test_cuda.py), started first in the
+  7. the CPU-pinned suite (pytest tests/ but test_cuda.py), started first in the
      background on the upper half of the CPU cores (torch threads capped), so it shares
      neither cores nor the GPU with the timed steps.
 and writes benchmarks/results-gpu.md, the targets first (met or not), and
@@ -318,6 +320,17 @@ def memory_table(steps: Steps, args, work: Path) -> list[dict]:
     return rows
 
 
+def profile(steps: Steps, args, work: Path, data: Path) -> str | None:
+    """profile_step.py on a full fine-tuning step of the distilgpt2 shape: host against GPU time."""
+    result = work / "profile.md"
+    shape = "gpt2-tiny" if args.tiny else "distilgpt2"
+    steps.run("profile-full", [sys.executable, "benchmarks/profile_step.py", "--device",
+                               args.device, "--precision", args.precision, "--shape", shape,
+                               "--tokenizer", args.tokenizer, "--data-dir", str(data),
+                               "--output", str(result)], 90)
+    return result.read_text() if result.exists() else None
+
+
 def bench(steps: Steps, args, work: Path, data: Path) -> dict | None:
     """bench_speed.py's training comparison with TRL at bf16 on both shapes; its JSON."""
     result = work / "bench.json"
@@ -419,7 +432,9 @@ def render(report: dict) -> str:
                      f"{gib(row['weights_gib'])} | {gib(row['peak_allocated_gib'])} | "
                      f"{gib(row['peak_reserved_gib'])} | {row['seconds_per_step']} | "
                      f"{fits[0]} | {fits[1]} |")
-    lines += ["", "## Training speed against TRL", ""]
+    lines += ["", "## Where a full fine-tuning step's time goes", "",
+              report.get("profile") or "profile_step.py wrote nothing: see the profile-full "
+              "step's log.", "", "## Training speed against TRL", ""]
     bench = report["bench"]
     if bench is None:
         lines.append("bench_speed.py wrote no JSON: see the bench-training step's log.")
@@ -532,6 +547,7 @@ def main(args) -> dict:
     data = make_data(steps, work / "data", args.tiny)
     end_to_end(steps, args, model_dir, data, work / "outputs")
     memory = memory_table(steps, args, work)
+    profile_text = profile(steps, args, work, data)
     bench_result = bench(steps, args, work, data)
     steps.finish(*cpu_suite)
     device = torch.device(args.device)
@@ -543,7 +559,8 @@ def main(args) -> dict:
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "the CPU",
         "versions": f"torch {torch.__version__}", "logs": str(work / "logs"),
         "memory_batch": 4 if args.tiny else 16, "steps": steps.done, "memory": memory,
-        "bench": bench_result, "bf16_native": models.native_bf16(device)}
+        "bench": bench_result, "profile": profile_text,
+        "bf16_native": models.native_bf16(device)}
     output = Path(args.output) if args.output else (
         ROOT / "benchmarks" / ("results-gpu-tiny.md" if args.tiny else "results-gpu.md"))
     write_report(report, output)
