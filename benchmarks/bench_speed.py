@@ -90,13 +90,6 @@ def make_data(folder: Path, size: int) -> Path:
     return folder
 
 
-def build_shaped(folder: Path, shape: str, tokenizer: str) -> Path:
-    """A random-weight training model of a named shape (--quick: GPT-2's tiny stand-in)."""
-    import shapes
-
-    return shapes.build(shape, tokenizer, folder)
-
-
 def settings_from(args, default_precision: str) -> dict:
     """The run's sizes: the options, or tiny ones with --quick."""
     shared = {"batch_size": args.batch_size, "threads": args.threads,
@@ -475,7 +468,7 @@ def main(args) -> None:
         for shape in s["shapes"]:
             log(f"building the {shape}-shape model (random weights, "
                 f"{shapes.TOKENIZER_PRESET} tokenizer) ...")
-            train_models[f"{shape}-shape"] = str(build_shaped(tmp / shape, shape, tokenizer))
+            train_models[f"{shape}-shape"] = str(shapes.build(shape, tokenizer, tmp / shape))
         main_key = next(iter(train_models))
         if args.smollm2:
             train_models["smollm2-135m"] = models.resolve_model("smollm2-135m")

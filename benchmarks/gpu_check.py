@@ -103,13 +103,17 @@ def quantize_nf4(model, device, compute_dtype) -> None:
 
 
 def step_batch(batch: int, seq_len: int, vocab: int, device):
-    """Random token ids with the loss on the second half of each row, as answers follow prompts."""
+    """Random token ids with the loss on the second half of each row, as answers follow prompts,
+    in the sync-free step's form (answer_loss_at: label positions counted on the host)."""
+    from answer_loss import label_positions
+
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch, seq_len), generator=generator)
     labels = ids.clone()
     labels[:, :seq_len // 2] = -100
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "labels": labels.to(device)}
+    positions, targets = label_positions(labels)
+    return {"input_ids": ids.to(device), "positions": positions.to(device),
+            "targets": targets.to(device)}
 
 
 def memory_row(shape: str, method: str, checkpointing: bool, device, precision: str,
@@ -130,7 +134,7 @@ def memory_row(shape: str, method: str, checkpointing: bool, device, precision: 
     import models
     import shapes
     import training
-    from answer_loss import answer_loss_at, label_positions
+    from answer_loss import answer_loss_at
     from settings import TrainSettings
 
     script = importlib.import_module(METHOD_SCRIPTS[method])
@@ -155,7 +159,6 @@ def memory_row(shape: str, method: str, checkpointing: bool, device, precision: 
     optimizer = training.make_optimizer([p for p in model.parameters() if p.requires_grad],
                                         settings)
     data = step_batch(batch, seq_len, len(tokenizer), device)
-    positions, targets = (t.to(device) for t in label_positions(data["labels"].cpu()))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -167,7 +170,7 @@ def memory_row(shape: str, method: str, checkpointing: bool, device, precision: 
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            nll, count = answer_loss_at(model, data["input_ids"], positions, targets)  # as CUDA trains
+            nll, count = answer_loss_at(model, **data)  # as CUDA trains
         (nll / count).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -365,10 +368,10 @@ def targets(report: dict) -> list[tuple[str, str, bool | None]]:
     evaluate = next((step for step in report["steps"] if step["step"] == "evaluate"), None)
     label = (f"evaluate.py (base + 4 methods, every eval question, SmolLM2 shape) in at most "
              f"{EVAL_TARGET_S} s wall")
-    if report["tiny"] or evaluate is None or evaluate["status"] != "passed":
-        checks.append((label, "not measured" if evaluate is None or report["tiny"]
-                       else evaluate["status"], None if report["tiny"] or evaluate is None
-                       else False))
+    if report["tiny"] or evaluate is None:  # a rehearsal answers 8 questions
+        checks.append((label, "not measured", None))
+    elif evaluate["status"] != "passed":
+        checks.append((label, evaluate["status"], False))
     else:
         checks.append((label, f"{evaluate['seconds']} s", evaluate["seconds"] <= EVAL_TARGET_S))
     precision = report["precision"]

@@ -67,6 +67,7 @@ def main(argv=None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     import shapes
+    import training
     import workers
 
     device = torch.device(args.device)
@@ -81,9 +82,9 @@ def main(argv=None) -> None:
         torch.manual_seed(workers.SEED)
         model, stepper, _, warm, timed, collate = workers.prepared(config)
         model.train()
-        batches = [workers.to_device(collate(examples), device) for examples in timed]
-        for examples in warm + (timed if args.compile != "off" else []):
-            stepper.step([workers.to_device(collate(examples), device)])
+        batches = [training.to_device(collate(examples), device) for examples in timed]
+        for examples in warm:  # with --compile, every timed batch's shape too
+            stepper.step([training.to_device(collate(examples), device)])
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         workers.sync(device)
         started = time.perf_counter()

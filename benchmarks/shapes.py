@@ -50,11 +50,8 @@ SHAPES = {
                          "num_hidden_layers": 2, "num_attention_heads": 4,
                          "num_key_value_heads": 2, "vocab_size": 49152,
                          "max_position_embeddings": 2048, "tie_word_embeddings": True},
-    "tiny-llama-untied": {"family": "llama", "hidden_size": 64, "intermediate_size": 128,
-                          "num_hidden_layers": 2, "num_attention_heads": 4,
-                          "num_key_value_heads": 2, "vocab_size": 49152,
-                          "max_position_embeddings": 2048, "tie_word_embeddings": False},
 }
+SHAPES["tiny-llama-untied"] = {**SHAPES["tiny-llama-shape"], "tie_word_embeddings": False}
 
 
 # Where `make gpu-bundle` puts the tokenizer for a machine with no copy of the preset.

@@ -438,9 +438,10 @@ def flop_profile(model, tokenizer, rows: list[dict], max_len: int, device):
 
     import answer_loss
     import common
+    import training
 
     examples = common.tokenize_rows(tokenizer, rows[:1], max_len, source="train.jsonl")
-    batch = workers.to_device(common.collate(examples, pad_id=tokenizer.pad_token_id), device)
+    batch = training.to_device(common.collate(examples, pad_id=tokenizer.pad_token_id), device)
     model.train()
     profile = workers.profile_matmuls(
         model, functools.partial(workers.loss_ours, answer_loss.AnswerLoss(model)), batch)

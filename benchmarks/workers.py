@@ -98,11 +98,6 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def to_device(batch: dict, device) -> dict:
-    """A collated batch's tensors on the device (on CUDA through pinned memory, as training does)."""
-    return training.to_device(batch, device)
-
-
 # --- set-up: this project's (each script's prepare) and the original's --------------
 
 
@@ -371,12 +366,17 @@ def prepared(config: dict):
     """(model, stepper, forward for profiling, warm-up batches, timed batches, collate) of a config."""
     recipe, method, device = config["recipe"], config["method"], device_of(config)
     rows = common.load_split(config["data_dir"], "train")
-    total_steps = config["warmup"] + config["steps"] * config["repeats"]
+    compiled = config.get("compile", "off") != "off"
+    # Compiling (and recording CUDA graphs) happens once per run, and per shape: a compiled
+    # step's warm-up meets every timed batch once too, so the timed steps are steady ones.
+    total_steps = (config["warmup"] + config["steps"] * config["repeats"]
+                   + (config["steps"] if compiled else 0))
     if recipe == "ours":
         precision = models.resolve_precision(device, config.get("precision", "fp32"))
         model, tokenizer, settings = setup_ours(config["model_dir"], method, device, precision)
         warm, timed = ours_batches(tokenizer, rows, model, config["batch_size"],
                                    config["warmup"], config["steps"])
+        warm = warm + (timed if compiled else [])
         settings = settings.replace(compile=config.get("compile", "off"))
         stepper = ours_trainer(model, method, settings, total_steps, device, precision)
         run = stepper.run  # the step's batch form: sync-free on CUDA or when compiled
@@ -396,7 +396,7 @@ def timed_step(stepper, examples, collate, device) -> tuple[float, dict, float]:
     """One optimiser step, timed from collating the batch to the zeroed gradients."""
     sync(device)
     started = time.perf_counter()
-    batch = to_device(collate(examples), device)
+    batch = training.to_device(collate(examples), device)
     loss = stepper.step([batch])["loss"]
     sync(device)  # the optimiser's kernels may still be queued after the loss was read
     return time.perf_counter() - started, batch, loss
@@ -409,15 +409,11 @@ def task_train(config: dict, baseline: int) -> dict:
     model, stepper, forward, warm, timed, collate = prepared(config)
     # What this path computes, read off the model (before any timing)
     model.train()
-    profile = profile_matmuls(model, forward, to_device(collate(timed[0][:1]), device))
+    profile = profile_matmuls(model, forward, training.to_device(collate(timed[0][:1]), device))
     parts = memory_parts(model)
     memory.release_free_heap()
     loaded, loaded_split = memory.rss_bytes(), memory.rss_split()
     repeats = []
-    if config.get("compile", "off") != "off":
-        # Compiling (and recording CUDA graphs) happens once per run, and per shape: the
-        # warm-up meets every timed batch once, so the timed steps are steady ones.
-        warm = warm + timed
     with memory.PeakMemory(device) as peak:
         for examples in warm:
             seconds, _, loss = timed_step(stepper, examples, collate, device)

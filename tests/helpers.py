@@ -75,6 +75,18 @@ def train_args(script, data_dir, out, *extra):
                               str(out), "--batch-size", "8", "--max-steps", "2", *extra])
 
 
+def tiny_plan(data_dir, out):
+    """A 2-step tiny-gpt2 full fine-tuning run on the CPU and its plan: (run, plan, model)."""
+    import models
+    import training
+    from settings import TrainSettings
+
+    settings = TrainSettings.from_args(train_args(finetune, data_dir, out))
+    run = training.start_run(settings, "full")
+    model, tokenizer, _ = models.load_model(settings.model, run.device)
+    return run, training.plan_training(run, model, tokenizer), model
+
+
 def stop_at(step):
     """A training callback that asks the loop to stop at a step exactly as Ctrl-C would."""
     def callback(current, control):

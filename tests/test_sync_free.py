@@ -17,7 +17,7 @@ import finetune
 import finetune_lora
 import models
 import training
-from helpers import count_reads, ours, train_args
+from helpers import count_reads, ours, tiny_plan, train_args
 from settings import TrainSettings
 
 CPU = torch.device("cpu")
@@ -86,10 +86,7 @@ class Waits(TorchDispatchMode):
 
 def two_steps(data_dir, tmp_path, monkeypatch, sync_free):
     """(waits, reads, rows) of two whole steps on the exact or the sync-free path."""
-    settings = TrainSettings.from_args(train_args(finetune, data_dir, tmp_path))
-    run = training.start_run(settings, "full")
-    model, tokenizer, _ = models.load_model(settings.model, run.device)
-    plan = training.plan_training(run, model, tokenizer)
+    run, plan, model = tiny_plan(data_dir, tmp_path)
     trainer = training.Trainer(run, model, plan.total_steps)
     batches = training.epoch_batches(run, plan, 0)
     micro = [training.micro_batches(plan, batches[i:i + 1], run.device, sync_free=sync_free)
@@ -116,10 +113,7 @@ def test_a_sync_free_step_waits_only_for_transformers_check_of_its_positions(
 
 
 def test_micro_batches_pad_to_the_compile_multiples_but_never_past_the_context(data_dir, tmp_path):
-    settings = TrainSettings.from_args(train_args(finetune, data_dir, tmp_path))
-    run = training.start_run(settings, "full")
-    model, tokenizer, _ = models.load_model(settings.model, run.device)
-    plan = training.plan_training(run, model, tokenizer)
+    run, plan, _ = tiny_plan(data_dir, tmp_path)
     batches = training.epoch_batches(run, plan, 0)
     (batch,) = training.micro_batches(plan, batches[:1], CPU, True, (16, 64))
     longest = max(plan.lengths[i] for i in batches[0])

@@ -9,11 +9,10 @@ import torch
 
 import answer_loss
 import common
-import finetune
 import models
 import training
-from helpers import SCRIPTS, count_reads, ours, train_args
-from settings import TrainSettings
+from helpers import SCRIPTS, count_reads, ours, tiny_plan
+
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 COMMON_FILES = {"COMPLETED", "metrics.json", "training_metrics.png", "tokenizer.json",
@@ -287,10 +286,7 @@ def test_length_grouped_batches_cover_every_example_once_and_are_deterministic()
 # --- the loop reads the device's numbers only where it needs them -------------------------
 
 def test_a_step_returns_tensors_that_are_read_only_when_asked(data_dir, tmp_path, monkeypatch):
-    settings = TrainSettings.from_args(train_args(finetune, data_dir, tmp_path))
-    run = training.start_run(settings, "full")
-    model, tokenizer, _ = models.load_model(settings.model, run.device)
-    plan = training.plan_training(run, model, tokenizer)
+    run, plan, model = tiny_plan(data_dir, tmp_path)
     trainer = training.Trainer(run, model, plan.total_steps)
     batches = training.epoch_batches(run, plan, 0)
     micro = [training.micro_batches(plan, batches[i:i + 1], run.device) for i in (0, 1)]
