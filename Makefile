@@ -2,8 +2,9 @@
 # make smoke : the whole pipeline on a tiny random model, in about a minute
 # make test  : set up .venv, then the test suite
 # make gpu-bundle : what benchmarks/gpu_check.py needs on a GPU machine with no network, in
-#                   ignored folders: .whl/ (bitsandbytes, TRL, datasets; Python GPU_PYTHON)
-#                   and .gpu-tokenizer/ (the smollm2-135m tokenizer, 3.5 MB); then there:
+#                   ignored folders: .whl/ (bitsandbytes for CUDA GPU_CUDA.x, TRL, datasets,
+#                   transformers and peft at our pins; Python GPU_PYTHON) and .gpu-tokenizer/
+#                   (the smollm2-135m tokenizer, 3.5 MB); then there:
 #                   python benchmarks/gpu_check.py --wheels .whl
 # MODEL (unset): distilgpt2 when the Hub or the local cache has it, else the offline
 #                smollm2-135m preset (said in one line); MODEL=distilgpt2 insists on it,
@@ -63,14 +64,10 @@ test: setup
 	$(PY) -m pytest -q
 
 GPU_PYTHON ?= 3.12
-GPU_WHEELS := bitsandbytes==0.50.2 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-GPU_PLATFORMS := $(foreach n,2_28 2_27 2_24 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
+GPU_CUDA   ?= 13
 
 gpu-bundle: setup
-	$(PY) -c 'import sys; sys.path.insert(0, "benchmarks"); import shapes; print("tokenizer:", shapes.bundle_tokenizer())'
-	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
-		--implementation cp $(GPU_PLATFORMS) --dest .whl $(GPU_WHEELS)
-	@du -sh .whl .gpu-tokenizer
+	$(PY) benchmarks/gpu_bundle.py --python $(GPU_PYTHON) --cuda $(GPU_CUDA)
 
 clean:
 	rm -rf $(OUT) $(DATA)

@@ -471,7 +471,11 @@ def enable_gradient_checkpointing(model) -> None:
     if not lm.supports_gradient_checkpointing:
         raise PipelineError(f"--gradient-checkpointing: {lm.__class__.__name__} does not "
                             "support it; leave the option off")
-    lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before the rename (5.17, a GPU image's): the same method
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     lm.config.use_cache = False  # a cache is of no use in training and conflicts with recomputing
 
 

@@ -243,6 +243,16 @@ def checkout(rev: str, folder: Path) -> Path:
     return folder
 
 
+def unfinished(workers: dict) -> tuple[list[str], list[str]]:
+    """The configurations --time-limit cut or skipped, and those that failed.
+
+    A cut is what the caller asked for, so only a failure makes the exit status 1.
+    """
+    cut = [label for label, w in workers.items() if w.get("error", "").endswith("--time-limit")]
+    failed = [label for label, w in workers.items() if "error" in w and label not in cut]
+    return cut, failed
+
+
 def run_worker(label: str, config: dict, index: int, count: int,
                timeout: float | None = None) -> dict:
     """Run one configuration in a fresh Python process; its JSON result, or an error record."""
@@ -287,20 +297,26 @@ def cpu_busy(seconds: float = 2.0) -> float:
     return 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
-def hardware(device) -> dict:
-    """CPU model, core count, the GPU on CUDA and library versions (torch threads come from the workers)."""
+def library_versions() -> dict:
+    """Python's and the libraries' versions, as installed where this process looks."""
     import importlib.metadata as md
 
+    versions = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl",
+                 "datasets"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[name] = md.version(name)
+    return versions
+
+
+def hardware(device) -> dict:
+    """CPU model, core count, the GPU on CUDA and library versions (torch threads come from the workers)."""
     model = "unknown"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
             if line.startswith("Model name:"):
                 model = line.split(":", 1)[1].strip()
-    versions = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[name] = md.version(name)
-    out = {"cpu": model, "cores": os.cpu_count(), "versions": versions,
+    out = {"cpu": model, "cores": os.cpu_count(), "versions": library_versions(),
            "niceness": os.nice(0), "cpu_busy_start": cpu_busy()}
     if device.type == "cuda":
         import torch
@@ -529,8 +545,11 @@ def main(args) -> None:
     log(f"wrote {output} and {json_path} in {report['wall_s'] / 60:.1f} min")
     for target, measured, met in summary["targets"]:
         log(f"  {'MET ' if met else 'n/a ' if met is None else 'MISS'} {target}: {measured}")
-    if any("error" in w for w in workers.values()):
-        sys.exit(1)  # the report is written; say that part of it is missing
+    cut, failed = unfinished(workers)
+    if cut:
+        log(f"  --time-limit cut {len(cut)} configuration(s): {', '.join(cut)}")
+    if failed:
+        sys.exit(1)  # the report is written; say that part of it failed
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_speed  # noqa: E402
 import shapes  # noqa: E402
 
 # --- Shapes (shapes.py) and the memory table's rows --------------------------------
@@ -539,6 +540,7 @@ def main(args) -> dict:
                                      *wheels], 90)
         os.environ["PYTHONPATH"] = os.pathsep.join(
             [str(site)] + [part for part in [os.environ.get("PYTHONPATH")] if part])
+        sys.path.insert(0, str(site))  # so the report names the versions installed
     suite = ["tests/test_results.py"] if args.tiny else args.suite.split()
     cpu_suite = steps.start("pytest-cpu", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                            "--ignore", "tests/test_cuda.py", *suite],
@@ -560,7 +562,8 @@ def main(args) -> dict:
         "budget": args.budget, "tiny": args.tiny, "precision": args.precision,
         "device": args.device,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "the CPU",
-        "versions": f"torch {torch.__version__}", "logs": str(work / "logs"),
+        "versions": ", ".join(f"{k} {v}" for k, v in bench_speed.library_versions().items()),
+        "logs": str(work / "logs"),
         "memory_batch": 4 if args.tiny else 16, "steps": steps.done, "memory": memory,
         "bench": bench_result, "profile": profile_text,
         "bf16_native": models.native_bf16(device)}

@@ -228,3 +228,13 @@ def test_only_memory_plans_neither_training_nor_matmul_nor_evaluation():
                                        real=("r", "/real"), tuned=None))
     assert list(plan) == ["r/memory/lora"]
     assert plan["r/memory/lora"]["precision"] == "bf16"  # the default precision, as trained
+
+
+def test_a_time_limit_cut_is_not_a_failure():
+    """gpu_check reads bench_speed's exit status: a cut it asked for must not read as failed."""
+    workers = {"a": {"tokens_per_s": 1.0},
+               "b": {"error": "stopped at --time-limit"},
+               "c": {"error": "skipped at --time-limit"}}
+    assert bench_speed.unfinished(workers) == (["b", "c"], [])
+    workers["d"] = {"error": "exit 1: CUDA error"}
+    assert bench_speed.unfinished(workers) == (["b", "c"], ["d"])
