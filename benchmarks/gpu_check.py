@@ -32,12 +32,13 @@ cache folder), whose ids fit every shape's vocabulary.  Random weights never emi
 so every answer runs to the bound: evaluation times are worst cases.
 
 Bringing libraries to a GPU machine without network: `make gpu-bundle`, on a machine
-with network, downloads bitsandbytes (QLoRA, 8-bit Adam), TRL and datasets (the
-comparison) as CPython 3.12 wheels into .whl/ (about 43 MB) and copies the smollm2-135m
-tokenizer into .gpu-tokenizer/ (3.4 MB; shapes.default_tokenizer prefers it).  Carry both;
-there, `python benchmarks/gpu_check.py --wheels .whl`.  At most 64 MiB may travel with
-the working tree: that leaves no room for pyarrow, so datasets' own dependencies must
-already be on the GPU machine.
+with network, runs benchmarks/gpu_bundle.py: CPython 3.12 wheels of transformers, peft,
+bitsandbytes (trimmed to its CPU and CUDA 13 libraries), TRL and datasets at this
+project's pins into .whl/ (about 22 MiB), and the smollm2-135m tokenizer into
+.gpu-tokenizer/ (3.4 MiB; shapes.default_tokenizer prefers it).  Carry both; there,
+`python benchmarks/gpu_check.py --wheels .whl`: the wheels shadow the machine's own
+transformers (5.17 on the one lent here) and peft.  datasets' own dependencies (pyarrow,
+pandas, xxhash) must already be on the GPU machine.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Shared fixtures: an offline model cache, and a small learnable Q&A data set (helpers.py)."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -35,5 +36,37 @@ def no_native_bf16():
 
     patch = pytest.MonkeyPatch()
     patch.setattr(models, "native_bf16", lambda device: False)
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_tests_name_their_device():
+    """--device auto is refused in-process, so every test says which device it means.
+
+    On a machine with CUDA, auto means CUDA: a test of the CPU path that left its
+    device to auto would run on the GPU there and fail for reasons of its own (bf16
+    rounding, non-deterministic kernels).  Refusing auto here, on the CPU, catches such a
+    test before a GPU machine does.  Every module holding models.pick_device by name is
+    patched; scripts the tests start as subprocesses are not (they say --device cpu).
+    """
+    import sys
+
+    import models
+
+    original = models.pick_device
+
+    def pick_device(requested="auto"):
+        if requested == "auto":
+            raise AssertionError("a test left --device to auto: say --device cpu (or cuda, "
+                                 "in tests/test_cuda.py)")
+        return original(requested)
+
+    patch = pytest.MonkeyPatch()
+    root = str(Path(__file__).resolve().parents[1])
+    for module in list(sys.modules.values()):
+        if getattr(module, "pick_device", None) is original and \
+                str(getattr(module, "__file__", "")).startswith(root):
+            patch.setattr(module, "pick_device", pick_device)
     yield
     patch.undo()

@@ -51,9 +51,9 @@ def test_a_diverging_rate_stops_with_one_line_and_marks_nothing_complete(data_di
     out = tmp_path / "out"
     # Loss 6.25 at step 1, NaN from step 2 on at this rate (checked: it diverges on tiny-gpt2).
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "finetune.py"), "--model", "tiny-gpt2", "--lr", "1e6",
-         "--max-steps", "6", "--batch-size", "8", "--data-dir", str(data_dir), "--output-dir",
-         str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        [sys.executable, str(ROOT / "finetune.py"), "--device", "cpu", "--model", "tiny-gpt2",
+         "--lr", "1e6", "--max-steps", "6", "--batch-size", "8", "--data-dir", str(data_dir),
+         "--output-dir", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1
@@ -67,8 +67,9 @@ def test_a_diverging_rate_stops_with_one_line_and_marks_nothing_complete(data_di
 def test_the_weights_never_take_the_non_finite_update_and_the_checkpoint_stays(data_dir,
                                                                                tmp_path):
     settings = TrainSettings.from_args(finetune.parse_args(
-        ["--model", "tiny-gpt2", "--lr", "1e6", "--max-steps", "6", "--batch-size", "8",
-         "--save-every", "1", "--data-dir", str(data_dir), "--output-dir", str(tmp_path)]))
+        ["--device", "cpu", "--model", "tiny-gpt2", "--lr", "1e6", "--max-steps", "6",
+         "--batch-size", "8", "--save-every", "1", "--data-dir", str(data_dir),
+         "--output-dir", str(tmp_path)]))
     run = training.start_run(settings, "full")
     model, tokenizer, base = models.load_model(settings.model, run.device)
     model, details = finetune.prepare(model, settings)

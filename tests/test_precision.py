@@ -17,8 +17,9 @@ from helpers import SCRIPTS, write_split
 def train(method, data_dir, out, *extra, model="tiny-gpt2", hook=None):
     """Train method briefly; hook(model) sees the prepared model before training."""
     script = SCRIPTS[method]
-    args = script.parse_args(["--model", model, "--data-dir", str(data_dir), "--output-dir",
-                              str(out), "--batch-size", "8", "--max-steps", "6", *extra])
+    args = script.parse_args(["--device", "cpu", "--model", model, "--data-dir", str(data_dir),
+                              "--output-dir", str(out), "--batch-size", "8", "--max-steps", "6",
+                              *extra])
     if hook is None:
         script.main(args)
     else:
@@ -131,12 +132,12 @@ def test_evaluate_records_bf16_in_the_fingerprint_only(tmp_path):
     out = tmp_path / "out"
     train("lora", data, out, "--precision", "fp32")
     marker = out / "lora" / evaluate.FINGERPRINT
-    evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out),
-                                       "--precision", "fp32"]))
+    evaluate.main(evaluate.parse_args(["--device", "cpu", "--data-dir", str(data),
+                                       "--output-dir", str(out), "--precision", "fp32"]))
     fp32 = json.loads(marker.read_text())["fingerprint"]
-    evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out),
-                                       "--precision", "bf16"]))
+    evaluate.main(evaluate.parse_args(["--device", "cpu", "--data-dir", str(data),
+                                       "--output-dir", str(out), "--precision", "bf16"]))
     assert json.loads(marker.read_text())["fingerprint"] != fp32
-    evaluate.main(evaluate.parse_args(["--data-dir", str(data), "--output-dir", str(out),
-                                       "--precision", "auto"]))
+    evaluate.main(evaluate.parse_args(["--device", "cpu", "--data-dir", str(data),
+                                       "--output-dir", str(out), "--precision", "auto"]))
     assert json.loads(marker.read_text())["fingerprint"] == fp32  # auto = fp32 here
