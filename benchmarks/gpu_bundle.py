@@ -113,7 +113,8 @@ def tracked_bytes() -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dest", type=Path, default=ROOT / ".whl", help="wheel folder")
+    parser.add_argument("--dest", type=Path, default=ROOT / ".whl",
+                        help="the wheel folder (default .whl in the repository)")
     parser.add_argument("--python", default=GPU_PYTHON, help="the GPU machine's Python "
                         "(default %(default)s)")
     parser.add_argument("--cuda", default="13", help="the CUDA major release of the GPU "
