@@ -59,7 +59,6 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_speed  # noqa: E402
 import shapes  # noqa: E402
 
 # --- Shapes (shapes.py) and the memory table's rows --------------------------------
@@ -134,7 +133,6 @@ def memory_row(shape: str, method: str, checkpointing: bool, device, precision: 
     from transformers import AutoModelForCausalLM
 
     import models
-    import shapes
     import training
     from answer_loss import answer_loss_at
     from settings import TrainSettings
@@ -524,6 +522,7 @@ def main(args) -> dict:
     if args.memory_worker:
         memory_worker(args)
         return {}
+    import bench_speed  # library_versions; not needed by the memory workers
     import models
 
     started, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.monotonic()
