@@ -122,11 +122,16 @@ class TrainSettings:
            "mean and an interval over seeds (default 1, the quick path)", type=positive_int)
     tune_lr: bool = option(
         False, "first search the learning rate: train --search-epochs at each rate of --lr-grid, "
-               "score each on data/valid.jsonl, then train at the best (never tuned on eval)",
+               "score each on data/valid.jsonl, then train at the rate with the lowest "
+               "validation answer NLL (continuous and paired over the same questions, so its "
+               "standard error is a fraction of key accuracy's; never tuned on eval)",
         action="store_true")
     lr_grid: list[float] | None = option(
         None, "comma-separated rates for --tune-lr (default: --lr x 0.3, 1, 3: the script's "
-              "rate, already the learning-rate search's choice, and one ~3x step either way)",
+              "rate, already the learning-rate search's choice, and one ~3x step either way); "
+              "the rate with the lowest validation answer NLL is chosen (continuous and paired "
+              "over the same questions: a fraction of key accuracy's standard error), and a "
+              "choice at either end adds a rate 3x beyond it, up to 3 times",
         type=lr_grid)
     search_epochs: float = option(
         1, "epochs per rate in the --tune-lr search, each with its own warm-up and decay; a "

@@ -9,12 +9,21 @@ often and at which rate to train it.
     python finetune_lora.py --tune-lr --seeds 3  # search the rate on data/valid.jsonl first
 
 The search trains --search-epochs at each rate of the grid (the script's
-evidence-based rate x 1/3, 1, 3), answers every validation question with the
-same greedy decoding evaluate.py uses, and keeps the rate with the best
-headline score (key accuracy where the data has keys, else token F1; ties go to
-the lower validation loss).  A rate whose loss becomes non-finite is recorded as
-diverged and never chosen.  data/eval.jsonl is never read.  The search is
-written to outputs/search/<method>.json.
+evidence-based rate x 1/3, 1, 3) and keeps the rate with the lowest validation
+answer NLL: summed negative log-likelihood over summed answer tokens of
+data/valid.jsonl, each question scored as evaluate.py scores it.  The NLL is
+continuous and paired over the same questions, so the standard error of a
+difference between two rates is a fraction of key accuracy's (on 84 questions
+key accuracy's binomial SE, ~4.5 points, was as large as the margins that
+decided).  Key accuracy (token F1 where the data has no keys), from the same
+greedy decoding evaluate.py uses, is recorded and shown but does not choose.
+Each rate is recorded with its difference to the chosen rate and the standard
+error of that paired difference, clustered by fact group; a rate within 2 SE
+is marked as a near tie.  A winner at either end of the grid widens it: one
+more rate a factor 3 beyond that end is trained, until the winner is interior,
+3 rates were added or the new rate diverged.  A rate whose loss becomes
+non-finite is recorded as diverged and never chosen.  data/eval.jsonl is never
+read.  The search is written to outputs/search/<method>.json.
 """
 
 from __future__ import annotations
@@ -24,6 +33,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
+import answer_loss
 import common
 import generation
 import models
@@ -36,6 +48,16 @@ from settings import TrainSettings
 # results/smollm2-135m/search/): one step of ~3x either way checks it on the data at hand
 # while the default stays in the grid, so the choice never scores below it on validation.
 GRID_FACTORS = (0.3, 1, 3)
+# A winner at an end of the grid may not be the best rate: the grid grows past that end by
+# WIDEN_FACTOR, the grid's own step, at most MAX_WIDENINGS times (so at most 3^3 = 27x beyond
+# the rates asked for), which bounds what an ever-improving direction can cost.
+WIDEN_FACTOR = 3
+MAX_WIDENINGS = 3
+# A rate whose validation NLL lies within this many standard errors of the chosen rate's is
+# marked a near tie: on this split the data cannot tell the two apart.
+NEAR_TIE_SE = 2
+METRIC = "valid_answer_nll"
+METRIC_LABEL = "validation answer NLL (nats per answer token)"
 
 
 def run_id(settings: TrainSettings, method: str) -> str:
@@ -99,53 +121,167 @@ def validation_score(run: training.Run, model, tokenizer) -> tuple[float, str, s
     return summary[field], field, label
 
 
+def validation_nll(run: training.Run, model, tokenizer) -> list[tuple[float, int]]:
+    """Each validation question's (summed answer NLL, answer tokens), as evaluate.py scores eval.
+
+    The same tokenisation (never cut to the context; the EOS token not scored, as for
+    the untuned base) and the same loop, answer_loss.answer_nll_by_example, rounded as
+    evaluate.evaluate_model stores answer_nll: the search compares rates on the
+    numbers the evaluation would report for them.
+    """
+    examples = common.tokenize_rows(tokenizer, run.valid_rows, 10**9, source="valid.jsonl",
+                                    label_eos=False)
+    found = answer_loss.answer_nll_by_example(
+        model, examples, tokenizer.pad_token_id, run.device,
+        batch_size=generation.generation_batch_size(run.device),
+        desc=f"{run.method}: validation answer NLL", precision=run.precision)
+    return [(round(total, 6), count) for total, count in found]
+
+
 def lr_grid(settings: TrainSettings) -> list[float]:
     """The rates to search: --lr-grid, else GRID_FACTORS around --lr."""
     return settings.lr_grid or [round(settings.lr * f, 12) for f in GRID_FACTORS]
 
 
+def try_rate(settings: TrainSettings, method: str, prepare, load_kwargs: dict, callbacks: tuple,
+             lr: float) -> tuple[dict, dict | None]:
+    """Train briefly at one rate and score it on the validation split.
+
+    Returns (the search's entry for the rate, what is the same at every rate): the
+    entry holds the rate's validation answer NLL, key accuracy ("score"), validation
+    loss and each question's summed answer NLL ("answer_nll"); the second is each
+    question's answer tokens and fact group, and the score's field and label, or
+    None when the run diverged.
+    """
+    trial = settings.replace(lr=lr, epochs=settings.search_epochs, max_steps=None,
+                             resume=False, seeds=1)
+    try:
+        metrics, run, model, tokenizer = train_once(trial, method, prepare, method,
+                                                    load_kwargs, callbacks=callbacks)
+        training.discard_checkpoints(run)
+    except training.Diverged as exc:
+        # The diverged run's checkpoints must not be resumed from by a later command.
+        shutil.rmtree(Path(settings.output_dir) / "checkpoints" / method, ignore_errors=True)
+        print(f"{method}: lr {lr:g}: diverged ({exc}); never chosen")
+        return {"lr": lr, "score": None, "diverged": True, "valid_loss": None,
+                "valid_nll": None, "error": str(exc)}, None
+    import verdict  # here, not at the top: only the search needs it, not every training run
+
+    nll = validation_nll(run, model, tokenizer)
+    score, field, label = validation_score(run, model, tokenizer)
+    del model
+    tokens = [count for _, count in nll]
+    result = {"lr": lr, "score": score, "diverged": False,
+              "valid_nll": sum(total for total, _ in nll) / sum(tokens),
+              "valid_loss": metrics["valid_loss"][-1]["loss"],
+              "train_loss": metrics["train_loss"], "train_seconds": metrics["train_seconds"],
+              "steps": metrics["steps"], "precision": metrics["precision"],
+              "answer_nll": [total for total, _ in nll]}
+    print(f"{method}: lr {lr:g}: validation answer NLL {result['valid_nll']:.4f} per token, "
+          f"{label} {score:.1f}%, validation loss {result['valid_loss']:.4f}")
+    return result, {"answer_tokens": tokens, "groups": verdict.group_ids(run.valid_rows),
+                    "score_metric": field, "score_label": label}
+
+
+def lowest_nll(results: list[dict]) -> dict:
+    """The finished rate with the lowest validation answer NLL (a tie goes to the lower rate)."""
+    return min((r for r in results if not r["diverged"]), key=lambda r: (r["valid_nll"], r["lr"]))
+
+
+def wider_rate(grid: list[float], best: float) -> float | None:
+    """The rate a factor WIDEN_FACTOR beyond the end of grid that best sits at; None if interior."""
+    if best == grid[0]:
+        return round(grid[0] / WIDEN_FACTOR, 12)
+    if best == grid[-1]:
+        return round(grid[-1] * WIDEN_FACTOR, 12)
+    return None
+
+
+def paired_differences(results: list[dict], chosen: dict, shared: dict) -> None:
+    """Add to each rate its NLL difference to the chosen rate, that difference's SE, near_tie.
+
+    Both rates are scored on the same questions with the same answer tokens, so the
+    difference of their ratios is one ratio, summed (nll_r - nll_chosen) over summed
+    tokens.  Its SE is verdict.perplexity_interval's delta method: the ratio D is
+    linearised per question as e_q = (d_q - D t_q) / mean(t), whose mean has the CR1
+    variance G/(G-1) * sum_g (sum_{q in g} e_q)^2 / n^2 over fact groups
+    (verdict.cluster_variance).  The SE, and so near_tie, is None where it cannot be
+    estimated (one group); the chosen rate itself is no near tie.
+    """
+    import verdict  # only the search needs it
+
+    tokens = np.asarray(shared["answer_tokens"], dtype=float)
+    codes = np.unique(np.asarray(shared["groups"]), return_inverse=True)[1]
+    reference = np.asarray(chosen["answer_nll"], dtype=float)
+    for result in results:
+        if result["diverged"]:
+            result.update(nll_difference=None, nll_difference_se=None, near_tie=False)
+        elif result is chosen:
+            result.update(nll_difference=0.0, nll_difference_se=0.0, near_tie=False)
+        else:
+            paired = np.asarray(result["answer_nll"], dtype=float) - reference
+            difference = float(paired.sum() / tokens.sum())
+            variance, _ = verdict.cluster_variance(
+                (paired - difference * tokens) / tokens.mean(), codes)
+            se = float(np.sqrt(variance)) if np.isfinite(variance) else None
+            result.update(nll_difference=difference, nll_difference_se=se,
+                          near_tie=None if se is None else difference <= NEAR_TIE_SE * se)
+
+
 def search_learning_rate(settings: TrainSettings, method: str, prepare, load_kwargs: dict,
                          callbacks: tuple = ()) -> dict:
-    """Train briefly at each rate of the grid and keep the one with the best validation score.
+    """Train briefly at each rate of the grid and keep the one with the lowest validation NLL.
 
-    A rate whose run raises training.Diverged is recorded as diverged (score null) and
-    never chosen; when every rate diverges the search stops with one PipelineError.
+    A winner at an end of the grid widens it (wider_rate), until the winner is
+    interior, MAX_WIDENINGS rates were added or the added rate diverged.  A rate whose
+    run raises training.Diverged is recorded as diverged (score and NLL null) and
+    never chosen; when every rate of the grid diverges the search stops with one
+    PipelineError.
     """
-    grid = lr_grid(settings)
-    results, metric, label, rank = [], None, None, training.process_rank()
-    for number, lr in enumerate(grid, start=1):
-        print(f"{method}: learning-rate search {number}/{len(grid)}: lr {lr:g}, "
+    initial = lr_grid(settings)
+    results, shared, rank = [], None, training.process_rank()
+    for number, lr in enumerate(initial, start=1):
+        print(f"{method}: learning-rate search {number}/{len(initial)}: lr {lr:g}, "
               f"{settings.search_epochs:g} epoch(s)")
-        trial = settings.replace(lr=lr, epochs=settings.search_epochs, max_steps=None,
-                                 resume=False, seeds=1)
-        try:
-            metrics, run, model, tokenizer = train_once(trial, method, prepare, method,
-                                                        load_kwargs, callbacks=callbacks)
-            training.discard_checkpoints(run)
-        except training.Diverged as exc:
-            # The diverged run's checkpoints must not be resumed from by a later command.
-            shutil.rmtree(Path(settings.output_dir) / "checkpoints" / method, ignore_errors=True)
-            results.append({"lr": lr, "score": None, "diverged": True, "valid_loss": None,
-                            "error": str(exc)})
-            print(f"{method}: lr {lr:g}: diverged ({exc}); never chosen")
-            continue
-        score, metric, label = validation_score(run, model, tokenizer)
-        results.append({"lr": lr, "score": score, "diverged": False,
-                        "valid_loss": metrics["valid_loss"][-1]["loss"],
-                        "train_loss": metrics["train_loss"],
-                        "train_seconds": metrics["train_seconds"], "steps": metrics["steps"],
-                        "precision": metrics["precision"]})
-        print(f"{method}: lr {lr:g}: validation {label} {score:.1f}%, validation loss "
-              f"{results[-1]['valid_loss']:.4f}")
-        del model
-    finished = [r for r in results if not r["diverged"]]
-    if not finished:
+        result, found = try_rate(settings, method, prepare, load_kwargs, callbacks, lr)
+        results.append(result)
+        shared = shared or found
+    if shared is None:
         raise common.PipelineError(
             f"{method}: the learning-rate search diverged at every rate "
-            f"({', '.join(f'{lr:g}' for lr in grid)}); try a lower --lr-grid")
-    best = max(finished, key=lambda r: (r["score"], -r["valid_loss"]))
-    search = {"method": method, "model": settings.model, "grid": grid, "results": results,
-              "chosen_lr": best["lr"], "metric": metric, "metric_label": label,
+            f"({', '.join(f'{lr:g}' for lr in initial)}); try a lower --lr-grid")
+    widened = []
+    while len(widened) < MAX_WIDENINGS:
+        best = lowest_nll(results)["lr"]
+        lr = wider_rate(sorted(r["lr"] for r in results), best)
+        if lr is None:
+            break
+        widened.append(lr)
+        print(f"{method}: lr {best:g} is at the edge of the grid; widening it with lr {lr:g} "
+              f"({len(widened)} of at most {MAX_WIDENINGS}), {settings.search_epochs:g} epoch(s)")
+        result, _ = try_rate(settings, method, prepare, load_kwargs, callbacks, lr)
+        results.append(result)
+        if result["diverged"]:  # the rate beyond it diverged: the winner is interior now
+            break
+    results.sort(key=lambda r: r["lr"])
+    grid = [r["lr"] for r in results]
+    best = lowest_nll(results)
+    paired_differences(results, best, shared)
+    label, groups = shared["score_label"], len(set(shared["groups"]))
+    search = {"method": method, "model": settings.model, "grid": grid, "initial_grid": initial,
+              "widened": widened, "results": results, "chosen_lr": best["lr"],
+              "metric": METRIC, "metric_label": METRIC_LABEL,
+              "criterion": (
+                  f"the lowest validation answer NLL, summed NLL / summed answer tokens over the "
+                  f"{len(shared['groups'])} questions of valid.jsonl (scored as "
+                  "evaluate.py scores eval.jsonl), because it is continuous and paired over the "
+                  f"same questions, so its standard error is a fraction of {label}'s; "
+                  f"{label} is shown, not used; near_tie marks rates within "
+                  f"{NEAR_TIE_SE} standard errors of the chosen rate, the SE of the paired "
+                  f"difference being cluster-robust (CR1) over {groups} fact groups (a row "
+                  "without a group is its own)"),
+              "score_metric": shared["score_metric"], "score_label": label,
+              "answer_tokens": shared["answer_tokens"], "groups": shared["groups"],
               "split": "valid.jsonl", "search_epochs": settings.search_epochs,
               "precision": settings.precision,
               "budget": f"{settings.search_epochs:g} epoch(s) per rate, {len(grid)} rates, seed "
@@ -154,21 +290,32 @@ def search_learning_rate(settings: TrainSettings, method: str, prepare, load_kwa
     path = runpaths.search_file(settings.output_dir, method)
     if rank == 0:
         common.write_json(path, search)
-    note = (" (at the edge of the grid: a wider --lr-grid may do better)" if search["edge"]
-            else "")
-    print(f"{method}: chose lr {best['lr']:g} ({label} {best['score']:.1f}% on the validation "
-          f"split){note}; wrote {path}")
+    ties = [f"{r['lr']:g}" for r in results if r["near_tie"]]
+    note = (f"; within {NEAR_TIE_SE} SE of it: lr {', '.join(ties)}" if ties else "")
+    note += (f" (still at the edge of the grid after {len(widened)} widenings: a wider "
+             "--lr-grid may do better)" if search["edge"] else "")
+    print(f"{method}: chose lr {best['lr']:g} (validation answer NLL {best['valid_nll']:.4f} per "
+          f"token, {label} {best['score']:.1f}%){note}; wrote {path}")
     return search
 
 
 def previous_search(settings: TrainSettings, method: str) -> dict | None:
-    """With --resume, a finished search of this model over the same grid and budget is reused."""
+    """With --resume, a finished search of this model over the same grid and budget is reused.
+
+    The grid compared is the one asked for (initial_grid), before any widening added to
+    it.  A search that chose by another signal (key accuracy, before 2026-12-05) is not
+    reused: its choice is not the one this search would make.
+    """
     path = runpaths.search_file(settings.output_dir, method)
     if not path.exists():
         return None
     search = common.read_json(path)
-    if (search["grid"], search.get("search_epochs"), search.get("model"),
-            search.get("precision", "fp32")) != (
+    if search.get("metric") != METRIC:
+        print(f"{method}: --resume: {path} chose by {search.get('metric')}, not by validation "
+              "answer NLL; searching again")
+        return None
+    if (search.get("initial_grid", search["grid"]), search.get("search_epochs"),
+            search.get("model"), search.get("precision", "fp32")) != (
             lr_grid(settings), settings.search_epochs, settings.model, settings.precision):
         return None
     print(f"{method}: --resume: using the finished learning-rate search in {path} "

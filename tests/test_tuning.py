@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -54,14 +55,22 @@ def tuned(tmp_path_factory):
 
 
 def test_search_scores_every_rate_on_validation_and_records_the_choice(tuned):
-    _, out = tuned
+    data, out = tuned
     search = json.loads((out / "search" / "lora.json").read_text())
-    assert search["grid"] == pytest.approx([finetune_lora.DEFAULT_LR * f
-                                            for f in tuning.GRID_FACTORS])
-    assert search["split"] == "valid.jsonl"
+    assert search["initial_grid"] == pytest.approx([finetune_lora.DEFAULT_LR * f
+                                                    for f in tuning.GRID_FACTORS])
+    assert search["grid"] == sorted(search["initial_grid"] + search["widened"])
+    assert search["split"] == "valid.jsonl" and search["metric"] == "valid_answer_nll"
     assert [r["lr"] for r in search["results"]] == search["grid"]
-    best = max(search["results"], key=lambda r: (r["score"], -r["valid_loss"]))
+    # every question of valid.jsonl is scored, and valid_nll is their summed NLL per token
+    questions = len(common.load_split(data, "valid"))
+    assert len(search["answer_tokens"]) == len(search["groups"]) == questions
+    for r in search["results"]:
+        assert len(r["answer_nll"]) == questions and r["score"] is not None
+        assert r["valid_nll"] == pytest.approx(sum(r["answer_nll"]) / sum(search["answer_tokens"]))
+    best = min(search["results"], key=lambda r: r["valid_nll"])
     assert search["chosen_lr"] == best["lr"]
+    assert best["nll_difference"] == 0 and best["near_tie"] is False
     for name in ("lora", "lora-seed43"):
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert metrics["args"]["lr"] == search["chosen_lr"]
@@ -170,7 +179,7 @@ def test_a_diverged_rate_is_recorded_and_never_chosen(data_dir, tmp_path):
     report.plot_lr_search({"lora": search}, tmp_path / "lr_search.png")
     assert (tmp_path / "lr_search.png").stat().st_size > 0
     table = report.search_table({"lr_search": {"lora": search}}, out)
-    assert "0.001: diverged" in table
+    assert "<td>0.001</td><td>diverged</td>" in table
 
 
 def test_a_search_where_every_rate_diverges_stops_with_one_line(data_dir, tmp_path, capsys):
@@ -205,3 +214,224 @@ def test_a_fractional_search_budget_trains_that_share_of_an_epoch_and_search_onl
 def test_search_only_without_a_search_is_refused(data_dir, tmp_path):
     with pytest.raises(common.PipelineError, match="--search-only needs --tune-lr"):
         finetune_lora.main(lora_args(data_dir, tmp_path / "o", "--search-only"))
+
+
+# --- The choice by validation answer NLL, widening and near ties (training stood in for) ----
+
+# The stand-in validation split: four fact groups of two wordings, answers of uneven length.
+TOKENS = [3, 5, 4, 6, 2, 7, 5, 4]
+GROUPS = ["a", "a", "b", "b", "c", "c", "d", "d"]
+
+
+def per_question(per_token: list[float]) -> list[float]:
+    """Summed answer NLL per question from each question's NLL per token."""
+    return [p * t for p, t in zip(per_token, TOKENS)]
+
+
+def fake_search(monkeypatch, nll_of, score_of=lambda lr: 50.0, diverges=lambda lr: False):
+    """Stand in for training and scoring: each rate's per-question NLL and key accuracy.
+
+    nll_of(lr) gives the summed NLL per question (TOKENS answer tokens each); a rate
+    for which diverges(lr) is true raises training.Diverged.  Returns the rates
+    trained, in order.
+    """
+    import training
+
+    rows = [{"prompt": f"q{i}", "completion": "a", "group": g} for i, g in enumerate(GROUPS)]
+    trained = []
+
+    def train_once(settings, method, prepare, name, load_kwargs, callbacks=()):
+        trained.append(settings.lr)
+        if diverges(settings.lr):
+            raise training.Diverged(f"loss nan at lr {settings.lr:g}")
+        metrics = {"valid_loss": [{"step": 1, "loss": 1.0}], "train_loss": 1.0,
+                   "train_seconds": 0.0, "steps": 1, "precision": "fp32"}
+        return metrics, SimpleNamespace(settings=settings, valid_rows=rows), object(), None
+
+    monkeypatch.setattr(tuning, "train_once", train_once)
+    monkeypatch.setattr(training, "discard_checkpoints", lambda run: None)
+    monkeypatch.setattr(tuning, "validation_nll", lambda run, model, tokenizer: list(
+        zip(nll_of(run.settings.lr), TOKENS)))
+    monkeypatch.setattr(tuning, "validation_score", lambda run, model, tokenizer: (
+        score_of(run.settings.lr), "key_accuracy", "key-answer accuracy"))
+    return trained
+
+
+def search_settings(tmp_path, grid: str = "1e-4,3e-4,1e-3", *extra) -> TrainSettings:
+    return TrainSettings.from_args(lora_args(tmp_path / "data", tmp_path / "out", "--tune-lr",
+                                             "--lr-grid", grid, *extra))
+
+
+def by_rate(search: dict) -> dict[float, dict]:
+    return {r["lr"]: r for r in search["results"]}
+
+
+def test_the_rate_with_the_lowest_validation_nll_is_chosen_whatever_key_accuracy_says(
+        monkeypatch, tmp_path):
+    per_token = {1e-4: 0.9, 3e-4: 0.5, 1e-3: 0.7}
+    trained = fake_search(monkeypatch, lambda lr: per_question([per_token[lr]] * 8),
+                          score_of=lambda lr: {1e-4: 40.0, 3e-4: 55.0, 1e-3: 80.0}[lr])
+    settings = search_settings(tmp_path)
+    search = tuning.search_learning_rate(settings, "lora", None, {})
+    assert trained == [1e-4, 3e-4, 1e-3]
+    assert search["chosen_lr"] == 3e-4  # key accuracy prefers 1e-3: shown, not used
+    assert search["metric"] == "valid_answer_nll" and "key-answer accuracy" in search["criterion"]
+    rates = by_rate(search)
+    assert {lr: r["valid_nll"] for lr, r in rates.items()} == pytest.approx(per_token)
+    assert {lr: r["score"] for lr, r in rates.items()} == {1e-4: 40.0, 3e-4: 55.0, 1e-3: 80.0}
+    assert rates[3e-4]["answer_nll"] == pytest.approx(per_question([0.5] * 8))
+    assert search["answer_tokens"] == TOKENS and search["groups"] == GROUPS
+    assert search["widened"] == [] and search["edge"] is False
+    assert search["initial_grid"] == search["grid"] == [1e-4, 3e-4, 1e-3]
+    assert json.loads((tmp_path / "out" / "search" / "lora.json").read_text()) == search
+
+
+def clustered_difference(rate: list[float], chosen: list[float]) -> tuple[float, float]:
+    """(difference in NLL per token, its CR1 standard error over GROUPS), written out longhand."""
+    paired = [a - b for a, b in zip(rate, chosen)]
+    n, mean_tokens = len(paired), sum(TOKENS) / len(TOKENS)
+    difference = sum(paired) / sum(TOKENS)
+    linear = [(d - difference * t) / mean_tokens for d, t in zip(paired, TOKENS)]
+    centre = sum(linear) / n
+    sums = {}
+    for group, value in zip(GROUPS, linear):
+        sums[group] = sums.get(group, 0.0) + value - centre
+    g = len(sums)
+    return difference, (g / (g - 1) * sum(v * v for v in sums.values()) / n ** 2) ** 0.5
+
+
+def test_near_tie_is_within_two_clustered_standard_errors_of_the_chosen_rate(monkeypatch,
+                                                                            tmp_path):
+    chosen = per_question([0.5] * 8)
+    # 1e-4 is worse by a difference that moves with the fact group: 1.75 clustered SEs (a
+    # near tie), though 2.6 SEs if each question counted as independent; 1e-3 is worse by
+    # nearly the same amount on every question: about 20 SEs, clearly worse.
+    close = per_question([0.5 + d for d in (.15, .15, 0, 0, .13, .13, .01, .01)])
+    far = per_question([0.5 + d for d in (.06, .05, .05, .04, .06, .05, .05, .04)])
+    fake_search(monkeypatch, lambda lr: {1e-4: close, 3e-4: chosen, 1e-3: far}[lr])
+    search = tuning.search_learning_rate(search_settings(tmp_path), "lora", None, {})
+    rates = by_rate(search)
+    assert search["chosen_lr"] == 3e-4
+    assert rates[3e-4]["nll_difference"] == 0 and rates[3e-4]["nll_difference_se"] == 0
+    for lr, values in ((1e-4, close), (1e-3, far)):
+        difference, se = clustered_difference(values, chosen)
+        assert rates[lr]["nll_difference"] == pytest.approx(difference)
+        assert rates[lr]["nll_difference_se"] == pytest.approx(se)
+    assert rates[1e-4]["nll_difference"] / rates[1e-4]["nll_difference_se"] == \
+        pytest.approx(1.75, abs=0.01)
+    assert [rates[lr]["near_tie"] for lr in (1e-4, 3e-4, 1e-3)] == [True, False, False]
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_a_winner_at_the_edge_widens_the_grid_at_most_three_times(monkeypatch, tmp_path,
+                                                                 direction):
+    import math
+
+    # the NLL keeps falling towards one end: every widening wins again
+    slope = -0.05 if direction == "up" else 0.05
+    trained = fake_search(monkeypatch, lambda lr: per_question([1 + slope * math.log(lr)] * 8))
+    search = tuning.search_learning_rate(search_settings(tmp_path), "lora", None, {})
+    step = (lambda lr: round(lr * 3, 12)) if direction == "up" else (lambda lr: round(lr / 3, 12))
+    edge = 1e-3 if direction == "up" else 1e-4
+    widened = [step(edge), step(step(edge)), step(step(step(edge)))]
+    assert search["widened"] == widened and trained == [1e-4, 3e-4, 1e-3] + widened
+    assert search["grid"] == sorted([1e-4, 3e-4, 1e-3] + widened)
+    assert search["initial_grid"] == [1e-4, 3e-4, 1e-3]
+    assert search["chosen_lr"] == widened[-1] and search["edge"] is True
+    assert search["budget"].startswith("1 epoch(s) per rate, 6 rates")
+
+
+def test_widening_stops_once_the_winner_is_interior(monkeypatch, tmp_path):
+    import math
+
+    # lowest at 3e-3: the first widening wins, the second (9e-3) does not
+    trained = fake_search(monkeypatch, lambda lr: per_question(
+        [1 + (math.log(lr) - math.log(3e-3)) ** 2] * 8))
+    search = tuning.search_learning_rate(search_settings(tmp_path), "lora", None, {})
+    assert search["widened"] == [0.003, 0.009] and trained == [1e-4, 3e-4, 1e-3, 0.003, 0.009]
+    assert search["chosen_lr"] == 0.003 and search["edge"] is False
+
+
+def test_widening_stops_when_the_added_rate_diverges(monkeypatch, tmp_path):
+    import math
+
+    trained = fake_search(monkeypatch, lambda lr: per_question([1 - 0.05 * math.log(lr)] * 8),
+                          diverges=lambda lr: lr > 5e-3)
+    search = tuning.search_learning_rate(search_settings(tmp_path), "lora", None, {})
+    assert search["widened"] == [0.003, 0.009] and trained == [1e-4, 3e-4, 1e-3, 0.003, 0.009]
+    assert search["diverged"] == [0.009] and search["chosen_lr"] == 0.003
+    assert search["edge"] is False  # bounded by the rate that diverged
+    diverged = by_rate(search)[0.009]
+    assert diverged["diverged"] is True and diverged["valid_nll"] is None
+    assert diverged["near_tie"] is False
+
+
+def test_resume_reuses_a_widened_search_by_its_initial_grid(monkeypatch, tmp_path, capsys):
+    import math
+
+    fake_search(monkeypatch, lambda lr: per_question([1 - 0.05 * math.log(lr)] * 8))
+    search = tuning.search_learning_rate(search_settings(tmp_path), "lora", None, {})
+    assert search["grid"] != tuning.lr_grid(search_settings(tmp_path))
+    reused = tuning.previous_search(search_settings(tmp_path, "1e-4,3e-4,1e-3", "--resume"),
+                                    "lora")
+    assert reused == search and "using the finished learning-rate search" in capsys.readouterr().out
+    # a search of another grid is not reused, not even one of the rates it widened to
+    assert tuning.previous_search(search_settings(tmp_path, "1e-4,3e-4,1e-3,3e-3"), "lora") is None
+    assert tuning.previous_search(search_settings(tmp_path, ",".join(
+        f"{lr:g}" for lr in search["grid"])), "lora") is None
+    # a search that chose by key accuracy (written before the NLL rule) is searched again
+    path = tmp_path / "out" / "search" / "lora.json"
+    old = {k: v for k, v in search.items() if k not in ("initial_grid", "widened")}
+    path.write_text(json.dumps({**old, "grid": [1e-4, 3e-4, 1e-3], "metric": "key_accuracy"}))
+    assert tuning.previous_search(search_settings(tmp_path, "1e-4,3e-4,1e-3", "--resume"),
+                                  "lora") is None
+    assert "not by validation answer NLL; searching again" in capsys.readouterr().out
+
+
+def test_validation_nll_scores_each_question_as_evaluate_does(data_dir):
+    import torch
+
+    import models
+
+    device = torch.device("cpu")
+    model, tokenizer, _ = models.load_model("tiny-gpt2", device)
+    rows = common.load_split(data_dir, "valid")
+    run = SimpleNamespace(valid_rows=rows, device=device, method="lora", precision="fp32")
+    examples = common.tokenize_rows(tokenizer, rows, 10**9, label_eos=False)
+    records = evaluate.evaluate_model("lora", model, tokenizer, rows, examples, 4, None,
+                                      argparse.Namespace(batch_size=None), device)
+    assert tuning.validation_nll(run, model, tokenizer) == [
+        (r["answer_nll"], r["answer_tokens"]) for r in records]
+
+
+def test_report_draws_nll_with_bars_and_old_searches_without(monkeypatch, tmp_path):
+    """The chart and table of a search by NLL, and of one written before (results/)."""
+    import math
+
+    import report
+    from helpers import ROOT
+
+    fake_search(monkeypatch, lambda lr: per_question([1 - 0.05 * math.log(lr)] * 8),
+                score_of=lambda lr: 60.0, diverges=lambda lr: lr > 5e-3)
+    search = tuning.search_learning_rate(search_settings(tmp_path), "lora", None, {})
+    published = ROOT / "results" / "smollm2-135m"
+    old = json.loads((published / "search" / "full.json").read_text())
+    assert "valid_nll" not in old["results"][0]
+    drawn = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.append(fig))
+    report.plot_lr_search({"lora": search, "full": old}, tmp_path / "lr_search.png")
+    bars = drawn[0].axes[0].containers  # one errorbar container per method, in order
+    finished = [r for r in search["results"] if not r["diverged"]]
+    assert list(bars[0].lines[0].get_ydata()) == [r["valid_nll"] for r in finished]
+    assert bars[0].has_yerr and not bars[1].has_yerr
+    assert list(bars[1].lines[0].get_ydata()) == [r["valid_loss"] for r in old["results"]]
+
+    table = report.search_table({"lr_search": {"lora": search}}, tmp_path / "out")
+    near = by_rate(search)[1e-3]
+    assert (f"<td>{near['valid_nll']:.4f}</td><td>{near['nll_difference']:+.4f} &plusmn; "
+            f"{near['nll_difference_se']:.4f}</td><td>no</td><td>60.0</td>") in table
+    assert "<td><b>0.003 (widened)</b></td>" in table and "<td>0.009 (widened)</td>" in table
+    assert "<td>0.009 (widened)</td><td>diverged</td>" in table
+    assert "lowest validation answer NLL" in table
+    table = report.search_table({"lr_search": {"full": old}}, published)
+    assert "(validation loss)" in table and "best key-answer accuracy" in table
