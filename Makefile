@@ -11,6 +11,8 @@
 #                MODEL=smollm2-135m always runs offline with a real pretrained model.
 # make all SEEDS=3 TUNE=1       the rigorous comparison: a learning-rate search per
 #                               method on data/valid.jsonl, then 3 seeds at the chosen rate
+# MARGIN=5                      the points of the headline score you would give up for a
+#                               cheaper method, declared before the run (evaluate.py --margin)
 # PRECISION=auto                bf16 autocast where the hardware has it natively (CUDA,
 #                               AVX512-BF16/AMX CPUs), else fp32 (the default); fp32 or bf16 insists
 
@@ -23,6 +25,7 @@ EPOCHS ?= 2
 SEEDS  ?= 1
 TUNE   ?= 0
 PRECISION ?= auto
+MARGIN ?= 5
 TRAIN_ARGS ?=
 EVAL_ARGS ?=
 OUT    ?= outputs
@@ -55,7 +58,7 @@ train: setup
 	$(PY) finetune_bitfit.py $(MODEL_ARG) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
 
 evaluate: setup
-	$(PY) evaluate.py --data-dir $(DATA) --output-dir $(OUT) --precision $(PRECISION) $(EVAL_ARGS)
+	$(PY) evaluate.py --data-dir $(DATA) --output-dir $(OUT) --precision $(PRECISION) --margin $(MARGIN) $(EVAL_ARGS)
 
 smoke:
 	$(MAKE) all MODEL=tiny-gpt2 SIZE=300 EPOCHS=1 DATA=data/smoke OUT=outputs/smoke

@@ -38,6 +38,7 @@ those files (`python report.py outputs/` redraws them alone).
 import argparse
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -96,8 +97,13 @@ def parse_args(argv=None):
                              "(answers may differ where two tokens nearly tie); default "
                              f"{models.DEFAULT_PRECISION}")
     parser.add_argument("--alpha", type=float, default=verdict.ALPHA,
-                        help="family-wise significance level of the paired comparisons, "
-                             "Bonferroni-adjusted (default 0.05)")
+                        help="every statement of the verdict holds together with probability "
+                             "1 - alpha (default 0.05)")
+    parser.add_argument("--margin", type=float, default=verdict.MARGIN,
+                        help="points of the headline score you would give up for a cheaper "
+                             "method, declared before looking: a method is recommended only "
+                             "when it is shown at most this far below the best (default "
+                             f"{verdict.MARGIN:g}; README, 'The verdict')")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model code from the Hub to run (off by default)")
     parser.add_argument("--compare-only", action="store_true",
@@ -325,6 +331,10 @@ def comparison_row(name: str, runs: list[list[dict]], metrics: list[dict] | None
             row[field] = values[0] if values else None
         else:
             row[field] = sum(values) / len(values) if values else None
+    # the spread over seeds: verdict.py states a cost difference only when ranges do not meet
+    for field in ("train_seconds", "peak_memory_mb"):
+        values = [m[field] for m in metrics if m.get(field) is not None]
+        row[f"{field}_range"] = [min(values), max(values)] if values else None
     details = metrics[0]["details"]
     if details.get("base_quantization") == "nf4":
         row["note"] = "evaluated on its 4-bit NF4 base, as trained"
@@ -347,6 +357,7 @@ def add_intervals(table: list[dict], all_runs: dict[str, list[list[dict]]]) -> N
         for field, record_field in fields.items():
             row[f"{field}_ci95"] = found[record_field]
         row["answer_perplexity_ci95"] = found["answer_perplexity"]
+        row["seed_sd"] = found["seed_sd"]
 
 
 def main(args):
@@ -355,7 +366,7 @@ def main(args):
         publish(Path(args.output_dir), Path(args.publish))
         return
     if args.compare_only:
-        compare(Path(args.output_dir), args.alpha)
+        compare(Path(args.output_dir), args.alpha, args.margin)
         return
     # Read the eval set and find the finished runs (fails fast, before any model loads)
     output_dir = Path(args.output_dir)
@@ -421,13 +432,14 @@ def main(args):
         "model": trained[0][0][1]["model"], "base_model_path": base_path,
         "questions": len(rows), "max_new_tokens": max_new, "stop": stop, "precision": precision,
         "runs": {name: [folder.name for folder, _ in runs] for name, runs in compared.items()}})
-    compare(output_dir, args.alpha)
+    compare(output_dir, args.alpha, args.margin)
 
 
 # --- The comparison, from files alone -------------------------------------------
 
 
-def compare(output_dir: Path, alpha: float) -> dict:
+def compare(output_dir: Path, alpha: float = verdict.ALPHA,
+            margin: float = verdict.MARGIN) -> dict:
     """Measure the comparison from the saved per-run files alone, then render it (report.py).
 
     Reads <output-dir>/evaluation.json, each compared run's predictions.jsonl and
@@ -437,41 +449,89 @@ def compare(output_dir: Path, alpha: float) -> dict:
     output_dir = Path(output_dir)
     info, all_runs, trained = report.compared_runs(output_dir, metrics=True)
 
-    # Means, intervals, paired tests, and the recommendation that follows from them
+    # Means and intervals; the comparisons with the best, the gate, and what follows from them
     table = [comparison_row(name, runs, trained.get(name)) for name, runs in all_runs.items()]
     add_intervals(table, all_runs)
     key, record_key, label = common.quality_key(table)
-    pairs = verdict.pairwise(all_runs, record_key, alpha=alpha)
+    pairs = verdict.pairwise(all_runs, record_key)
     for pair in pairs:
         pair["metric"] = key
-    recommendation = verdict.recommend(table, pairs, key, label, alpha)
+    best = verdict.compare_with_best(all_runs, record_key, alpha=alpha, margin=margin)
+    best["metric"] = key
+    plan = verdict.settle_plan(all_runs, record_key, best, verdict.cost_order(table))
+    decision = verdict.recommend(table, best, plan, label)
+    if plan is not None:
+        plan["commands"] = plan_commands(output_dir, info, trained, plan)
     breakdowns = {name: {"eval_kind": breakdown(runs, "eval_kind"),
                          "category": breakdown(runs, "category")}
                   for name, runs in all_runs.items()}
     searches = report.read_searches(output_dir, trained)
     procedure = verdict.procedure(
-        alpha, len(pairs), max(p["n_questions"] for p in pairs),
-        max(p["n_groups"] for p in pairs),
+        best, max(p["n_questions"] for p in pairs), max(p["n_groups"] for p in pairs),
         {name: len(runs) for name, runs in all_runs.items()}, key)
     comparison = {
         "model": info["model"], "base_model_path": info["base_model_path"],
         "questions": info["questions"], "max_new_tokens": info["max_new_tokens"],
         "stop": info["stop"], "precision": info.get("precision", "fp32"),
-        "headline_metric": key, "headline_label": label, "alpha": alpha,
+        "headline_metric": key, "headline_label": label, "alpha": alpha, "margin": margin,
         "perplexity": PERPLEXITY_NOTE,
         "intervals": "95% t intervals, cluster-robust over fact groups plus seed variance; "
                      "see verdict.py",
-        "procedure": procedure, "rows": table, "pairwise": pairs, "breakdowns": breakdowns,
-        "lr_search": {name: {k: s[k] for k in ("grid", "chosen_lr", "metric", "budget")}
+        "procedure": procedure, "rows": table, "best": best, "pairwise": pairs, "plan": plan,
+        "breakdowns": breakdowns,
+        "lr_search": {name: {k: s.get(k) for k in ("grid", "chosen_lr", "metric", "budget")}
                       for name, s in searches.items()},
-        "recommendation": recommendation}
+        "outcome": decision["outcome"], "recommended": decision["method"],
+        "recommendation": decision["text"]}
     common.write_json(runpaths.comparison_file(output_dir), comparison)
 
     # Everything a person reads is drawn from comparison.json and the run files
     written = report.render(output_dir)
-    print(f"\n{recommendation}\n\nwrote {runpaths.comparison_file(output_dir)}, "
+    print(f"\n{decision['text']}\n\nwrote {runpaths.comparison_file(output_dir)}, "
           + ", ".join(str(path) for path in written))
     return comparison
+
+
+def plan_commands(output_dir: Path, info: dict, trained: dict[str, list[dict]],
+                  plan: dict | None) -> dict[str, dict[str, str]]:
+    """The commands that run each option of the plan, per method: {"seeds": ..., "questions": ...}.
+
+    Seeds: each method's script at the rate and settings its runs used, with --seeds K
+    --resume, so the finished seeds are kept and only the new ones train; then evaluate.py,
+    which re-scores only the new runs.  They run where the trained runs are: a published
+    folder (scores only, no weights) names the folder its runs were trained in.  Questions: the data stage with more facts (SIZE
+    scales the rows, and so the facts and fact groups), then the whole comparison again.
+    """
+    commands: dict[str, dict[str, str]] = {}
+    for option in (plan or {}).get("considered", []):
+        target, found = option["method"], {}
+        if option.get("seeds"):
+            # where the runs were trained: here, or (a published folder holds no weights) the
+            # folder their metrics.json records
+            first = info["runs"][target][0]
+            where = (output_dir if runpaths.is_complete(output_dir / first)
+                     else Path(trained[target][0]["args"]["output_dir"]))
+            steps = []
+            for name in [target] + option["with"]:
+                args = trained[name][0]["args"]
+                steps.append(f"{script_for(name)} --model {info['model']} --lr {args['lr']:g} "
+                             f"--epochs {args['epochs']:g} --precision {args['precision']} "
+                             f"--data-dir {args['data_dir']} --output-dir {where} "
+                             f"--seeds {option['seeds']['seeds']} --resume")
+            found["seeds"] = " && ".join(steps + [
+                f"python evaluate.py --data-dir {trained[target][0]['args']['data_dir']} "
+                f"--output-dir {where}"])
+        if option.get("questions"):
+            first = trained[target][0]
+            rows = (first.get("train_examples", 0) + first.get("valid_examples", 0)
+                    + info["questions"])
+            found["questions"] = (f"make all MODEL={info['model']} "
+                                  f"SIZE={math.ceil(rows * option['questions']['factor'])} "
+                                  f"SEEDS={option['questions']['seeds']} TUNE=1 "
+                                  "DATA=data/larger OUT=outputs/larger")
+        if found:
+            commands[target] = found
+    return commands
 
 
 def publish(output_dir: Path, target: Path) -> None:

@@ -173,11 +173,63 @@ def csv_text(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def winner(pair: dict, alpha: float) -> str | None:
-    """The method a paired test shows better at level alpha, or None when it shows neither."""
-    if not verdict.is_significant(pair, alpha):
-        return None
-    return pair["a"] if pair["difference"] > 0 else pair["b"]
+def best_rows(comparison: dict) -> tuple[list[str], list[list[str]]]:
+    """The comparisons with the best as (headers, cells): one row per trained method."""
+    best, label = comparison["best"], comparison["headline_label"]
+    margin = best["margin"]
+    headers = ["method", "seeds", f"{label} %", "gap to the best of the others (points)",
+               "simultaneous bounds", f"within -{margin:g}?", "verdict",
+               "against base (lower bound)"]
+    rows = []
+    for name, entry in best["methods"].items():
+        low, high = entry["lower"], entry["upper"]
+        if entry["in_best_set"]:
+            word = "best set"
+        else:
+            word = "shown worse than " + ", ".join(entry["shown_worse_than"])
+        gate = entry["base"]
+        against = ("-" if gate is None else f"{gate['difference']:+.1f} "
+                   f"({'unknown' if gate['lower'] is None else format(gate['lower'], '+.1f')})"
+                   + ("" if gate["helps"] else ", not shown better"))
+        rows.append([name, str(entry["seeds"]), f"{entry['mean']:.1f}", f"{entry['gap']:+.1f}",
+                     f"[{'?' if low is None else format(low, '+.1f')}, "
+                     f"{'?' if high is None else format(high, '+.1f')}]",
+                     "yes" if entry["clears_margin"] else "no", word, against])
+    return headers, rows
+
+
+def difference_rows(comparison: dict) -> tuple[list[str], list[list[str]]]:
+    """Each pair's estimate a - b with its standard error and df, as (headers, cells)."""
+    headers = ["a", "b", f"{comparison['headline_label']} a - b (points)", "SE", "df"]
+    rows = [[p["a"], p["b"], f"{p['difference']:+.1f}",
+             "?" if p["se"] is None else f"{p['se']:.2f}",
+             "inf" if p["df"] is None else f"{p['df']:.0f}"] for p in comparison["pairwise"]]
+    return headers, rows
+
+
+def plan_commands(comparison: dict) -> list[tuple[str, str]]:
+    """(what it settles, command) for each option of an inconclusive verdict's plan."""
+    plan = comparison.get("plan") or {}
+    if comparison.get("outcome") != "inconclusive":
+        return []
+    words = {"seeds": "more seeds, keeping those trained", "questions": "a larger data set"}
+    return [(f"{method}: {words[kind]}", command)
+            for method, found in (plan.get("commands") or {}).items()
+            for kind, command in found.items()]
+
+
+def markdown_grid(headers: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    return ("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers) + "\n"
+            + "".join("| " + " | ".join(row) + " |\n" for row in rows))
+
+
+def html_grid(headers: list[str], rows: list[list[str]]) -> str:
+    """An HTML table; cells are escaped."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def breakdown_rows(comparison: dict, field: str) -> tuple[list[str], list[tuple[str, list]]]:
@@ -210,9 +262,12 @@ def markdown_table(comparison: dict) -> str:
     for row in rows:
         out.write("| " + " | ".join(" ".join(filter(None, cell(row, c))) for c in SHOWN)
                   + " |\n")
-    out.write(f"\n## Paired comparisons ({label})\n\n"
-              f"{verdict.describe(comparison['procedure'])}\n\n"
-              + markdown_pairs(comparison["pairwise"], label, comparison["alpha"]))
+    out.write(f"\n## Comparisons with the best ({label})\n\n"
+              f"{verdict.procedure_text(comparison['procedure'])}\n\n"
+              + markdown_grid(*best_rows(comparison))
+              + "\nThe estimates each bound rests on (a - b, standard error, degrees of "
+                "freedom; no decision is read from this table alone):\n\n"
+              + markdown_grid(*difference_rows(comparison)))
     for field, title in BREAKDOWNS:
         headers, cells = breakdown_rows(comparison, field)
         if not headers:
@@ -222,20 +277,10 @@ def markdown_table(comparison: dict) -> str:
         for method, values in cells:
             out.write(f"| {method} | " + " | ".join(values) + " |\n")
     out.write(f"\n## Recommendation\n\n{comparison['recommendation']}\n")
-    return out.getvalue()
-
-
-def markdown_pairs(pairs: list[dict], label: str, alpha: float) -> str:
-    """The paired comparisons as a markdown table."""
-    out = io.StringIO()
-    out.write(f"| a | b | {label} a - b (points) | adjusted CI | p | p (Bonferroni) | verdict |\n"
-              "|---|---|---|---|---|---|---|\n")
-    for p in pairs:
-        better = winner(p, alpha)
-        word = "not shown" if better is None else ("a better" if better == p["a"] else "b better")
-        out.write(f"| {p['a']} | {p['b']} | {p['difference']:+.1f} | "
-                  f"[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}] | {p['p_value']:.3g} | "
-                  f"{p['p_adjusted']:.3g} | {word} |\n")
+    commands = plan_commands(comparison)
+    if commands:
+        out.write("\n## Plan\n\n" + "".join(f"- {what}:\n\n  ```sh\n  {command}\n  ```\n"
+                                             for what, command in commands))
     return out.getvalue()
 
 
@@ -313,27 +358,41 @@ def plot_quality_vs_cost(comparison: dict, path: Path) -> None:
 
 
 def plot_lr_search(searches: dict[str, dict], path: Path) -> None:
-    """Validation score against learning rate, one line per method, the chosen rate marked."""
+    """Validation answer NLL against learning rate, one line per method, the chosen rate marked.
+
+    Bars: +-1.96 SE of each rate's paired difference to the chosen rate (none at the
+    chosen rate itself), so a bar reaching the chosen rate's level marks a rate the
+    split cannot tell from it.  A search written before the choice was made by NLL has
+    no valid_nll: its validation loss (also a mean NLL per answer token, from training)
+    is drawn, without bars.
+    """
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    label = "validation score"
     for name, search in searches.items():
         results = [r for r in search["results"] if not r.get("diverged")]
-        label = search["metric_label"]
-        xs, ys = [r["lr"] for r in results], [r["score"] for r in results]
-        ax.plot(xs, ys, "o-", color=COLOURS.get(name),
-                label=f"{name} (chose {search['chosen_lr']:.2g})")
-        # A diverged rate has no score: an x on the axis, where no curve can hide it.
+        field = ("valid_nll" if all(r.get("valid_nll") is not None for r in results)
+                 else "valid_loss")
+        xs, ys = [r["lr"] for r in results], [r[field] for r in results]
+        errors = ([1.96 * (r.get("nll_difference_se") or 0.0) for r in results]
+                  if field == "valid_nll" else None)
+        ax.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=4, color=COLOURS.get(name),
+                    label=f"{name} (chose {search['chosen_lr']:.2g})"
+                          + ("" if field == "valid_nll" else "; validation loss, no bars"))
+        # A diverged rate has no NLL: an x on the top edge, where no curve can hide it (a
+        # line, not a scatter: a line on the x axis's transform still widens the x range).
         diverged = [r["lr"] for r in search["results"] if r.get("diverged")]
         if diverged:
-            ax.scatter(diverged, [0] * len(diverged), marker="x", s=80, clip_on=False,
-                       color=COLOURS.get(name), label=f"{name}: diverged", zorder=3)
+            ax.plot(diverged, [1] * len(diverged), "x", ms=9, mew=2, clip_on=False,
+                    transform=ax.get_xaxis_transform(), color=COLOURS.get(name),
+                    label=f"{name}: diverged", zorder=3)
         chosen = next(r for r in results if r["lr"] == search["chosen_lr"])
-        ax.scatter([chosen["lr"]], [chosen["score"]], s=160, facecolors="none",
+        ax.scatter([chosen["lr"]], [chosen[field]], s=160, facecolors="none",
                    edgecolors=COLOURS.get(name), linewidths=2, zorder=3)
     ax.set_xscale("log")
-    ax.set(xlabel="learning rate", ylabel=f"{label} % (validation split)",
-           title="Learning-rate search: each rate scored on data/valid.jsonl")
+    ax.set(xlabel="learning rate",
+           ylabel="validation answer NLL per token (lower is better)",
+           title="Learning-rate search on data/valid.jsonl\n(bars: \u00b11.96 SE of the "
+                 "paired difference to the chosen rate, circled)")
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)
@@ -404,24 +463,6 @@ def comparison_table(comparison: dict) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def pairwise_table(comparison: dict) -> str:
-    """Every paired comparison: difference, adjusted interval, p and Bonferroni-adjusted p."""
-    alpha = comparison["alpha"]
-    rows = []
-    for p in comparison["pairwise"]:
-        better = winner(p, alpha)
-        word = ('<span class="muted">not shown</span>' if better is None
-                else f'<span class="ok">{better} better</span>')
-        rows.append(f"<tr><td>{p['a']} vs {p['b']}</td><td>{p['difference']:+.1f}</td>"
-                    f"<td>[{p['ci95'][0]:+.1f}, {p['ci95'][1]:+.1f}]</td>"
-                    f"<td>{p['p_value']:.3g}</td><td>{p['p_adjusted']:.3g}</td>"
-                    f"<td class=text>{word}</td></tr>")
-    label = html.escape(comparison["headline_label"])
-    return (f"<table><tr><th>comparison</th><th>{label} a - b (points)</th><th>adjusted CI</th>"
-            "<th>p</th><th>p (Bonferroni)</th><th class=text>verdict</th></tr>"
-            + "".join(rows) + "</table>")
-
-
 def breakdown_table(comparison: dict, field: str) -> str:
     """Headline score per value of a field (eval kind, category), one row per method."""
     headers, rows = breakdown_rows(comparison, field)
@@ -434,23 +475,54 @@ def breakdown_table(comparison: dict, field: str) -> str:
 
 
 def search_table(comparison: dict, output_dir: Path) -> str:
-    """The learning-rate search per method: every rate's validation score, the chosen one."""
+    """The learning-rate search per method, one row per rate, the chosen rate in bold.
+
+    Each rate's validation answer NLL, its paired difference to the chosen rate +- its
+    standard error, whether it is a near tie (within 2 SE), and the key accuracy (shown,
+    not used to choose); the last column says what chose and at what budget.  A search
+    written before the choice was made by NLL has no valid_nll: its validation loss is
+    shown in that column, marked, with no difference and no near tie.
+    """
     searches = comparison.get("lr_search") or {}
     if not searches:
         return ("<p class=muted>No search ran: each method trained at its script's rate. "
                 "Run the fine-tune scripts with <code>--tune-lr</code> (or "
                 "<code>make all TUNE=1</code>) to choose rates on the validation split.</p>")
+    found = read_searches(output_dir, searches)
+    label = next((s.get("score_label") or s.get("metric_label") for s in found.values()),
+                 "validation score")
     rows = []
-    for name, full in read_searches(output_dir, searches).items():
-        cells = ", ".join(
-            f"{r['lr']:.2g}: diverged" if r.get("diverged") else
-            (f"<b>{r['lr']:.2g}: {r['score']:.1f}%</b>" if r["lr"] == full["chosen_lr"]
-             else f"{r['lr']:.2g}: {r['score']:.1f}%") for r in full["results"])
-        rows.append(f"<tr><td>{name}</td><td>{full['chosen_lr']:.2g}</td>"
-                    f"<td class=text>{cells}</td><td class=text>{html.escape(full['budget'])}"
-                    "</td></tr>")
-    return ("<table><tr><th>method</th><th>chosen rate</th><th class=text>validation score by "
-            "rate</th><th class=text>budget</th></tr>" + "".join(rows) + "</table>")
+    for name, full in found.items():
+        results, widened = full["results"], set(full.get("widened") or [])
+        criterion = ("lowest validation answer NLL" if full.get("metric") == "valid_answer_nll"
+                     else f"best {full.get('metric_label', full.get('metric'))}")
+        about = (f"{criterion}; {full['budget']}"
+                 + ("; still at the edge of the grid" if full.get("edge") else ""))
+        for number, r in enumerate(results):
+            chosen = r["lr"] == full["chosen_lr"]
+            se = r.get("nll_difference_se")
+            tie = "chosen" if chosen else {True: "yes", False: "no"}.get(r.get("near_tie"), "-")
+            if r.get("diverged"):
+                cells = ["diverged", "-", "-", "-"]
+            elif r.get("valid_nll") is None:
+                cells = [f'{r["valid_loss"]:.4f} <span class=muted>(validation loss)</span>',
+                         "-", tie, f"{r['score']:.1f}"]
+            else:
+                difference = ("0" if chosen else f"{r['nll_difference']:+.4f}"
+                              + ("" if se is None else f" &plusmn; {se:.4f}"))
+                cells = [f"{r['valid_nll']:.4f}", difference, tie, f"{r['score']:.1f}"]
+            rate = f"{r['lr']:.2g}" + (" (widened)" if r["lr"] in widened else "")
+            # the method and its budget span its rates; bold cell by cell, so they stay plain
+            head = f"<td rowspan={len(results)}>{name}</td>" if number == 0 else ""
+            tail = (f"<td class=text rowspan={len(results)}>{html.escape(about)}</td>"
+                    if number == 0 else "")
+            rows.append("<tr>" + head + "".join(f"<td><b>{c}</b></td>" if chosen else
+                                                f"<td>{c}</td>" for c in [rate, *cells])
+                        + tail + "</tr>")
+    return ("<table><tr><th>method</th><th>rate</th><th>validation answer NLL</th>"
+            "<th>vs chosen &plusmn; SE</th><th>near tie (2 SE)</th>"
+            f"<th>{html.escape(label)} %</th><th class=text>chosen by; budget</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def verdict_of(record: dict) -> bool:
@@ -525,9 +597,13 @@ headline: {html.escape(comparison['headline_label'])}; base model
 Means over seeds; intervals: {html.escape(comparison['intervals'])}.
 {html.escape(note[0].upper() + note[1:])}.</p>
 <div class="verdict"><b>Verdict.</b> {html.escape(comparison['recommendation'])}</div>
+{''.join(f"<p class=muted>Plan, {html.escape(what)}:</p><pre>{html.escape(command)}</pre>"
+         for what, command in plan_commands(comparison))}
 <h2>Comparison</h2>{comparison_table(comparison)}
-<h2>Paired tests</h2>
-<p class=muted>{html.escape(verdict.describe(comparison['procedure']))}</p>{pairwise_table(comparison)}
+<h2>Comparisons with the best</h2>
+<p class=muted>{html.escape(verdict.procedure_text(comparison['procedure']))}</p>
+{html_grid(*best_rows(comparison))}
+<p class=muted>The estimates each bound rests on:</p>{html_grid(*difference_rows(comparison))}
 <h2>Learning rates</h2>{search_table(comparison, output_dir)}{lr_chart}
 <h2>Charts</h2>{image(output_dir / 'comparison.png', 'comparison')}
 {image(output_dir / 'quality_vs_cost.png', 'quality against cost')}

@@ -1,60 +1,99 @@
-"""The verdict: intervals, paired comparisons and a recommendation that follows from them.
+"""The verdict: intervals, comparisons with the best, and a recommendation that proves its claim.
 
 evaluate.py scores every model on the same questions; this module turns those
 per-question scores into the statements a user acts on.  Each method may have
 several training seeds (unequal counts allowed); the untuned base model has one.
+No random numbers are drawn: the same scores always give the same verdict.
 
-The procedure (analytic; no resampling, so no result depends on an RNG seed):
+The estimate (one pair a, b; also one model alone):
 
   unit          the fact group: the wordings of one fact are one cluster, because
                 they succeed or fail together.  Rows without a `group` are each
-                their own cluster.  Every result reports questions and groups.
-  score         per question, the mean over a method's seeds (Miller 2024:
-                average repeated samples per question before comparing).
-  difference    a - b = mean over questions of the per-question paired differences
-                of seed means (Miller 2024: paired differences).
-  standard error  SE^2 = V_q + sum over the two methods of s2_seed,m / k_m, where
-                V_q is the cluster-robust (CR1) variance of the mean of the
-                per-question differences, G/(G-1) * sum_g (sum_{q in g} e_q)^2 / n^2
-                (Miller 2024: clustered standard errors), and s2_seed,m
-                is method m's seed main effect from the crossed seeds x questions
-                design (Owen 2007, "The pigeonhole bootstrap", Ann. Appl. Stat. 1(2):
-                Var(mean) = s2_seed/k + s2_question/n + s2_interaction/(k n)),
-                estimated by the method of moments as the between-seed variance of
-                seed means minus s2_interaction/n, floored at 0.  The question and
-                interaction parts are already inside V_q (seed means per question),
-                so each source of noise is counted once.  One seed: s2_seed = 0
-                and training variation is not measured (procedure() says so).
-  test          t = difference / SE with Welch-Satterthwaite degrees of freedom
-                (V_q has G-1, each seed component k_m - 1); two-sided p.
-  family        every pair of trained methods and each method against the base:
-                Bonferroni, p_adj = min(1, m p); the adjusted interval is
-                difference +- t(df, 1 - alpha/(2m)) * SE.  Significant exactly when
-                p_adj < alpha, which is exactly when that interval excludes 0.
-                Bonferroni rather than Holm: Holm's step-down has no matching
-                simultaneous intervals, so the two could disagree again.
-  one model     mean +- t(df, 0.975) * SE with the same SE (no pairing, no adjustment).
-  perplexity    exp of the ratio (summed NLL / summed tokens): delta-method
-                cluster-robust SE of the ratio on the log scale, plus the seed
-                component of the NLL-per-token, then exp of the interval's ends.
-  recommendation  only a method significantly better than the base qualifies;
-                among those not significantly worse than the best, the cheapest
-                (training time, then peak memory).  When a learning rate was not
-                searched, the text says the ranking may not hold and names TUNE=1.
+                their own cluster (Miller 2024, clustered standard errors).
+  score         per question, the mean over a method's seeds; a - b is the mean
+                over questions of the paired differences of those seed means
+                (Miller 2024: average repeated samples, then pair).
+  model         y_msq = mu_m + a_ms + b_mq + e_msq: seed effect a (variance s2_a),
+                question effect b, seed-by-question noise e that is correlated
+                within a fact group.  Var(a - b) = V_Q + sum_m B_m / k_m, where V_Q
+                is the variance of the question effects' mean difference and
+                B_m = s2_a,m + I_m is the variance of one seed's mean score, I_m
+                being the (clustered) variance of the mean of one seed's noise
+                (Owen 2007's crossed-design variance, with clusters in place of
+                independent questions).
+  estimators    V_q = CR1 variance over fact groups of the per-question differences
+                of seed means, G/(G-1) sum_g (sum_{q in g} e_q)^2 / n^2; it
+                estimates V_Q + sum_m I_m / k_m.
+                B_m = between-seed variance of method m's seed means (k_m - 1 df),
+                unbiased for s2_a,m + I_m whatever the clustering.
+                I_m = CR1 variance of the mean of each seed's two-way residuals,
+                summed over seeds / (k_m - 1): the fact group is the unit here too
+                (the old estimator divided the interaction mean square by n, as if
+                questions were independent, which overstated s2_a).
+                SE^2 = (V_q - sum_m I_m / k_m) + sum_m B_m / k_m.  Nothing is
+                floored at a seed term: the question part is floored at 0 only when
+                the data make it negative, so every part varies continuously.
+  df            Welch-Satterthwaite over the parts: the question part with G - 1,
+                each B_m / k_m with k_m - 1 (Satterthwaite 1946).  With equal scores
+                the df move smoothly with the data; they no longer jump from ~4 to
+                ~275 when a floored seed term reaches 0.
+  one seed      B_m is unknown and left out: the noise of that one seed is inside
+                V_q, but training variation is not measured (procedure() says so).
+  pooling       s2_a is not pooled across methods.  Pooling would give more df, but
+                the seed SDs measured on the published run differ by a factor of
+                ~4 between methods (QLoRA's is the largest), and pooling would lend
+                the noisiest method the others' small variance: exactly the method
+                whose noise the old rule rewarded.
 
-Valid for 0/1 scores (key accuracy, exact match) and continuous ones (F1): the
-t interval needs only a mean and a variance, not a rounding of differences.
-Key accuracy is computed on the questions that have a key; the others are left out
-and the count kept is reported.
+The decisions (all hold together with probability >= 1 - alpha):
+
+  gate          each trained method against the untuned base: one-sided lower bound
+                at level 1 - alpha_base / m (Bonferroni over the m methods), with
+                alpha_base = BASE_SHARE * alpha.  A method "helps" when its bound > 0.
+                These effects are large (tens of points), so a small share of alpha
+                costs them nothing.
+  best          Hsu's constrained multiple comparisons with the best (Hsu 1984, Ann.
+                Statist. 12(3); Hsu 1996, ch. 4, unequal variances): for each method
+                i, simultaneous bounds on theta_i - max_{j != i} theta_j,
+                  U_i = max(0, min_{j != i} (D_ij + d_ij SE_ij))
+                  L_i = min(0, min_{j in B, j != i} (D_ij - d_ij SE_ij))  (0 if B = {i})
+                where B = {i : min_{j != i} (D_ij + d_ij SE_ij) >= 0} is the best set.
+                d_ij = t(df_ij, 1 - alpha_best / (m - 1)): a one-sided Bonferroni
+                critical value in place of Dunnett's, because the pairs share
+                questions (correlated) and have unequal variances.  Proof sketch:
+                all statements hold on the event that the m - 1 one-sided bounds
+                theta_j - theta_b >= D_jb - d SE_jb against the true best b hold;
+                by Bonferroni it has probability >= 1 - alpha_best.
+                U_i = 0 means i is shown worse than the best; L_i is i's worst case.
+  margin        delta (--margin, in points of the headline metric), declared before
+                the run.  The recommendation is the cheapest method that helps and
+                whose L_i > -delta: "at most |L_i| points below the best".  If none
+                clears it the verdict is "inconclusive at delta", with the best set,
+                each member's worst case, and a plan (seeds and/or questions) that
+                would settle it, projected from the variance components.  No
+                statement rests on a test failing to reject (CONSORT non-inferiority:
+                Piaggio et al., JAMA 2012; EMA CPMP/EWP/482/99; Schuirmann 1987).
+
+Per-model intervals are 95% t intervals with the same standard error.  Answer
+perplexity is a ratio (summed NLL / summed tokens): delta-method cluster-robust
+SE on the log scale, with the seed parts, then exp.  Bonferroni and Holm both
+have simultaneous intervals (Holm's step-down ones are Strassburger & Bretz 2008);
+Hsu's are used because they answer the question asked, "how far from the best".
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
 ALPHA = 0.05
+MARGIN = 5.0          # points of the headline metric; README "The verdict" argues it
+BASE_SHARE = 0.2      # share of alpha spent on the gate against the untuned base
+MAX_PLAN_SEEDS = 30   # the plan looks no further than this many seeds a method
+QUESTION_FACTORS = (1.5, 2, 3, 4, 6, 8)  # and no further than 8x the questions
+
 REFERENCES = (
     "Miller 2024, Adding Error Bars to Evals: A Statistical Approach to Language Model "
     "Evaluations, arXiv:2411.00640 (clustered standard errors, paired differences, "
@@ -62,7 +101,14 @@ REFERENCES = (
     "Owen 2007, The pigeonhole bootstrap, Annals of Applied Statistics 1(2) "
     "(variance of a mean over a crossed seeds x questions design)",
     "Satterthwaite 1946, An approximate distribution of estimates of variance components, "
-    "Biometrics Bulletin 2(6) (degrees of freedom)")
+    "Biometrics Bulletin 2(6) (degrees of freedom)",
+    "Hsu 1984, Constrained simultaneous confidence intervals for multiple comparisons with "
+    "the best, Annals of Statistics 12(3); Hsu 1996, Multiple Comparisons: Theory and "
+    "Methods, ch. 4 (comparisons with the best, the best set)",
+    "Piaggio et al. 2012, Reporting of noninferiority and equivalence randomized trials, "
+    "JAMA 308(24) (a margin declared in advance; a bound that must clear it)",
+    "Schuirmann 1987, A comparison of the two one-sided tests procedure, J. Pharmacokinet. "
+    "Biopharm. 15(6) (one-sided bounds against a margin)")
 
 
 # --- Per-question scores and clusters ----------------------------------------
@@ -91,71 +137,95 @@ def _check_groups(groups, runs: dict[str, list[list[dict]]]) -> np.ndarray:
     return codes
 
 
+def _codes(runs: dict, groups) -> np.ndarray:
+    """Cluster codes of the runs' questions (from the first run's records unless given)."""
+    groups = group_ids(next(iter(runs.values()))[0]) if groups is None else groups
+    return _check_groups(groups, runs)
+
+
 def cluster_variance(values: np.ndarray, codes: np.ndarray) -> tuple[float, int]:
     """CR1 variance of the mean of values with clusters, and the cluster count G.
 
     G/(G-1) * sum over clusters of (sum of residuals)^2 / n^2; with one question a
     cluster this is the usual s^2/n.  NaN when G < 2 (nothing to estimate from).
     """
-    n, n_groups = len(values), len(np.unique(codes))
+    counts = np.bincount(codes)
+    n, n_groups = len(values), int(np.count_nonzero(counts))
     if n_groups < 2:
         return float("nan"), n_groups
     sums = np.bincount(codes, weights=values - values.mean())
     return float(n_groups / (n_groups - 1) * np.sum(sums ** 2) / n ** 2), n_groups
 
 
-def seed_variance(matrix: np.ndarray) -> float:
-    """Method-of-moments seed main effect s2_seed of a seeds x questions matrix (0 with one seed).
+def seed_components(matrix: np.ndarray, codes: np.ndarray) -> dict:
+    """A seeds x questions matrix's seed parts: k, B (variance of a seed's mean), I (its noise).
 
-    Between-seed variance of the seed means estimates s2_seed + s2_interaction/n;
-    the two-way residual mean square estimates s2_interaction (Owen 2007).
+    B = between-seed variance of the seed means (k - 1 df), which estimates
+    s2_seed + I; I = CR1 variance over fact groups of the mean of one seed's two-way
+    residuals, summed over seeds / (k - 1) (one df a seed goes to the question means).
+    Both NaN with one seed: training variation is then not measured.
     """
     k, n = matrix.shape
     if k < 2 or n < 2:
-        return 0.0
-    seed_means, question_means = matrix.mean(axis=1), matrix.mean(axis=0)
-    between = seed_means.var(ddof=1)
-    residual = matrix - seed_means[:, None] - question_means[None, :] + matrix.mean()
-    interaction = np.sum(residual ** 2) / ((k - 1) * (n - 1))
-    return float(max(0.0, between - interaction / n))
+        return {"k": k, "between": float("nan"), "noise": float("nan")}
+    seed_means = matrix.mean(axis=1)
+    residual = matrix - seed_means[:, None] - matrix.mean(axis=0)[None, :] + matrix.mean()
+    noise = sum(cluster_variance(row, codes)[0] for row in residual) / (k - 1)
+    return {"k": k, "between": float(seed_means.var(ddof=1)), "noise": float(noise)}
 
 
-def _estimate(values: np.ndarray, codes: np.ndarray, matrices: list[np.ndarray]) -> dict:
-    """Mean of per-question values, its SE (clusters + seed components) and Satterthwaite df."""
-    question_part, n_groups = cluster_variance(values, codes)
-    parts = [(question_part, n_groups - 1)]
-    parts += [(seed_variance(m) / m.shape[0], m.shape[0] - 1) for m in matrices]
+def seed_sd(matrix: np.ndarray, codes: np.ndarray) -> float | None:
+    """Estimated SD of a method's seed effect (s2_seed = B - I, shown floored at 0), or None."""
+    parts = seed_components(matrix, codes)
+    if not np.isfinite(parts["between"]):
+        return None
+    return float(np.sqrt(max(0.0, parts["between"] - parts["noise"])))
+
+
+def _combine(question: float, n_groups: int, seeds: list[dict]) -> dict:
+    """SE^2 = (V_q - sum I/k) + sum B/k and its Satterthwaite df (see the module docstring)."""
+    measured = [s for s in seeds if np.isfinite(s["between"])]
+    question_part = max(0.0, question - sum(s["noise"] / s["k"] for s in measured))
+    parts = [(question_part, n_groups - 1)] + [(s["between"] / s["k"], s["k"] - 1)
+                                               for s in measured]
     variance = sum(v for v, _ in parts)
-    denominator = sum(v ** 2 / df for v, df in parts if v > 0)
+    denominator = sum(v ** 2 / df for v, df in parts if v > 0 and df > 0)
     df = variance ** 2 / denominator if denominator > 0 else float("inf")
-    return {"mean": float(values.mean()), "se": float(np.sqrt(variance)), "df": float(df),
-            "n_questions": len(values), "n_groups": n_groups}
+    return {"se": float(np.sqrt(variance)) if np.isfinite(variance) else float("nan"),
+            "df": float(df), "question_part": question_part}
+
+
+def _estimate(values: np.ndarray, codes: np.ndarray, matrices: list[np.ndarray],
+              seeds: list[dict] | None = None) -> dict:
+    """Mean of per-question values, its SE (clusters + seed parts), df and the components.
+
+    seeds: the matrices' seed_components() when the caller already has them.
+    """
+    question, n_groups = cluster_variance(values, codes)
+    seeds = seeds or [seed_components(m, codes) for m in matrices]
+    found = _combine(question, n_groups, seeds)
+    return {"mean": float(values.mean()), **found, "n_questions": len(values),
+            "n_groups": n_groups, "seeds": seeds}
+
+
+def _t(df: float, level: float) -> float:
+    """The level quantile of Student's t with df degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(level, df))
 
 
 def _t_interval(estimate: dict, level: float) -> list[float]:
     """mean +- t(df, (1+level)/2) * SE; [-inf, inf] when the SE cannot be estimated."""
-    from scipy.stats import t
-
     if not np.isfinite(estimate["se"]):
         return [float("-inf"), float("inf")]
-    half = float(t.ppf(0.5 + level / 2, estimate["df"])) * estimate["se"]
+    half = _t(estimate["df"], 0.5 + level / 2) * estimate["se"]
     return [estimate["mean"] - half, estimate["mean"] + half]
-
-
-def _p_value(estimate: dict) -> float:
-    """Two-sided t-test p-value of mean = 0."""
-    from scipy.stats import t
-
-    if not np.isfinite(estimate["se"]) or estimate["mean"] == 0:
-        return 1.0
-    if estimate["se"] == 0:
-        return 0.0
-    return float(min(1.0, 2 * t.sf(abs(estimate["mean"]) / estimate["se"], estimate["df"])))
 
 
 def _finite(value: float) -> float | None:
     """value for JSON: None in place of inf or NaN (e.g. df when the standard error is 0)."""
-    return float(value) if np.isfinite(value) else None
+    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def _kept(matrices: list[np.ndarray]) -> np.ndarray:
@@ -163,27 +233,26 @@ def _kept(matrices: list[np.ndarray]) -> np.ndarray:
     return np.all([~np.isnan(m).any(axis=0) for m in matrices], axis=0)
 
 
-# --- Putting it together ------------------------------------------------------
+# --- One model alone ------------------------------------------------------------
 
 
 def method_intervals(runs: dict[str, list[list[dict]]], nll: dict[str, np.ndarray],
                      tokens: np.ndarray, metrics: list[str], groups=None) -> dict[str, dict]:
-    """Per model: 95% interval of each metric (in %) and of answer perplexity.
+    """Per model: 95% interval of each metric (in %), of answer perplexity, and the seed SD.
 
     Each row also has "n_questions" and "n_groups" per metric: key_match counts
     only the questions that have a key.
     """
-    groups = group_ids(next(iter(runs.values()))[0]) if groups is None else groups
-    codes = _check_groups(groups, runs)
+    codes = _codes(runs, groups)
     tokens = np.asarray(tokens, dtype=float)
     out = {}
     for name, records in runs.items():
-        row, counts, clusters = {}, {}, {}
+        row, counts, clusters, spread = {}, {}, {}, {}
         for metric in metrics:
             matrix = score_matrix(records, metric)
             keep = _kept([matrix])
             if not keep.any():                                  # e.g. no question has a key
-                row[metric], counts[metric], clusters[metric] = None, 0, 0
+                row[metric], counts[metric], clusters[metric], spread[metric] = None, 0, 0, None
                 continue
             found = _estimate(matrix[:, keep].mean(axis=0), codes[keep], [matrix[:, keep]])
             low, high = _t_interval(found, 0.95)
@@ -191,22 +260,23 @@ def method_intervals(runs: dict[str, list[list[dict]]], nll: dict[str, np.ndarra
             row[metric] = [max(0.0, 100 * low), min(100.0, 100 * high)] if np.isfinite(
                 found["se"]) else None
             counts[metric], clusters[metric] = found["n_questions"], found["n_groups"]
+            sd = seed_sd(matrix[:, keep], codes[keep])
+            spread[metric] = None if sd is None else 100 * sd
         row["answer_perplexity"] = perplexity_interval(np.asarray(nll[name], dtype=float),
                                                        tokens, codes)
-        row["n_questions"], row["n_groups"] = counts, clusters
+        row["n_questions"], row["n_groups"], row["seed_sd"] = counts, clusters, spread
         out[name] = row
     return out
 
 
 def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, codes: np.ndarray,
-                        level: float = 0.95) -> list[float]:
+                        level: float = 0.95) -> list[float] | None:
     """Interval of exp(summed NLL / summed tokens): delta method on the log scale, then exp.
 
-    None when there are fewer than two groups.
-
-    The log perplexity R = mean_q(nll_q) / mean_q(tokens_q) is linearised as
-    (nll_q - R tokens_q) / mean(tokens); the seed component is that of the
-    seeds x questions matrix nll / mean(tokens), whose seed means are the per-seed R.
+    None when there are fewer than two groups.  The log perplexity
+    R = mean_q(nll_q) / mean_q(tokens_q) is linearised as (nll_q - R tokens_q) / mean(tokens);
+    the seed parts are those of the seeds x questions matrix nll / mean(tokens), whose seed
+    means are the per-seed R.
     """
     scale = tokens.mean()
     ratio = nll.mean(axis=0).sum() / tokens.sum()
@@ -216,65 +286,412 @@ def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, codes: np.ndarray,
     return [float(np.exp(low)), float(np.exp(high))] if np.isfinite(found["se"]) else None
 
 
-def comparisons(names: list[str], base: str = "base") -> list[tuple[str, str]]:
-    """The family: every pair of trained methods, then each method against the base."""
-    trained = [n for n in names if n != base]
-    pairs = list(itertools.combinations(trained, 2))
-    return pairs + [(a, base) for a in trained if base in names]
+# --- Pairs ----------------------------------------------------------------------
 
 
-def pairwise(runs: dict[str, list[list[dict]]], metric: str, base: str = "base", groups=None,
-             alpha: float = ALPHA) -> list[dict]:
-    """Every comparison in the family: difference, adjusted interval, p-values, decision.
+def _pair(matrices: dict[str, np.ndarray], codes: np.ndarray, a: str, b: str,
+          cache: dict | None = None) -> dict:
+    """The paired estimate of a - b on the questions both scored (a fraction, not points).
 
-    difference = a - b in points; a positive value means a scored higher.  ci95 is
-    the Bonferroni-adjusted interval (each at level 1 - alpha/m, so all m hold
-    together with probability at least 1 - alpha; the name is kept for the
-    renderers).  significant <=> p_adjusted < alpha <=> ci95 excludes 0.
+    cache: seed_components() by (method, kept questions), shared across a family's pairs.
     """
-    groups = group_ids(next(iter(runs.values()))[0]) if groups is None else groups
-    codes = _check_groups(groups, runs)
+    keep = _kept([matrices[a], matrices[b]])
+    if not keep.any():
+        return {"mean": 0.0, "se": float("nan"), "df": float("nan"), "n_questions": 0,
+                "n_groups": 0, "seeds": [], "question_part": float("nan")}
+    ma, mb = matrices[a][:, keep], matrices[b][:, keep]
+    cache = {} if cache is None else cache
+    seeds = []
+    for name, matrix in ((a, ma), (b, mb)):
+        key = (name, keep.tobytes())
+        if key not in cache:
+            cache[key] = seed_components(matrix, codes[keep])
+        seeds.append(cache[key])
+    return _estimate(ma.mean(axis=0) - mb.mean(axis=0), codes[keep], [ma, mb], seeds)
+
+
+def pairwise(runs: dict[str, list[list[dict]]], metric: str, base: str = "base",
+             groups=None) -> list[dict]:
+    """Every pair of trained methods, then each against the base: difference, SE and df.
+
+    difference = a - b in points (positive: a scored higher).  These are the
+    estimates the decisions use; the decisions themselves, with their simultaneous
+    bounds, are compare_with_best()'s.  No p-value is given here on purpose: an
+    unadjusted p-value beside a family of decisions invites reading it as one.
+    """
+    codes = _codes(runs, groups)
     matrices = {name: score_matrix(records, metric) for name, records in runs.items()}
-    family = comparisons(list(runs), base)
+    trained = [n for n in runs if n != base]
+    family = list(itertools.combinations(trained, 2)) + [(a, base) for a in trained
+                                                          if base in runs]
     rows = []
     for a, b in family:
-        keep = _kept([matrices[a], matrices[b]])
-        ma, mb = matrices[a][:, keep], matrices[b][:, keep]
-        found = (_estimate(ma.mean(axis=0) - mb.mean(axis=0), codes[keep], [ma, mb])
-                 if keep.any() else {"mean": 0.0, "se": float("nan"), "df": float("nan"),
-                                     "n_questions": 0, "n_groups": 0})
-        p = _p_value(found)
-        adjusted = min(1.0, len(family) * p)
-        low, high = _t_interval(found, 1 - alpha / len(family))
+        found = _pair(matrices, codes, a, b)
         rows.append({"a": a, "b": b, "metric": metric, "difference": 100 * found["mean"],
-                     # clipped to the possible range of a difference of two % scores
-                     "ci95": [max(-100.0, 100 * low), min(100.0, 100 * high)],
                      "se": _finite(100 * found["se"]), "df": _finite(found["df"]),
-                     "p_value": p, "p_adjusted": adjusted, "alpha": alpha,
-                     "significant": adjusted < alpha, "stable": True,  # analytic: no RNG
                      "n_questions": found["n_questions"], "n_groups": found["n_groups"],
-                     "seeds": [ma.shape[0], mb.shape[0]]})
+                     "seeds": [len(runs[a]), len(runs[b])]})
     return rows
 
 
-def procedure(alpha: float, n_comparisons: int, n_questions: int | None = None,
-              n_groups: int | None = None, seeds: dict[str, int] | None = None,
-              metric: str | None = None) -> dict:
-    """How the intervals and decisions were made, for comparison.json and the report."""
+# --- Comparisons with the best, and the gate against the base -------------------
+
+
+def compare_with_best(runs: dict[str, list[list[dict]]], metric: str, base: str = "base",
+                      alpha: float = ALPHA, margin: float = MARGIN, groups=None) -> dict:
+    """Hsu's constrained MCB bounds for every trained method, the best set and the base gate.
+
+    Returns {"alpha", "alpha_best", "alpha_base", "margin", "best_set", "methods"}; each
+    method's entry has its mean, its gap to the best of the others (estimate, lower and
+    upper simultaneous bounds, in points), shown_worse_than, in_best_set, clears_margin
+    and "base" (difference, one-sided lower bound, helps).  See the module docstring.
+    """
+    codes = _codes(runs, groups)
+    matrices = {name: score_matrix(records, metric) for name, records in runs.items()}
+    return {**best_of_matrices(matrices, codes, base, alpha, margin), "metric": metric}
+
+
+def pair_level(alpha_best: float, m: int) -> float:
+    """The t quantile level of every pair's bound: two-sided Bonferroni over m(m-1)/2 pairs."""
+    return 1 - alpha_best / max(m * (m - 1), 1)
+
+
+def best_of_matrices(matrices: dict[str, np.ndarray], codes: np.ndarray, base: str = "base",
+                     alpha: float = ALPHA, margin: float = MARGIN) -> dict:
+    """compare_with_best() on seeds x questions score matrices (NaN: not scored)."""
+    trained = [n for n in matrices if n != base]
+    has_base = base in matrices
+    alpha_base = BASE_SHARE * alpha if has_base else 0.0
+    alpha_best = alpha - alpha_base
+    m = len(trained)
+    cache: dict = {}
+    pairs = {}
+    for a, b in itertools.combinations(trained, 2):
+        found = _pair(matrices, codes, a, b, cache)
+        pairs[(a, b)] = found
+        pairs[(b, a)] = {**found, "mean": -found["mean"], "seeds": found["seeds"][::-1]}
+    level = pair_level(alpha_best, m)
+
+    def bounds(found: dict) -> tuple[float, float]:
+        """(D - d SE, D + d SE) in points; infinite where the SE is unknown."""
+        if not np.isfinite(found["se"]):
+            return float("-inf"), float("inf")
+        half = _t(found["df"], level) * found["se"] if found["se"] else 0.0
+        return 100 * (found["mean"] - half), 100 * (found["mean"] + half)
+
+    low_high = {pair: bounds(found) for pair, found in pairs.items()}
+    worse = {a: [b for b in trained if b != a and low_high[(a, b)][1] < 0] for a in trained}
+    best_set = [a for a in trained if not worse[a]]
+    out = {}
+    for a in trained:
+        others = [b for b in trained if b != a]
+        rivals = [b for b in best_set if b != a]
+        if rivals:
+            lower = min([0.0] + [low_high[(a, b)][0] for b in rivals])
+        else:  # the only member of the best set: ahead of every other by at least this
+            lower = min((low_high[(a, b)][0] for b in others), default=0.0)
+        scored = matrices[a][:, _kept([matrices[a]])]
+        out[a] = {
+            "mean": _finite(100 * float(scored.mean())) if scored.size else None,
+            "gap": min((100 * pairs[(a, b)]["mean"] for b in others), default=0.0),
+            "lower": _finite(lower),
+            "upper": _finite(min((low_high[(a, b)][1] for b in others), default=0.0)),
+            "shown_worse_than": worse[a], "in_best_set": a in best_set,
+            "clears_margin": bool(np.isfinite(lower) and lower > -margin),
+            "seeds": int(matrices[a].shape[0]),
+            "base": _gate(matrices, codes, a, base, alpha_base, m, cache) if has_base else None}
+    return {"alpha": alpha, "alpha_best": alpha_best, "alpha_base": alpha_base,
+            "margin": margin, "best_set": best_set, "methods": out,
+            "critical": (f"t at {alpha_best:g}/{max(m * (m - 1), 1)} a side "
+                         f"(Bonferroni over the {m * (m - 1) // 2} pairs of methods, two-sided)")}
+
+
+def _gate(matrices, codes, a: str, base: str, alpha_base: float, m: int,
+          cache: dict | None = None) -> dict:
+    """a against the base: difference, one-sided lower bound at 1 - alpha_base/m, helps."""
+    found = _pair(matrices, codes, a, base, cache)
+    if not np.isfinite(found["se"]):
+        lower = float("-inf")
+    elif found["se"] == 0:
+        lower = found["mean"]
+    else:
+        lower = found["mean"] - _t(found["df"], 1 - alpha_base / m) * found["se"]
+    return {"difference": 100 * found["mean"], "lower": _finite(100 * lower),
+            "helps": bool(np.isfinite(lower) and lower > 0)}
+
+
+# --- The plan that would settle an inconclusive verdict --------------------------
+
+
+def _projected_bound(a: str, b: str, found: dict, seeds: dict[str, int], scale: float,
+                     alpha_best: float, m: int) -> float:
+    """D_ab - d SE_ab (points) if a and b had seeds[...] seeds and scale x the fact groups.
+
+    The point estimate is kept; the question part shrinks as 1/scale; each method's
+    seed part becomes B / k' at today's questions, else (s2_seed + I / scale) / k' with
+    s2_seed = max(0, B - I).  A
+    method with one seed has no measured seed part: projected as if s2_seed were 0.
+    """
+    question = found["question_part"] / scale
+    parts = [(question, found["n_groups"] * scale - 1)]
+    for name, part in zip((a, b), found["seeds"]):
+        if np.isfinite(part["between"]):
+            # at today's questions B itself (so today's design projects today's bound);
+            # with more questions the noise part shrinks and s2_seed, floored at 0, stays
+            one = (part["between"] if scale == 1 else
+                   max(0.0, part["between"] - part["noise"]) + part["noise"] / scale)
+            parts.append((one / seeds[name], seeds[name] - 1))
+    variance = sum(v for v, _ in parts)
+    denominator = sum(v ** 2 / df for v, df in parts if v > 0 and df > 0)
+    df = variance ** 2 / denominator if denominator > 0 else float("inf")
+    se = math.sqrt(variance)
+    return 100 * (found["mean"] - (_t(df, pair_level(alpha_best, m)) * se if se > 0 else 0.0))
+
+
+def settle_plan(runs: dict[str, list[list[dict]]], metric: str, best: dict,
+                cost_order: list[str], base: str = "base", groups=None) -> dict | None:
+    """How many seeds, or how many more questions and seeds, would let a method clear -margin.
+
+    For each method that helps, in cost order (cheapest first), whose estimated gap to every other
+    member of the best set is above -margin (else no amount of data clears it at these
+    estimates), two options are sized:
+      seeds      the fewest seeds K (for it and the best set's other members; finished
+                 seeds are kept) at which its projected lower bound clears -margin;
+      questions  for each question factor f, the fewest seeds K with a data set f times
+                 as large (new facts, every method retrained), keeping the cheapest f x K.
+    Cost is counted in training runs of the present data size: seeds cost the runs
+    they add, a larger data set costs f x K runs of every compared method.  The target
+    is the method with the cheapest option; "considered" lists every method in cost
+    order.  None with fewer than two methods.
+    """
+    codes = _codes(runs, groups)
+    matrices = {name: score_matrix(records, metric) for name, records in runs.items()}
+    trained = [n for n in runs if n != base]
+    m, margin, alpha_best = len(trained), best["margin"], best["alpha_best"]
+    if m < 2:
+        return None
+    current = {name: len(runs[name]) for name in runs}
+    considered = []
+    for a in cost_order:
+        entry = best["methods"][a]
+        rivals = [b for b in best["best_set"] if b != a]
+        if not (entry["base"] is None or entry["base"]["helps"]) or not rivals:
+            continue
+        pairs = {b: _pair(matrices, codes, a, b) for b in rivals}
+        if any(100 * p["mean"] <= -margin for p in pairs.values()):
+            considered.append({"method": a, "reachable": False})
+            continue
+        group = [a] + rivals
+
+        def fewest_seeds(scale: float, start: int) -> int | None:
+            """The fewest seeds a group member at which every bound of a clears -margin."""
+            for k in range(start, MAX_PLAN_SEEDS + 1):
+                seeds = {**current, **{n: max(k, current[n]) if scale == 1 else k
+                                       for n in group}}
+                if all(_projected_bound(a, b, pairs[b], seeds, scale, alpha_best, m) > -margin
+                       for b in rivals):
+                    return k
+            return None
+
+        option = {"method": a, "reachable": True, "with": rivals,
+                  "seed_count_now": {n: current[n] for n in group}}
+        k = fewest_seeds(1.0, max(current[n] for n in group))
+        if k is not None:
+            option["seeds"] = {"seeds": k, "runs": sum(max(0, k - current[n]) for n in group)}
+        larger = [(f, fewest_seeds(f, 2)) for f in QUESTION_FACTORS]
+        larger = [(f, k) for f, k in larger if k is not None]
+        if larger:
+            f, k = min(larger, key=lambda fk: (fk[0] * fk[1], fk[0]))
+            option["questions"] = {"factor": f, "seeds": k, "runs": math.ceil(f * k * m)}
+        considered.append(option)
+    settled = [c for c in considered if "seeds" in c or "questions" in c]
+    cheapest = min(settled, key=lambda c: min(c.get(o, {}).get("runs", math.inf)
+                                              for o in ("seeds", "questions")), default=None)
+    return {"target": cheapest["method"] if cheapest else None, "considered": considered,
+            "assumes": "the point estimates stay as measured; the seed terms rest on k - 1 "
+                       "degrees of freedom each, so the seed count is a rough guide, not a "
+                       "promise"}
+
+
+# --- The recommendation -----------------------------------------------------------
+
+
+def cost_order(rows: list[dict]) -> list[str]:
+    """Trained methods from cheapest to dearest: mean training time, then peak memory."""
+    trained = [r for r in rows if r["method"] != "base"]
+    return [r["method"] for r in sorted(trained, key=lambda r: (
+        r.get("train_seconds") or float("inf"), r.get("peak_memory_mb") or float("inf")))]
+
+
+def recommend(rows: list[dict], best: dict, plan: dict | None, label: str) -> dict:
+    """The decision that follows from the bounds: recommend, inconclusive or none.
+
+    rows: one per model (base first) with train_seconds, peak_memory_mb and their
+    per-seed ranges ("train_seconds_range", "peak_memory_mb_range") and lr_source.
+    Returns {"outcome", "method", "text"}.  A method is recommended only when its
+    simultaneous lower bound against the best clears -margin; a test that fails to
+    reject never counts as evidence of anything.
+    """
+    by_name = {r["method"]: r for r in rows}
+    order = cost_order(rows)
+    methods, margin = best["methods"], best["margin"]
+    level = f"simultaneous {100 * (1 - best['alpha']):g}%"
+    lines = []
+    helps = [a for a in order if methods[a]["base"] is None or methods[a]["base"]["helps"]]
+    if "base" not in by_name:
+        lines.append("The untuned base was not evaluated, so no method is shown to help.")
+    else:
+        fails = [a for a in order if a not in helps]
+        if fails:
+            lines.append("Not shown better than the untuned base: " + ", ".join(
+                f"{a} ({methods[a]['base']['difference']:+.1f} points, lower bound "
+                f"{_signed(methods[a]['base']['lower'])})" for a in fails) + ".")
+    if not helps:
+        lines.append("Recommendation: none. No method is shown better than the untuned base "
+                     "model on this data; train longer (--epochs), tune the rate (--tune-lr) "
+                     "or add data, then compare again.")
+        return _decision("none", None, lines, rows)
+    lines.append(f"Best set ({level}): " + ", ".join(best["best_set"]) + "; "
+                 + "; ".join(_gap_text(a, methods[a]) for a in best["best_set"]) + ".")
+    worse = [a for a in order if not methods[a]["in_best_set"]]
+    if worse:
+        lines.append("Shown worse than the best: " + "; ".join(
+            f"{a} (worse than {', '.join(methods[a]['shown_worse_than'])}; "
+            f"{_gap_text(a, methods[a], named=False)})" for a in worse) + ".")
+    chosen = next((a for a in helps if methods[a]["clears_margin"]), None)
+    if chosen is not None:
+        entry = methods[chosen]
+        worst = -entry["lower"]
+        text = (f"Recommendation: {chosen}, at most {worst:.1f} points of {label} below the "
+                f"best method ({level}), within the declared margin of {margin:g} points")
+        cheaper = [a for a in helps[:helps.index(chosen)]]
+        text += ("." if not cheaper else "; " + ", ".join(cheaper) + (
+            " is" if len(cheaper) == 1 else " are") + " cheaper but not shown within it.")
+        lines.append(text)
+        costs = _cost_text(by_name, chosen, [a for a in best["best_set"] if a != chosen])
+        if costs:
+            lines.append(costs)
+        return _decision("recommend", chosen, lines, rows)
+    lines.append(f"Verdict: inconclusive at a margin of {margin:g} points. No method that "
+                 f"helps is shown within {margin:g} points of the best ({level}); the data "
+                 "cannot yet tell the best set apart, so none of them is recommended over "
+                 "the others.")
+    lines.append(_plan_text(plan, margin))
+    return _decision("inconclusive", None, lines, rows)
+
+
+def _decision(outcome: str, method: str | None, lines: list[str], rows: list[dict]) -> dict:
+    """The recommendation's record, with the untuned-rate caveat appended to its text."""
+    untuned = [r["method"] for r in rows
+               if r["method"] != "base" and not str(r.get("lr_source") or "").startswith("search")]
+    if untuned:
+        rates = ("The learning rate of " + untuned[0] + " was" if len(untuned) == 1 else
+                 "The learning rates of " + ", ".join(untuned) + " were")
+        lines.append(f"{rates} not searched, so this may not hold at tuned rates: rerun with "
+                     "`make all ... TUNE=1` (or `--tune-lr`) before acting on it.")
+    return {"outcome": outcome, "method": method, "text": " ".join(lines)}
+
+
+def _signed(value: float | None) -> str:
+    """A bound for text: '+1.2', '-3.4', or 'unknown' where it could not be estimated."""
+    return "unknown" if value is None else f"{value:+.1f}"
+
+
+def _gap_text(method: str, entry: dict, named: bool = True) -> str:
+    """'lora -2.7 points from the best of the others [-6.5, +0.0]': estimate and bounds."""
+    return (f"{method + ' ' if named else ''}{entry['gap']:+.1f} points from the best of the "
+            f"others [{_signed(entry['lower'])}, {_signed(entry['upper'])}]")
+
+
+COSTS = (("train_seconds", "training time", "s"), ("peak_memory_mb", "peak memory", "MB"))
+
+
+def _cost_text(by_name: dict, chosen: str, others: list[str]) -> str:
+    """Cost differences that exceed their seed-to-seed spread; the rest are called unresolved.
+
+    Each cost is a range over seeds ("<field>_range"); a difference is stated only when
+    the two ranges do not overlap.
+    """
+    found, unresolved = [], []
+    for other in others:
+        for field, what, unit in COSTS:
+            mine, theirs = by_name[chosen].get(f"{field}_range"), by_name[other].get(
+                f"{field}_range")
+            if not mine or not theirs or None in (*mine, *theirs):
+                continue
+            if mine[1] < theirs[0] or mine[0] > theirs[1]:
+                word = "less" if mine[1] < theirs[0] else "more"
+                found.append(f"{word} {what} than {other} ({_range(*mine)} against "
+                             f"{_range(*theirs)} {unit})")
+            else:
+                unresolved.append(f"{what} against {other}")
+    text = f"Over every seed, {chosen} used " + "; ".join(found) + "." if found else ""
+    if unresolved:
+        text += (" " if text else "") + ("Within the seed-to-seed spread, so not claimed: "
+                                         + ", ".join(unresolved) + ".")
+    return text
+
+
+def _range(low: float, high: float) -> str:
+    """A measured range for text: '95-101' (one value when they are equal)."""
+    return f"{low:,.0f}" if round(low) == round(high) else f"{low:,.0f}-{high:,.0f}"
+
+
+def _plan_text(plan: dict | None, margin: float) -> str:
+    """The plan as sentences, cheapest method first (the commands are in plan["commands"])."""
+    if not plan or plan.get("target") is None:
+        return ("No plan within reach settles it: at the measured estimates no method comes "
+                f"within {margin:g} points of every other member of the best set with up to "
+                f"{MAX_PLAN_SEEDS} seeds or {QUESTION_FACTORS[-1]}x the questions. Either "
+                "declare the margin you would accept (--margin) or take the best set as it is.")
+    sentences = []
+    for c in plan["considered"]:
+        a = c["method"]
+        if not c["reachable"]:
+            sentences.append(f"{a} cannot: its estimated gap is already beyond the margin.")
+            continue
+        options = []
+        if c.get("seeds"):
+            now = ", ".join(f"{n} {k}" for n, k in c["seed_count_now"].items())
+            options.append(f"{c['seeds']['seeds']} seeds each of {', '.join([a] + c['with'])} "
+                           f"(now {now}; {c['seeds']['runs']} more training runs)")
+        if c.get("questions"):
+            q = c["questions"]
+            options.append(f"{q['factor']:g}x the questions, as new facts, and {q['seeds']} "
+                           f"seeds of every method (about {q['runs']} runs of today's size)")
+        sentences.append(f"{a} would need " + (" or ".join(options) if options else
+                                               f"more than {MAX_PLAN_SEEDS} seeds and "
+                                               f"{QUESTION_FACTORS[-1]:g}x the questions") + ".")
+    return ("Plan: to show a method within the margin, if its estimated gaps hold (projected "
+            "from the measured variance; cheapest method first): " + " ".join(sentences)
+            + f" The cheapest option is {plan['target']}'s; the commands are under 'Plan'. "
+            f"This assumes {plan['assumes']}.")
+
+
+# --- How it was done ---------------------------------------------------------------
+
+
+def procedure(best: dict, n_questions: int | None = None, n_groups: int | None = None,
+              seeds: dict[str, int] | None = None, metric: str | None = None) -> dict:
+    """How the bounds and decisions were made, for comparison.json and the report."""
     seeds = seeds or {}
     single = sorted(name for name, k in seeds.items() if k < 2 and name != "base")
+    m = len([n for n in seeds if n != "base"])
     return {
         "unit": "fact group (all wordings of one fact form one cluster; rows without a group "
                 "are their own cluster)",
         "metric": metric, "questions": n_questions, "groups": n_groups, "seeds": seeds,
-        "method": "analytic paired difference of per-question seed means; cluster-robust (CR1) "
-                  "standard error over groups plus each method's seed variance component "
-                  "(method of moments, crossed seeds x questions), t with Welch-Satterthwaite "
-                  "degrees of freedom",
-        "adjustment": "Bonferroni", "n_comparisons": n_comparisons, "alpha": alpha,
-        "interval_level": 1 - alpha / max(n_comparisons, 1),
-        "rule": "significant exactly when the Bonferroni-adjusted interval excludes 0 "
-                "(equivalently p_adjusted < alpha)",
+        "method": "paired differences of per-question seed means; cluster-robust (CR1) "
+                  "question part plus each method's between-seed variance of seed means, "
+                  "the seed-by-question noise estimated with the fact group as unit; t with "
+                  "Welch-Satterthwaite degrees of freedom",
+        "comparisons_with_the_best": "Hsu's constrained MCB with one-sided Bonferroni critical "
+                                     f"values, {best['alpha_best']:g} over {max(m - 1, 1)}",
+        "gate_against_base": (f"one-sided lower bounds, {best['alpha_base']:g} over {m} "
+                              "(Bonferroni)" if best["alpha_base"] else "no base evaluated"),
+        "alpha": best["alpha"], "margin": best["margin"],
+        "rule": "recommend the cheapest method that helps and whose lower bound against the "
+                "best clears -margin; otherwise inconclusive at the margin, with a plan",
         "per_model_intervals": "95% t interval, same standard error, no adjustment",
         "perplexity": "delta-method cluster-robust interval on the log scale, then exp",
         "resampling": "none (analytic); no result depends on an RNG seed",
@@ -283,127 +700,13 @@ def procedure(alpha: float, n_comparisons: int, n_questions: int | None = None,
         "references": list(REFERENCES)}
 
 
-def describe(found: dict) -> str:
-    """procedure()'s dict as two sentences for comparison.md and the HTML report."""
-    return (f"Differences a - b on the same {found['questions']} questions in "
-            f"{found['groups']} fact groups, standard errors clustered by group, with each "
-            "method's seed-to-seed variation added; t intervals with "
-            f"Satterthwaite degrees of freedom, Bonferroni-adjusted over {found['n_comparisons']} "
-            f"comparisons (each interval at {100 * found['interval_level']:.2f}%). A difference "
-            f"is significant exactly when its adjusted interval excludes 0 (adjusted p < "
-            f"{found['alpha']:g}); training variation {found['training_variation']}.")
-
-
-def _find(pairs: list[dict], a: str, b: str) -> tuple[float, dict]:
-    """The comparison of a with b, as (difference a - b, its row), whichever way it was stored."""
-    for row in pairs:
-        if (row["a"], row["b"]) == (a, b):
-            return row["difference"], row
-        if (row["a"], row["b"]) == (b, a):
-            return -row["difference"], row
-    raise KeyError((a, b))
-
-
-def is_significant(row: dict, alpha: float = ALPHA) -> bool:
-    """Whether a comparison shows a difference: Bonferroni-adjusted p < alpha.
-
-    With the alpha pairwise() was given, this is exactly "the adjusted interval excludes 0".
-    """
-    return row["p_adjusted"] < alpha and row["difference"] != 0
-
-
-def significantly(pairs: list[dict], a: str, b: str, alpha: float = ALPHA) -> int:
-    """+1 if a is significantly better than b, -1 if significantly worse, 0 if not shown."""
-    difference, row = _find(pairs, a, b)
-    if not is_significant(row, alpha):
-        return 0
-    return 1 if difference > 0 else -1
-
-
-def recommend(rows: list[dict], pairs: list[dict], metric: str, label: str,
-              alpha: float = ALPHA) -> str:
-    """A recommendation that follows from the paired comparisons, never contradicting them.
-
-    rows: one per model (base first) with the metric's mean (in %), train_seconds,
-    peak_memory_mb and, for trained methods, lr_source.  When a trained method's
-    learning rate was not searched, the text says the ranking may not hold.
-    """
-    text = _recommendation(rows, pairs, metric, label, alpha)
-    untuned = [r["method"] for r in rows
-               if r["method"] != "base" and not str(r.get("lr_source") or "").startswith("search")]
-    if untuned:
-        rates = ("The learning rate of " + untuned[0] + " was" if len(untuned) == 1 else
-                 "The learning rates of " + ", ".join(untuned) + " were")
-        text += (f" {rates} not searched, so this ranking "
-                 "may not hold at tuned rates: rerun with `make all ... TUNE=1` (or "
-                 "`--tune-lr`) before acting on it.")
-    return text
-
-
-def _recommendation(rows: list[dict], pairs: list[dict], metric: str, label: str,
-                    alpha: float) -> str:
-    """The statements of recommend(), from the decisions at level alpha."""
-    by_name = {r["method"]: r for r in rows}
-    trained = [r for r in rows if r["method"] != "base"]
-    best = max(trained, key=lambda r: r[metric])
-    lines = [f"Best {label}: {best['method']} ({best[metric]:.1f}%)."]
-    base = by_name.get("base")
-    if base is None:
-        qualified = list(trained)
-        lines.append("The untuned base was not evaluated, so no method is shown to help.")
-    else:
-        qualified = [r for r in trained if significantly(pairs, r["method"], "base", alpha) > 0]
-        others = [r["method"] for r in trained if r not in qualified]
-        if qualified:
-            lines.append("Significantly better than the untuned base "
-                         f"({base[metric]:.1f}%): "
-                         + "; ".join(_versus(pairs, r["method"], "base") for r in qualified) + ".")
-        if others:
-            lines.append("Not shown better than the base: "
-                         + "; ".join(_versus(pairs, m, "base") for m in others) + ".")
-    if not qualified:
-        lines.append("Recommendation: none. No method is significantly better than the untuned "
-                     "base model on this data; train longer (--epochs), tune the rate "
-                     "(--tune-lr) or add data, then compare again.")
-        return " ".join(lines)
-    near = [r for r in qualified
-            if r is best or significantly(pairs, r["method"], best["method"], alpha) >= 0]
-    worse = [r["method"] for r in qualified if r not in near]
-    if not near:
-        lines.append(f"Recommendation: none. {best['method']} is not significantly better than "
-                     "the base, and every method that is, is significantly worse than it.")
-        return " ".join(lines)
-    choice = min(near, key=lambda r: (r["train_seconds"], r["peak_memory_mb"]))
-    if worse:
-        lines.append(f"Significantly worse than {best['method']}: "
-                     + "; ".join(_versus(pairs, m, best["method"]) for m in worse) + ".")
-    if choice is best:
-        cheaper = [r["method"] for r in near if r is not best]
-        lines.append(f"Recommendation: {best['method']}."
-                     + (f" {', '.join(cheaper)} {'is' if len(cheaper) == 1 else 'are'} not "
-                        "significantly worse, but not cheaper to train."
-                        if cheaper else " No other qualifying method is within reach of it."))
-        return " ".join(lines)
-    speed = best["train_seconds"] / max(choice["train_seconds"], 1e-9)
-    memory = best["peak_memory_mb"] - choice["peak_memory_mb"]
-    lines.append(
-        f"Recommendation: {choice['method']}, the cheapest method not significantly worse than "
-        f"{best['method']} ({_versus(pairs, choice['method'], best['method'])}): it trains "
-        f"{speed:.1f}x faster" + (f" with {memory:,.0f} MB less peak memory." if memory > 0 else
-                                  f" though with {-memory:,.0f} MB more peak memory."))
-    return " ".join(lines)
-
-
-def _versus(pairs: list[dict], a: str, b: str) -> str:
-    """'a +3.2 points [0.4, 6.0], p_adj 0.012' for a compared with b (the adjusted interval)."""
-    difference, row = _find(pairs, a, b)
-    low, high = row["ci95"] if (row["a"], row["b"]) == (a, b) else [-row["ci95"][1],
-                                                                    -row["ci95"][0]]
-    return (f"{a} {difference:+.1f} points [{low:+.1f}, {high:+.1f}], "
-            f"p_adj {_p(row['p_adjusted'])}")
-
-
-def _p(value: float) -> str:
-    """A p-value for text: three decimals, or '<0.001'."""
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
-
+def procedure_text(found: dict) -> str:
+    """procedure()'s dict in three sentences for comparison.md and the HTML report."""
+    return (f"Scores on the same {found['questions']} questions in {found['groups']} fact "
+            "groups, standard errors clustered by group, with each method's seed-to-seed "
+            "variation added; t bounds with Satterthwaite degrees of freedom. Gap to the best "
+            "of the others: Hsu's constrained comparisons with the best "
+            f"({found['comparisons_with_the_best']}); against the base, "
+            f"{found['gate_against_base']}; all statements hold together at "
+            f"{100 * (1 - found['alpha']):g}%. Declared margin: {found['margin']:g} points; "
+            f"training variation {found['training_variation']}.")

@@ -362,16 +362,21 @@ def test_evaluate_scores_answers_it_controls(tmp_path, monkeypatch):
     pairs = {(p["a"], p["b"]): p for p in report["pairwise"]}
     assert set(pairs) == {("full", "lora"), ("full", "base"), ("lora", "base")}
     # full vs base: every question differs by exactly 1, so the standard error is 0
-    assert pairs[("full", "base")]["p_value"] == 0
+    assert pairs[("full", "base")]["se"] == 0
     assert pairs[("full", "base")]["difference"] == 100
     # lora vs base: per-question differences 1 (first half) and 0, one question a group:
-    # a one-sample t-test with n - 1 degrees of freedom, Bonferroni over 3 comparisons
+    # a one-sample t bound with n - 1 degrees of freedom, one-sided at alpha_base / 2 methods
     n = len(rows)
     diffs = np.array([1.0] * (n // 2) + [0.0] * (n - n // 2))
-    expected = 2 * scipy.stats.t.sf(diffs.mean() / (diffs.std(ddof=1) / np.sqrt(n)), n - 1)
-    assert pairs[("lora", "base")]["p_value"] == pytest.approx(expected)
-    assert pairs[("lora", "base")]["p_adjusted"] == pytest.approx(min(1, 3 * expected))
-    assert report["procedure"]["groups"] == n and report["procedure"]["n_comparisons"] == 3
+    se = diffs.std(ddof=1) / np.sqrt(n)
+    assert pairs[("lora", "base")]["se"] == pytest.approx(100 * se)
+    best = report["best"]
+    gate = best["methods"]["lora"]["base"]
+    assert gate["lower"] == pytest.approx(100 * (diffs.mean() - scipy.stats.t.ppf(
+        1 - best["alpha_base"] / 2, n - 1) * se))
+    assert report["procedure"]["groups"] == n and report["margin"] == 5.0
+    assert best["best_set"] == ["full"] and best["methods"]["lora"]["shown_worse_than"] == ["full"]
+    assert report["outcome"] == "recommend" and report["recommended"] == "full"
     assert "Recommendation: full" in report["recommendation"]
     for field in ("seeds", "lr", "key_accuracy_ci95", "exact_match_ci95", "token_f1_ci95",
                   "answer_perplexity_ci95"):

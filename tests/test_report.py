@@ -84,19 +84,23 @@ def test_every_table_shows_the_same_cells(measured):
                    for c in report.COLUMNS if c.shown)
 
 
-def test_the_level_of_every_statement_is_read_from_comparison_json(measured):
+def test_the_decisions_shown_are_read_from_comparison_json(measured):
+    """report.py renders the bounds and the margin it is given; it decides nothing itself."""
     comparison = json.loads((measured / "comparison.json").read_text())
-    assert any(p["significant"] for p in comparison["pairwise"])  # else this shows nothing
-    comparison["alpha"] = 1e-300  # no test of these clears it
-    comparison["procedure"]["alpha"] = 1e-300
+    name = next(iter(comparison["best"]["methods"]))
+    entry = comparison["best"]["methods"][name]
+    entry.update(in_best_set=False, shown_worse_than=["an imagined rival"], lower=-12.25,
+                 upper=-0.5)
+    comparison["best"]["margin"] = comparison["procedure"]["margin"] = 7.0
     (measured / "comparison.json").write_text(json.dumps(comparison))
     report.render(measured)
     markdown = (measured / "comparison.md").read_text()
-    pairs = markdown.split("## Paired comparisons")[1].split("\n## ")[0]
-    assert "a better" not in pairs and "b better" not in pairs
-    assert pairs.count("| not shown |") == len(comparison["pairwise"])
-    assert "adjusted p < 1e-300" in pairs
-    assert "better</span>" not in (measured / "report.html").read_text()
+    section = markdown.split("## Comparisons with the best")[1].split("\n## ")[0]
+    assert "within -7?" in section and "Declared margin: 7 points" in section
+    assert f"| {name} |" in section and "[-12.2, -0.5]" in section
+    assert "shown worse than an imagined rival" in section
+    page = (measured / "report.html").read_text()
+    assert "shown worse than an imagined rival" in page and "within -7?" in page
 
 
 def test_a_folder_without_comparison_json_is_one_line(tmp_path, capsys):
