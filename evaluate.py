@@ -459,13 +459,14 @@ def compare(output_dir: Path, alpha: float = verdict.ALPHA,
     best = verdict.compare_with_best(all_runs, record_key, alpha=alpha, margin=margin)
     best["metric"] = key
     plan = verdict.settle_plan(all_runs, record_key, best, verdict.cost_order(table))
-    decision = verdict.recommend(table, best, plan, label)
+    searches = report.read_searches(output_dir, trained)
+    sensitivity = verdict.rate_sensitivity(searches)
+    decision = verdict.recommend(table, best, plan, label, verdict.rate_text(sensitivity))
     if plan is not None:
         plan["commands"] = plan_commands(output_dir, info, trained, plan)
     breakdowns = {name: {"eval_kind": breakdown(runs, "eval_kind"),
                          "category": breakdown(runs, "category")}
                   for name, runs in all_runs.items()}
-    searches = report.read_searches(output_dir, trained)
     procedure = verdict.procedure(
         best, max(p["n_questions"] for p in pairs), max(p["n_groups"] for p in pairs),
         {name: len(runs) for name, runs in all_runs.items()}, key)
@@ -478,6 +479,7 @@ def compare(output_dir: Path, alpha: float = verdict.ALPHA,
         "intervals": "95% t intervals, cluster-robust over fact groups plus seed variance; "
                      "see verdict.py",
         "procedure": procedure, "rows": table, "best": best, "pairwise": pairs, "plan": plan,
+        "rate_sensitivity": sensitivity,
         "breakdowns": breakdowns,
         "lr_search": {name: {k: s.get(k) for k in ("grid", "chosen_lr", "metric", "budget")}
                       for name, s in searches.items()},

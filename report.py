@@ -107,6 +107,7 @@ class Column:
     digits: int = 0       # decimals shown in the tables (the CSV keeps the raw number)
     interval: bool = False  # shown as 'mean [low, high]'; the CSV adds <key>_ci95_low/_high
     shown: bool = True    # False: in the CSV only (the same on every row; the title says it)
+    spread: bool = False  # a cost: shown as 'mean (min-max over seeds)' where seeds differ
 
 
 COLUMNS = (
@@ -115,8 +116,10 @@ COLUMNS = (
     Column("exact_match", "exact match % [95% CI]", 1, interval=True),
     Column("key_accuracy", "key acc. % [95% CI]", 1, interval=True),
     Column("token_f1", "F1 % [95% CI]", 1, interval=True),
-    Column("train_loss", "train loss", 3), Column("train_seconds", "train time (s)"),
-    Column("train_tokens_per_s", "tokens/s"), Column("peak_memory_mb", "peak mem. (MB)"),
+    Column("train_loss", "train loss", 3),
+    Column("train_seconds", "train time (s) (seed range)", spread=True),
+    Column("train_tokens_per_s", "tokens/s"),
+    Column("peak_memory_mb", "peak mem. (MB) (seed range)", spread=True),
     Column("trainable_params", "trainable params"), Column("trainable_percent", "trainable %", 3),
     Column("size_on_disk_mb", "saved (MB)", 1), Column("n", "questions", shown=False),
     Column("note", "note"))
@@ -139,6 +142,11 @@ def cell(row: dict, column: Column) -> tuple[str, str]:
     value = row.get(column.key)
     if column.key == "lr":  # a rate reads best in significant figures
         return ("-" if value is None else f"{value:.2g}"), ""
+    if column.spread and value is not None:
+        low, high = row.get(f"{column.key}_range") or (None, None)
+        spread = (f"({fmt(float(low), column.digits)}-{fmt(float(high), column.digits)})"
+                  if low is not None and round(low) != round(high) else "")
+        return fmt(value, column.digits), spread
     if value is None or not column.interval:
         return fmt(value, column.digits), ""
     ci, digits = row.get(f"{column.key}_ci95"), column.digits

@@ -523,12 +523,14 @@ def cost_order(rows: list[dict]) -> list[str]:
         r.get("train_seconds") or float("inf"), r.get("peak_memory_mb") or float("inf")))]
 
 
-def recommend(rows: list[dict], best: dict, plan: dict | None, label: str) -> dict:
+def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
+              rates: str = "") -> dict:
     """The decision that follows from the bounds: recommend, inconclusive or none.
 
     rows: one per model (base first) with train_seconds, peak_memory_mb and their
     per-seed ranges ("train_seconds_range", "peak_memory_mb_range") and lr_source.
-    Returns {"outcome", "method", "text"}.  A method is recommended only when its
+    rates: rate_text()'s sentence, appended.  Returns {"outcome", "method", "text"}.
+    A method is recommended only when its
     simultaneous lower bound against the best clears -margin; a test that fails to
     reject never counts as evidence of anything.
     """
@@ -550,7 +552,7 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str) -> di
         lines.append("Recommendation: none. No method is shown better than the untuned base "
                      "model on this data; train longer (--epochs), tune the rate (--tune-lr) "
                      "or add data, then compare again.")
-        return _decision("none", None, lines, rows)
+        return _decision("none", None, lines + [rates], rows)
     lines.append(f"Best set ({level}): " + ", ".join(best["best_set"]) + "; "
                  + "; ".join(_gap_text(a, methods[a]) for a in best["best_set"]) + ".")
     worse = [a for a in order if not methods[a]["in_best_set"]]
@@ -571,13 +573,13 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str) -> di
         costs = _cost_text(by_name, chosen, [a for a in best["best_set"] if a != chosen])
         if costs:
             lines.append(costs)
-        return _decision("recommend", chosen, lines, rows)
+        return _decision("recommend", chosen, lines + [rates], rows)
     lines.append(f"Verdict: inconclusive at a margin of {margin:g} points. No method that "
                  f"helps is shown within {margin:g} points of the best ({level}); the data "
                  "cannot yet tell the best set apart, so none of them is recommended over "
                  "the others.")
     lines.append(_plan_text(plan, margin))
-    return _decision("inconclusive", None, lines, rows)
+    return _decision("inconclusive", None, lines + [rates], rows)
 
 
 def _decision(outcome: str, method: str | None, lines: list[str], rows: list[dict]) -> dict:
@@ -589,7 +591,7 @@ def _decision(outcome: str, method: str | None, lines: list[str], rows: list[dic
                  "The learning rates of " + ", ".join(untuned) + " were")
         lines.append(f"{rates} not searched, so this may not hold at tuned rates: rerun with "
                      "`make all ... TUNE=1` (or `--tune-lr`) before acting on it.")
-    return {"outcome": outcome, "method": method, "text": " ".join(lines)}
+    return {"outcome": outcome, "method": method, "text": " ".join(filter(None, lines))}
 
 
 def _signed(value: float | None) -> str:
@@ -666,6 +668,49 @@ def _plan_text(plan: dict | None, margin: float) -> str:
             "from the measured variance; cheapest method first): " + " ".join(sentences)
             + f" The cheapest option is {plan['target']}'s; the commands are under 'Plan'. "
             f"This assumes {plan['assumes']}.")
+
+
+def rate_sensitivity(searches: dict[str, dict]) -> list[dict]:
+    """Per searched method: the chosen rate and the rates the search could not tell from it.
+
+    A search that chose by validation answer NLL records each rate's paired difference
+    and near_tie (within 2 clustered SEs); an older one that chose by key accuracy has no
+    uncertainty, and is flagged as such.
+    """
+    found = []
+    for method, search in searches.items():
+        entry = {"method": method, "chosen_lr": search["chosen_lr"],
+                 "metric": search.get("metric"), "edge": bool(search.get("edge"))}
+        if search.get("metric") == "valid_answer_nll":
+            entry["near_ties"] = [r["lr"] for r in search["results"] if r.get("near_tie")]
+        else:
+            entry["near_ties"] = None
+        found.append(entry)
+    return found
+
+
+def rate_text(sensitivity: list[dict]) -> str:
+    """One sentence on how far the verdict rests on the rates: near-ties and unmeasured choices."""
+    ties = [s for s in sensitivity if s["near_ties"]]
+    unmeasured = [s["method"] for s in sensitivity if s["near_ties"] is None]
+    edges = [s["method"] for s in sensitivity if s["edge"]]
+    parts = []
+    if ties:
+        parts.append("; ".join(
+            f"{s['method']} at {s['chosen_lr']:g} could not be told from "
+            + ", ".join(f"{lr:g}" for lr in s["near_ties"]) for s in ties)
+            + " on validation answer NLL (within 2 clustered SEs), so the verdict holds at the "
+              "rates used and may move at those: train one with --lr to check")
+    if unmeasured:
+        parts.append(f"the rates of {', '.join(unmeasured)} were chosen by validation key "
+                     "accuracy, recorded without its uncertainty; rerun the search "
+                     "(--tune-lr), which now chooses by answer NLL and records how close each "
+                     "rate was")
+    if edges:
+        parts.append(f"the search of {', '.join(edges)} ended at the edge of its grid")
+    return ("Rates: " + "; ".join(parts) + ".") if parts else (
+        "Rates: every searched rate was clear of its neighbours on validation answer NLL."
+        if sensitivity else "")
 
 
 # --- How it was done ---------------------------------------------------------------

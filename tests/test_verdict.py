@@ -568,3 +568,21 @@ def test_decisions_do_not_depend_on_any_rng_seed():
         best = verdict.compare_with_best(runs, "key_match")
         outputs.append(json.dumps(best, sort_keys=True))
     assert len(set(outputs)) == 1
+
+
+def test_rate_sensitivity_names_near_ties_old_searches_and_edges():
+    new = {"method": "lora", "chosen_lr": 6e-4, "metric": "valid_answer_nll", "edge": False,
+           "results": [{"lr": 2e-4, "near_tie": False}, {"lr": 6e-4, "near_tie": False},
+                       {"lr": 1.8e-3, "near_tie": True}]}
+    old = {"method": "full", "chosen_lr": 5e-5, "metric": "key_accuracy", "edge": True,
+           "results": [{"lr": 5e-5, "score": 77.4}]}
+    found = verdict.rate_sensitivity({"lora": new, "full": old})
+    assert found[0]["near_ties"] == [1.8e-3] and found[1]["near_ties"] is None
+    text = verdict.rate_text(found)
+    assert "lora at 0.0006 could not be told from 0.0018" in text
+    assert "the rates of full were chosen by validation key accuracy" in text
+    assert "the search of full ended at the edge of its grid" in text
+    clear = verdict.rate_text(verdict.rate_sensitivity(
+        {"lora": {**new, "results": [{"lr": 6e-4, "near_tie": False}]}}))
+    assert clear.startswith("Rates: every searched rate was clear")
+    assert verdict.rate_text([]) == ""
