@@ -484,7 +484,7 @@ def compare(output_dir: Path, alpha: float = verdict.ALPHA,
         "lr_search": {name: {k: s.get(k) for k in ("grid", "chosen_lr", "metric", "budget")}
                       for name, s in searches.items()},
         "outcome": decision["outcome"], "recommended": decision["method"],
-        "recommendation": decision["text"]}
+        "recommendation": decision["text"], "recommendation_lines": decision["lines"]}
     common.write_json(runpaths.comparison_file(output_dir), comparison)
 
     # Everything a person reads is drawn from comparison.json and the run files

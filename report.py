@@ -215,6 +215,11 @@ def difference_rows(comparison: dict) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def verdict_lines(comparison: dict) -> list[str]:
+    """The recommendation as its statements, one paragraph each (the text joined, if no lines)."""
+    return comparison.get("recommendation_lines") or [comparison["recommendation"]]
+
+
 def plan_commands(comparison: dict) -> list[tuple[str, str]]:
     """(what it settles, command) for each option of an inconclusive verdict's plan."""
     plan = comparison.get("plan") or {}
@@ -284,7 +289,7 @@ def markdown_table(comparison: dict) -> str:
         out.write("|" + "---|" * (len(headers) + 1) + "\n")
         for method, values in cells:
             out.write(f"| {method} | " + " | ".join(values) + " |\n")
-    out.write(f"\n## Recommendation\n\n{comparison['recommendation']}\n")
+    out.write("\n## Recommendation\n\n" + "\n\n".join(verdict_lines(comparison)) + "\n")
     commands = plan_commands(comparison)
     if commands:
         out.write("\n## Plan\n\n" + "".join(f"- {what}:\n\n  ```sh\n  {command}\n  ```\n"
@@ -416,7 +421,9 @@ h1{font-size:26px;margin:8px 0 4px}h2{font-size:19px;margin:34px 0 10px;border-b
 padding-bottom:4px}
 .sub{color:#5a6473;margin:0 0 18px}
 .verdict{background:#fff;border-left:5px solid #2ca02c;padding:14px 18px;border-radius:6px;
-box-shadow:0 1px 3px #0001}
+box-shadow:0 1px 3px #0001}.verdict p{margin:0 0 8px}.verdict p:last-child{margin:0}
+pre{white-space:pre-wrap;word-break:break-all;background:#fff;padding:8px 12px;border-radius:4px;
+font-size:12.5px}
 table{border-collapse:collapse;background:#fff;font-size:13.5px;box-shadow:0 1px 3px #0001;
 margin:6px 0}
 th,td{padding:5px 9px;border-bottom:1px solid #e6e8ec;text-align:right;vertical-align:top}
@@ -604,7 +611,8 @@ headline: {html.escape(comparison['headline_label'])}; base model
 <code>{html.escape(comparison['model'])}</code>.
 Means over seeds; intervals: {html.escape(comparison['intervals'])}.
 {html.escape(note[0].upper() + note[1:])}.</p>
-<div class="verdict"><b>Verdict.</b> {html.escape(comparison['recommendation'])}</div>
+<div class="verdict">{''.join(f"<p>{'<b>Verdict.</b> ' if i == 0 else ''}{html.escape(line)}</p>"
+                              for i, line in enumerate(verdict_lines(comparison)))}</div>
 {''.join(f"<p class=muted>Plan, {html.escape(what)}:</p><pre>{html.escape(command)}</pre>"
          for what, command in plan_commands(comparison))}
 <h2>Comparison</h2>{comparison_table(comparison)}

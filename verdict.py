@@ -529,7 +529,8 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
 
     rows: one per model (base first) with train_seconds, peak_memory_mb and their
     per-seed ranges ("train_seconds_range", "peak_memory_mb_range") and lr_source.
-    rates: rate_text()'s sentence, appended.  Returns {"outcome", "method", "text"}.
+    rates: rate_text()'s sentence, appended.  Returns {"outcome", "method", "text",
+    "lines"}: the text is the lines (one statement each) joined.
     A method is recommended only when its
     simultaneous lower bound against the best clears -margin; a test that fails to
     reject never counts as evidence of anything.
@@ -578,7 +579,7 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
                  f"helps is shown within {margin:g} points of the best ({level}); the data "
                  "cannot yet tell the best set apart, so none of them is recommended over "
                  "the others.")
-    lines.append(_plan_text(plan, margin))
+    lines.extend(_plan_lines(plan, margin))
     return _decision("inconclusive", None, lines + [rates], rows)
 
 
@@ -591,7 +592,8 @@ def _decision(outcome: str, method: str | None, lines: list[str], rows: list[dic
                  "The learning rates of " + ", ".join(untuned) + " were")
         lines.append(f"{rates} not searched, so this may not hold at tuned rates: rerun with "
                      "`make all ... TUNE=1` (or `--tune-lr`) before acting on it.")
-    return {"outcome": outcome, "method": method, "text": " ".join(filter(None, lines))}
+    lines = [line for line in lines if line]
+    return {"outcome": outcome, "method": method, "text": " ".join(lines), "lines": lines}
 
 
 def _signed(value: float | None) -> str:
@@ -639,13 +641,13 @@ def _range(low: float, high: float) -> str:
     return f"{low:,.0f}" if round(low) == round(high) else f"{low:,.0f}-{high:,.0f}"
 
 
-def _plan_text(plan: dict | None, margin: float) -> str:
-    """The plan as sentences, cheapest method first (the commands are in plan["commands"])."""
+def _plan_lines(plan: dict | None, margin: float) -> list[str]:
+    """The plan as statements, cheapest method first (the commands are in plan["commands"])."""
     if not plan or plan.get("target") is None:
-        return ("No plan within reach settles it: at the measured estimates no method comes "
+        return [("No plan within reach settles it: at the measured estimates no method comes "
                 f"within {margin:g} points of every other member of the best set with up to "
                 f"{MAX_PLAN_SEEDS} seeds or {QUESTION_FACTORS[-1]}x the questions. Either "
-                "declare the margin you would accept (--margin) or take the best set as it is.")
+                "declare the margin you would accept (--margin) or take the best set as it is.")]
     sentences = []
     for c in plan["considered"]:
         a = c["method"]
@@ -664,10 +666,10 @@ def _plan_text(plan: dict | None, margin: float) -> str:
         sentences.append(f"{a} would need " + (" or ".join(options) if options else
                                                f"more than {MAX_PLAN_SEEDS} seeds and "
                                                f"{QUESTION_FACTORS[-1]:g}x the questions") + ".")
-    return ("Plan: to show a method within the margin, if its estimated gaps hold (projected "
-            "from the measured variance; cheapest method first): " + " ".join(sentences)
-            + f" The cheapest option is {plan['target']}'s; the commands are under 'Plan'. "
-            f"This assumes {plan['assumes']}.")
+    return (["Plan: what would show each method within the margin if its estimated gaps held, "
+             "projected from the measured variance, cheapest method first."] + sentences
+            + [f"The cheapest option is {plan['target']}'s; the commands are under 'Plan'. "
+               f"This assumes {plan['assumes']}."])
 
 
 def rate_sensitivity(searches: dict[str, dict]) -> list[dict]:
@@ -730,8 +732,10 @@ def procedure(best: dict, n_questions: int | None = None, n_groups: int | None =
                   "question part plus each method's between-seed variance of seed means, "
                   "the seed-by-question noise estimated with the fact group as unit; t with "
                   "Welch-Satterthwaite degrees of freedom",
-        "comparisons_with_the_best": "Hsu's constrained MCB with one-sided Bonferroni critical "
-                                     f"values, {best['alpha_best']:g} over {max(m - 1, 1)}",
+        "comparisons_with_the_best": f"two-sided t bounds on every pair of methods, "
+                                     f"{best['alpha_best']:g} over {max(m * (m - 1) // 2, 1)} "
+                                     "pairs (Bonferroni), and from them each method's gap to "
+                                     "the best of the others (Hsu 1996, ch. 4)",
         "gate_against_base": (f"one-sided lower bounds, {best['alpha_base']:g} over {m} "
                               "(Bonferroni)" if best["alpha_base"] else "no base evaluated"),
         "alpha": best["alpha"], "margin": best["margin"],
@@ -750,8 +754,7 @@ def procedure_text(found: dict) -> str:
     return (f"Scores on the same {found['questions']} questions in {found['groups']} fact "
             "groups, standard errors clustered by group, with each method's seed-to-seed "
             "variation added; t bounds with Satterthwaite degrees of freedom. Gap to the best "
-            "of the others: Hsu's constrained comparisons with the best "
-            f"({found['comparisons_with_the_best']}); against the base, "
+            f"of the others: {found['comparisons_with_the_best']}; against the base, "
             f"{found['gate_against_base']}; all statements hold together at "
             f"{100 * (1 - found['alpha']):g}%. Declared margin: {found['margin']:g} points; "
             f"training variation {found['training_variation']}.")

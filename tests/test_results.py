@@ -82,3 +82,36 @@ def test_the_published_comparison_counts_fact_groups():
     assert procedure["questions"] == published["questions"] == 394
     assert procedure["groups"] < procedure["questions"]  # wordings of one fact are one unit
     assert all(p["n_groups"] == procedure["groups"] for p in published["pairwise"])
+
+
+def test_the_margin_is_declared_on_the_command_line_and_recorded(tmp_path):
+    copy = tmp_path / "results"
+    shutil.copytree(RESULTS, copy)
+    evaluate.main(evaluate.parse_args(["--output-dir", str(copy), "--compare-only",
+                                       "--margin", "30"]))
+    rebuilt = json.loads((copy / "comparison.json").read_text())
+    assert rebuilt["margin"] == rebuilt["best"]["margin"] == 30
+    assert rebuilt["outcome"] == "recommend"  # a margin this wide is cleared
+    assert "within the declared margin of 30 points" in rebuilt["recommendation"]
+
+
+def test_the_plan_commands_add_seeds_where_the_runs_were_trained():
+    info = common.read_json(runpaths.evaluation_file(RESULTS))
+    trained = {name: [common.read_json(RESULTS / folder / "metrics.json") for folder in folders]
+               for name, folders in info["runs"].items() if name != "base"}
+    plan = {"target": "qlora", "considered": [
+        {"method": "qlora", "reachable": True, "with": ["full"],
+         "seeds": {"seeds": 7, "runs": 8}, "questions": {"factor": 2, "seeds": 4, "runs": 32}}]}
+    commands = evaluate.plan_commands(RESULTS, info, trained, plan)["qlora"]
+    args = trained["qlora"][0]["args"]
+    # results/ holds no weights: the seeds go where metrics.json says the runs were trained
+    assert commands["seeds"].startswith(
+        f"python finetune_qlora.py --model {info['model']} --lr {args['lr']:g} --epochs 2 "
+        f"--precision {args['precision']} --data-dir {args['data_dir']} --output-dir "
+        f"{args['output_dir']} --seeds 7 --resume && python finetune.py ")
+    assert commands["seeds"].endswith(f"python evaluate.py --data-dir {args['data_dir']} "
+                                      f"--output-dir {args['output_dir']}")
+    rows = (trained["qlora"][0]["train_examples"] + trained["qlora"][0]["valid_examples"]
+            + info["questions"])
+    assert commands["questions"] == (f"make all MODEL={info['model']} SIZE={2 * rows} SEEDS=4 "
+                                     "TUNE=1 DATA=data/larger OUT=outputs/larger")
