@@ -546,7 +546,7 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
     else:
         fails = [a for a in order if a not in helps]
         if fails:
-            lines.append("Not shown better than the untuned base: " + ", ".join(
+            lines.append(f"Not shown better than the untuned base on {label}: " + ", ".join(
                 f"{a} ({methods[a]['base']['difference']:+.1f} points, lower bound "
                 f"{_signed(methods[a]['base']['lower'])})" for a in fails) + ".")
     if not helps:
@@ -554,7 +554,7 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
                      "model on this data; train longer (--epochs), tune the rate (--tune-lr) "
                      "or add data, then compare again.")
         return _decision("none", None, lines + [rates], rows)
-    lines.append(f"Best set ({level}): " + ", ".join(best["best_set"]) + "; "
+    lines.append(f"Best set by {label} ({level}): " + ", ".join(best["best_set"]) + "; "
                  + "; ".join(_gap_text(a, methods[a]) for a in best["best_set"]) + ".")
     worse = [a for a in order if not methods[a]["in_best_set"]]
     if worse:

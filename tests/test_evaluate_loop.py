@@ -130,7 +130,11 @@ def test_report_is_one_self_contained_page_with_everything(scored):
     for row in report["rows"]:
         assert f"<td>{row['method']}</td>" in page
     for pair in report["pairwise"]:
-        assert f"{pair['a']} vs {pair['b']}" in page
+        assert f"<td>{pair['a']}</td><td>{pair['b']}</td><td>{pair['difference']:+.1f}</td>" \
+            in page
+    assert "Comparisons with the best" in page
+    for name, entry in report["best"]["methods"].items():
+        assert f"<td>{name}</td><td>{entry['seeds']}</td>" in page
     assert "No search ran" in page  # these runs used their scripts' rates
     assert "By category" in page and "By kind of held-out question" in page
 
@@ -176,9 +180,9 @@ def test_compare_only_alpha_reaches_every_statement(scored, tmp_path):
                                        "--alpha", "0.2"]))
     report = json.loads((out / "comparison.json").read_text())
     assert report["alpha"] == 0.2 and report["procedure"]["alpha"] == 0.2
-    assert all(p["alpha"] == 0.2 for p in report["pairwise"])
-    assert "adjusted p < 0.2" in (out / "comparison.md").read_text()
-    assert "adjusted p &lt; 0.2" in (out / "report.html").read_text()
+    assert report["best"]["alpha"] == 0.2 and report["best"]["alpha_base"] == pytest.approx(0.04)
+    assert "all statements hold together at 80%" in (out / "comparison.md").read_text()
+    assert "all statements hold together at 80%" in (out / "report.html").read_text()
 
 
 def test_compare_only_without_an_evaluation_is_one_line(tmp_path, capsys):
