@@ -23,7 +23,7 @@ import finetune_lora
 # The same adapters as LoRA, but through 4-bit dequantised weights: the learning-rate search
 # on smollm2-135m chose 2e-3 (results/smollm2-135m/search/qlora.json); LoRA's optimum is
 # about 10x full fine-tuning's ("LoRA Without Regret", Schulman and Thinking Machines Lab
-# 2025), and the 4-bit base wants a little more.
+# 2025).
 DEFAULT_LR = 2e-3
 
 
@@ -31,9 +31,8 @@ def parse_args(argv=None):
     """Command-line options: finetune_lora.py's (same adapter, same defaults but the rate)."""
     parser = finetune_lora.build_parser(
         __doc__, DEFAULT_LR,
-        "learning rate (default 2e-3: LoRA's rate is about 10x full fine-tuning's, \"LoRA "
-        "Without Regret\" (Schulman and Thinking Machines Lab 2025), and the learning-rate search "
-        "on smollm2-135m chose 2e-3 for QLoRA: results/smollm2-135m/search/qlora.json)")
+        "learning rate (default 2e-3: the learning-rate search's choice on smollm2-135m, "
+        "about 10x full fine-tuning's as \"LoRA Without Regret\" found for LoRA)")
     return parser.parse_args(argv)
 
 

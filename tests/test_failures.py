@@ -162,7 +162,7 @@ def test_resume_refuses_a_changed_rate_and_keeps_the_checkpoint(data_dir, tmp_pa
                         train_args(finetune, data_dir, tmp_path))
     line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path,
                                                          "--resume", "--lr", "1e-5"), capsys)
-    assert "made with lr=5e-05, this run has 1e-05" in line
+    assert "made with lr=0.00015, this run has 1e-05" in line
     assert [p.name for p in training.checkpoints(tmp_path, "full")] == ["step-0000001"]
     assert not runpaths.lock_file(tmp_path, "full").exists()
 
