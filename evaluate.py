@@ -537,7 +537,11 @@ def plan_commands(output_dir: Path, info: dict, trained: dict[str, list[dict]],
 
 
 def publish(output_dir: Path, target: Path) -> None:
-    """Copy what compare() reads (no weights) to target, e.g. results/<model>/."""
+    """Copy what compare() reads (no weights) to target, e.g. results/<model>/.
+
+    That is evaluation.json, each compared run's predictions.jsonl and metrics.json, the
+    searches, and the first seed's training curve of each method (the one the page shows).
+    """
     import shutil
 
     output_dir, target = Path(output_dir), Path(target)
@@ -545,9 +549,12 @@ def publish(output_dir: Path, target: Path) -> None:
     with common.staged_dir(target) as tmp:
         shutil.copy2(runpaths.evaluation_file(output_dir), runpaths.evaluation_file(tmp))
         for name, folders in info["runs"].items():
-            for folder in folders:
+            for index, folder in enumerate(folders):
                 (tmp / folder).mkdir()
-                for file in (runpaths.PREDICTIONS, "metrics.json", "training_metrics.png"):
+                # the page draws each method's first seed's curve; the others' stay behind
+                files = (runpaths.PREDICTIONS, "metrics.json") + (("training_metrics.png",)
+                                                                  if index == 0 else ())
+                for file in files:
                     if (output_dir / folder / file).exists():
                         shutil.copy2(output_dir / folder / file, tmp / folder / file)
         searches = output_dir / "search"

@@ -530,10 +530,9 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
     rows: one per model (base first) with train_seconds, peak_memory_mb and their
     per-seed ranges ("train_seconds_range", "peak_memory_mb_range") and lr_source.
     rates: rate_text()'s sentence, appended.  Returns {"outcome", "method", "text",
-    "lines"}: the text is the lines (one statement each) joined.
-    A method is recommended only when its
-    simultaneous lower bound against the best clears -margin; a test that fails to
-    reject never counts as evidence of anything.
+    "lines"}: the text is the lines (one statement each) joined.  A method is
+    recommended only when its simultaneous lower bound against the best clears
+    -margin; a test that fails to reject never counts as evidence of anything.
     """
     by_name = {r["method"]: r for r in rows}
     order = cost_order(rows)
@@ -563,10 +562,12 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
             f"{_gap_text(a, methods[a], named=False)})" for a in worse) + ".")
     chosen = next((a for a in helps if methods[a]["clears_margin"]), None)
     if chosen is not None:
-        entry = methods[chosen]
-        worst = -entry["lower"]
-        text = (f"Recommendation: {chosen}, at most {worst:.1f} points of {label} below the "
-                f"best method ({level}), within the declared margin of {margin:g} points")
+        lower = methods[chosen]["lower"]
+        text = (f"Recommendation: {chosen}, at most {-lower:.1f} points of {label} below the "
+                f"best method ({level}), within the declared margin of {margin:g} points"
+                if lower < 0 else
+                f"Recommendation: {chosen}, the best: at least {lower:.1f} points of {label} "
+                f"above every other method ({level})")
         cheaper = [a for a in helps[:helps.index(chosen)]]
         text += ("." if not cheaper else "; " + ", ".join(cheaper) + (
             " is" if len(cheaper) == 1 else " are") + " cheaper but not shown within it.")

@@ -585,3 +585,15 @@ def test_rate_sensitivity_names_near_ties_old_searches_and_edges():
         {"lora": {**new, "results": [{"lr": 6e-4, "near_tie": False}]}}))
     assert clear.startswith("Rates: every searched rate was clear")
     assert verdict.rate_text([]) == ""
+
+
+def test_a_method_shown_the_best_is_recommended_as_the_best():
+    runs = scenario(np.random.default_rng(12), {"base": 0.3, "full": 0.85, "lora": 0.5},
+                    n_facts=600, seed_sd=0.002)
+    best = verdict.compare_with_best(runs, "key_match")
+    assert best["best_set"] == ["full"] and best["methods"]["full"]["lower"] > 0
+    text = verdict.recommend(table(runs, "key_match", {"full": 900, "lora": 300}), best, None,
+                             "key accuracy")["text"]
+    low = best["methods"]["full"]["lower"]
+    assert f"Recommendation: full, the best: at least {low:.1f} points of key accuracy above" \
+        in text and "lora is cheaper but not shown within it" in text
