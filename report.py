@@ -435,7 +435,7 @@ td .ci{display:block;font-size:11.5px;color:#8a93a0;white-space:nowrap}
 img{max-width:100%;background:#fff;border-radius:6px;box-shadow:0 1px 3px #0001;margin:6px 0}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:14px}
 input,select{font:inherit;padding:4px 8px;margin:0 8px 8px 0}
-.scroll{max-height:640px;overflow:auto}
+.scroll{max-height:640px;overflow:auto}.wide{overflow-x:auto}
 code{background:#eef1f5;padding:1px 4px;border-radius:3px}
 """
 
@@ -615,7 +615,7 @@ Means over seeds; intervals: {html.escape(comparison['intervals'])}.
                               for i, line in enumerate(verdict_lines(comparison)))}</div>
 {''.join(f"<p class=muted>Plan, {html.escape(what)}:</p><pre>{html.escape(command)}</pre>"
          for what, command in plan_commands(comparison))}
-<h2>Comparison</h2>{comparison_table(comparison)}
+<h2>Comparison</h2><div class="wide">{comparison_table(comparison)}</div>
 <h2>Comparisons with the best</h2>
 <p class=muted>{html.escape(verdict.procedure_text(comparison['procedure']))}</p>
 {html_grid(*best_rows(comparison))}

@@ -549,7 +549,7 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
                 f"{a} ({methods[a]['base']['difference']:+.1f} points, lower bound "
                 f"{_signed(methods[a]['base']['lower'])})" for a in fails) + ".")
     if not helps:
-        lines.append("Recommendation: none. No method is shown better than the untuned base "
+        lines.insert(0, "Recommendation: none. No method is shown better than the untuned base "
                      "model on this data; train longer (--epochs), tune the rate (--tune-lr) "
                      "or add data, then compare again.")
         return _decision("none", None, lines + [rates], rows)
@@ -571,12 +571,12 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
         cheaper = [a for a in helps[:helps.index(chosen)]]
         text += ("." if not cheaper else "; " + ", ".join(cheaper) + (
             " is" if len(cheaper) == 1 else " are") + " cheaper but not shown within it.")
-        lines.append(text)
+        lines.insert(0, text)  # the answer first; the evidence after it
         costs = _cost_text(by_name, chosen, [a for a in best["best_set"] if a != chosen])
         if costs:
             lines.append(costs)
         return _decision("recommend", chosen, lines + [rates], rows)
-    lines.append(f"Verdict: inconclusive at a margin of {margin:g} points. No method that "
+    lines.insert(0, f"Verdict: inconclusive at a margin of {margin:g} points. No method that "
                  f"helps is shown within {margin:g} points of the best ({level}); the data "
                  "cannot yet tell the best set apart, so none of them is recommended over "
                  "the others.")
