@@ -501,8 +501,9 @@ def plan_commands(output_dir: Path, info: dict, trained: dict[str, list[dict]],
     Seeds: each method's script at the rate and settings its runs used, with --seeds K
     --resume, so the finished seeds are kept and only the new ones train; then evaluate.py,
     which re-scores only the new runs.  They run where the trained runs are: a published
-    folder (scores only, no weights) names the folder its runs were trained in.  Questions: the data stage with more facts (SIZE
-    scales the rows, and so the facts and fact groups), then the whole comparison again.
+    folder (scores only, no weights) names the folder its runs were trained in.
+    Questions: the data stage with more facts (SIZE scales the rows, and so the facts and
+    fact groups), then the whole comparison again.
     """
     commands: dict[str, dict[str, str]] = {}
     for option in (plan or {}).get("considered", []):

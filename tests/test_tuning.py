@@ -405,18 +405,22 @@ def test_validation_nll_scores_each_question_as_evaluate_does(data_dir):
 
 
 def test_report_draws_nll_with_bars_and_old_searches_without(monkeypatch, tmp_path):
-    """The chart and table of a search by NLL, and of one written before (results/)."""
+    """The chart and table of a search by NLL, and of one written before it chose by NLL."""
     import math
 
     import report
-    from helpers import ROOT
 
     fake_search(monkeypatch, lambda lr: per_question([1 - 0.05 * math.log(lr)] * 8),
                 score_of=lambda lr: 60.0, diverges=lambda lr: lr > 5e-3)
     search = tuning.search_learning_rate(search_settings(tmp_path), "lora", None, {})
-    published = ROOT / "results" / "smollm2-135m"
-    old = json.loads((published / "search" / "full.json").read_text())
-    assert "valid_nll" not in old["results"][0]
+    # a search as written before 2026-12-05 (the published run's full.json then, abridged)
+    old = {"method": "full", "model": "smollm2-135m", "grid": [1.5e-05, 5e-05, 0.00015],
+           "results": [{"lr": lr, "score": score, "diverged": False, "valid_loss": loss}
+                       for lr, score, loss in ((1.5e-05, 63.1, 0.4892), (5e-05, 77.4, 0.3146),
+                                               (0.00015, 71.4, 0.2659))],
+           "chosen_lr": 5e-05, "metric": "key_accuracy", "metric_label": "key-answer accuracy",
+           "split": "valid.jsonl", "search_epochs": 1, "precision": "bf16",
+           "budget": "1 epoch(s) per rate, 3 rates, seed 42", "edge": False, "diverged": []}
     drawn = []
     monkeypatch.setattr(report, "save_figure", lambda fig, path: drawn.append(fig))
     report.plot_lr_search({"lora": search, "full": old}, tmp_path / "lr_search.png")
@@ -433,5 +437,7 @@ def test_report_draws_nll_with_bars_and_old_searches_without(monkeypatch, tmp_pa
     assert "<td><b>0.003 (widened)</b></td>" in table and "<td>0.009 (widened)</td>" in table
     assert "<td>0.009 (widened)</td><td>diverged</td>" in table
     assert "lowest validation answer NLL" in table
-    table = report.search_table({"lr_search": {"full": old}}, published)
+    (tmp_path / "old" / "search").mkdir(parents=True)
+    (tmp_path / "old" / "search" / "full.json").write_text(json.dumps(old))
+    table = report.search_table({"lr_search": {"full": old}}, tmp_path / "old")
     assert "(validation loss)" in table and "best key-answer accuracy" in table
