@@ -202,16 +202,15 @@ def paired_differences(results: list[dict], chosen: dict, shared: dict) -> None:
 
     Both rates are scored on the same questions with the same answer tokens, so the
     difference of their ratios is one ratio, summed (nll_r - nll_chosen) over summed
-    tokens.  Its SE is verdict.perplexity_interval's delta method: the ratio D is
-    linearised per question as e_q = (d_q - D t_q) / mean(t), whose mean has the CR1
-    variance G/(G-1) * sum_g (sum_{q in g} e_q)^2 / n^2 over fact groups
+    tokens.  Its SE is verdict.perplexity_interval's delta method
+    (verdict.linearised_ratio), with the CR1 variance over fact groups
     (verdict.cluster_variance).  The SE, and so near_tie, is None where it cannot be
     estimated (one group); the chosen rate itself is no near tie.
     """
     import verdict  # only the search needs it
 
     tokens = np.asarray(shared["answer_tokens"], dtype=float)
-    codes = np.unique(np.asarray(shared["groups"]), return_inverse=True)[1]
+    codes = verdict.group_codes(shared["groups"])
     reference = np.asarray(chosen["answer_nll"], dtype=float)
     for result in results:
         if result["diverged"]:
@@ -220,9 +219,8 @@ def paired_differences(results: list[dict], chosen: dict, shared: dict) -> None:
             result.update(nll_difference=0.0, nll_difference_se=0.0, near_tie=False)
         else:
             paired = np.asarray(result["answer_nll"], dtype=float) - reference
-            difference = float(paired.sum() / tokens.sum())
-            variance, _ = verdict.cluster_variance(
-                (paired - difference * tokens) / tokens.mean(), codes)
+            difference, linear = verdict.linearised_ratio(paired, tokens)
+            variance, _ = verdict.cluster_variance(linear, codes)
             se = float(np.sqrt(variance)) if np.isfinite(variance) else None
             result.update(nll_difference=difference, nll_difference_se=se,
                           near_tie=None if se is None else difference <= NEAR_TIE_SE * se)

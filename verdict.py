@@ -130,9 +130,14 @@ def score_matrix(runs: list[list[dict]], metric: str) -> np.ndarray:
                       for record in records] for records in runs])
 
 
+def group_codes(groups) -> np.ndarray:
+    """Cluster ids (group_ids(), or any labels) as integer codes 0..G-1."""
+    return np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+
+
 def _check_groups(groups, runs: dict[str, list[list[dict]]]) -> np.ndarray:
     """Cluster ids as integer codes 0..G-1, after checking every run has one record a question."""
-    codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+    codes = group_codes(groups)
     for name, seeds in runs.items():
         for records in seeds:
             if len(records) != len(codes):
@@ -178,23 +183,27 @@ def seed_components(matrix: np.ndarray, codes: np.ndarray) -> dict:
     return {"k": k, "between": float(seed_means.var(ddof=1)), "noise": float(noise)}
 
 
-def seed_sd(matrix: np.ndarray, codes: np.ndarray) -> float | None:
-    """Estimated SD of a method's seed effect (s2_seed = B - I, shown floored at 0), or None."""
-    parts = seed_components(matrix, codes)
+def seed_sd(parts: dict) -> float | None:
+    """SD of a method's seed effect from its seed_components() (s2_seed = B - I, shown floored
+    at 0), or None with one seed."""
     if not np.isfinite(parts["between"]):
         return None
     return float(np.sqrt(max(0.0, parts["between"] - parts["noise"])))
+
+
+def _satterthwaite(parts: list[tuple[float, float]]) -> tuple[float, float]:
+    """(sum of the variance parts, Welch-Satterthwaite df) of (variance, df) parts."""
+    variance = sum(v for v, _ in parts)
+    denominator = sum(v ** 2 / df for v, df in parts if v > 0 and df > 0)
+    return variance, (variance ** 2 / denominator if denominator > 0 else float("inf"))
 
 
 def _combine(question: float, n_groups: int, seeds: list[dict]) -> dict:
     """SE^2 = (V_q - sum I/k) + sum B/k and its Satterthwaite df (see the module docstring)."""
     measured = [s for s in seeds if np.isfinite(s["between"])]
     question_part = max(0.0, question - sum(s["noise"] / s["k"] for s in measured))
-    parts = [(question_part, n_groups - 1)] + [(s["between"] / s["k"], s["k"] - 1)
-                                               for s in measured]
-    variance = sum(v for v, _ in parts)
-    denominator = sum(v ** 2 / df for v, df in parts if v > 0 and df > 0)
-    df = variance ** 2 / denominator if denominator > 0 else float("inf")
+    variance, df = _satterthwaite([(question_part, n_groups - 1)]
+                                  + [(s["between"] / s["k"], s["k"] - 1) for s in measured])
     return {"se": float(np.sqrt(variance)) if np.isfinite(variance) else float("nan"),
             "df": float(df), "question_part": question_part}
 
@@ -264,13 +273,23 @@ def method_intervals(runs: dict[str, list[list[dict]]], nll: dict[str, np.ndarra
             row[metric] = [max(0.0, 100 * low), min(100.0, 100 * high)] if np.isfinite(
                 found["se"]) else None
             counts[metric], clusters[metric] = found["n_questions"], found["n_groups"]
-            sd = seed_sd(matrix[:, keep], codes[keep])
+            sd = seed_sd(found["seeds"][0])
             spread[metric] = None if sd is None else 100 * sd
         row["answer_perplexity"] = perplexity_interval(np.asarray(nll[name], dtype=float),
                                                        tokens, codes)
         row["n_questions"], row["n_groups"], row["seed_sd"] = counts, clusters, spread
         out[name] = row
     return out
+
+
+def linearised_ratio(values: np.ndarray, tokens: np.ndarray) -> tuple[float, np.ndarray]:
+    """R = sum(values) / sum(tokens) and its delta-method terms per question, whose mean is R.
+
+    (values_q - R tokens_q) / mean(tokens) + R: the variance of their mean (clustered,
+    cluster_variance) is the delta-method variance of R.
+    """
+    ratio = float(values.sum() / tokens.sum())
+    return ratio, (values - ratio * tokens) / tokens.mean() + ratio
 
 
 def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, codes: np.ndarray,
@@ -282,10 +301,8 @@ def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, codes: np.ndarray,
     the seed parts are those of the seeds x questions matrix nll / mean(tokens), whose seed
     means are the per-seed R.
     """
-    scale = tokens.mean()
-    ratio = nll.mean(axis=0).sum() / tokens.sum()
-    linear = (nll.mean(axis=0) - ratio * tokens) / scale + ratio   # mean of this is R
-    found = _estimate(linear, codes, [nll / scale])
+    ratio, linear = linearised_ratio(nll.mean(axis=0), tokens)
+    found = _estimate(linear, codes, [nll / tokens.mean()])
     low, high = _t_interval(found, level)
     return [float(np.exp(low)), float(np.exp(high))] if np.isfinite(found["se"]) else None
 
@@ -433,8 +450,8 @@ def _projected_bound(a: str, b: str, found: dict, seeds: dict[str, int], scale: 
 
     The point estimate is kept; the question part shrinks as 1/scale; each method's
     seed part becomes B / k' at today's questions, else (s2_seed + I / scale) / k' with
-    s2_seed = max(0, B - I).  A
-    method with one seed has no measured seed part: projected as if s2_seed were 0.
+    s2_seed = max(0, B - I).  A method with one seed has no measured seed part: projected
+    as if s2_seed were 0.
     """
     question = found["question_part"] / scale
     parts = [(question, found["n_groups"] * scale - 1)]
@@ -445,9 +462,7 @@ def _projected_bound(a: str, b: str, found: dict, seeds: dict[str, int], scale: 
             one = (part["between"] if scale == 1 else
                    max(0.0, part["between"] - part["noise"]) + part["noise"] / scale)
             parts.append((one / seeds[name], seeds[name] - 1))
-    variance = sum(v for v, _ in parts)
-    denominator = sum(v ** 2 / df for v, df in parts if v > 0 and df > 0)
-    df = variance ** 2 / denominator if denominator > 0 else float("inf")
+    variance, df = _satterthwaite(parts)
     se = math.sqrt(variance)
     return 100 * (found["mean"] - (_t(df, pair_level(alpha_best, m)) * se if se > 0 else 0.0))
 
@@ -572,7 +587,7 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
                 if lower < 0 else
                 f"Recommendation: {chosen}, the best: at least {lower:.1f} points of {label} "
                 f"above every other method ({level})")
-        cheaper = [a for a in helps[:helps.index(chosen)]]
+        cheaper = helps[:helps.index(chosen)]
         text += ("." if not cheaper else "; " + ", ".join(cheaper) + (
             " is" if len(cheaper) == 1 else " are") + " cheaper but not shown within it.")
         lines.insert(0, text)  # the answer first; the evidence after it

@@ -56,7 +56,7 @@ def test_seed_components_by_hand():
     found = verdict.seed_components(flip, np.arange(4))
     assert found["between"] == 0.0
     assert found["noise"] == pytest.approx(2 * (4 / 3) * (4 * 0.25) / 16)
-    assert verdict.seed_sd(flip, np.arange(4)) == 0.0
+    assert verdict.seed_sd(found) == 0.0
 
 
 def test_seed_noise_counts_the_fact_group_as_one_unit():
