@@ -87,38 +87,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", default="data/qa_pairs.jsonl",
                         help="question-answer data: a .jsonl, .json (list), .csv or .parquet "
                              "file, a folder written by datasets' save_to_disk, or a Hugging "
-                             "Face Hub dataset id (org/name); the default is what "
-                             "generate_dataset.py writes")
+                             "Face Hub dataset id (org/name) (default data/qa_pairs.jsonl: "
+                             "what generate_dataset.py writes)")
     parser.add_argument("--split", default=None,
-                        help="which split to read (default: train); applies to Hub dataset "
-                             "ids and to save_to_disk folders holding a DatasetDict. Hub ids "
-                             "also take slices such as train[:1000]")
+                        help="which split to read from a Hub dataset id or a save_to_disk "
+                             "folder holding a DatasetDict; Hub ids also take slices such as "
+                             "train[:1000] (default train: the split that holds the rows to "
+                             "learn from)")
     parser.add_argument("--output", default="data/formatted.jsonl",
-                        help="formatted rows; template.json goes beside it. The default is "
-                             "where split_dataset.py looks")
+                        help="formatted rows; template.json goes beside it (default "
+                             "data/formatted.jsonl: where split_dataset.py looks)")
     parser.add_argument("--question-field", default=None,
-                        help="column holding the question; by default detected from the "
-                             "known pairs (question/answer, user/assistant, instruction/output, "
-                             "prompt/completion, input/output). Give with --answer-field")
+                        help="column holding the question, given with --answer-field "
+                             "(default: detected from the known pairs question/answer, "
+                             "user/assistant, instruction/output, prompt/completion, "
+                             "input/output, so common files need no option)")
     parser.add_argument("--answer-field", default=None,
-                        help="column holding the answer; by default detected like "
-                             "--question-field. Give with --question-field")
+                        help="column holding the answer, given with --question-field "
+                             "(default: detected like --question-field, for the same reason)")
     parser.add_argument("--key-field", default=None,
-                        help="column holding the short answer a correct reply must contain "
-                             "(default: a column named 'key', if the file has one). Rows "
-                             "without one get a derived key (see --no-derive-keys)")
+                        help="column holding the short answer a correct reply must contain; "
+                             "rows without one get a derived key, see --no-derive-keys "
+                             "(default: a column named 'key', if the file has one: the name "
+                             "generate_dataset.py writes)")
     parser.add_argument("--no-derive-keys", action="store_true",
                         help="leave rows without a key unkeyed instead of deriving one from "
                              "the answer (default off: derived keys let evaluation score key "
                              "accuracy rather than token F1 alone)")
     parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE,
-                        help="text the model sees, must contain {question}; the default is "
-                             "the original project's chat format (in bash, write a newline "
-                             "as $'...\\n...')")
+                        help="text the model sees, must contain {question}; in bash write a "
+                             "newline as $'...\\n...' (default %(default)r: the original "
+                             "project's chat format)")
     parser.add_argument("--completion-template", default=DEFAULT_COMPLETION_TEMPLATE,
-                        help="text the model learns to produce, must contain {answer}; the "
-                             "default's leading space joins it to 'Assistant:' as one word "
-                             "boundary")
+                        help="text the model learns to produce, must contain {answer} "
+                             "(default %(default)r: its leading space joins it to "
+                             "'Assistant:' as one word boundary)")
     args = parser.parse_args(argv)
     if (args.question_field is None) != (args.answer_field is None):
         parser.error("give --question-field and --answer-field together")

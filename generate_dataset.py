@@ -547,11 +547,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="data/qa_pairs.jsonl",
                         help="where to write the rows (default data/qa_pairs.jsonl: "
-                             "where the next pipeline step reads from)")
+                             "where format_dataset.py reads from)")
     parser.add_argument("--size", type=int, default=1200,
-                        help="number of question-answer rows (default 1200: about 400 "
-                             "facts, enough for a small model to learn from while a "
-                             "fine-tune stays short)")
+                        help="number of question-answer rows (default 1200: three "
+                             "wordings each of enough facts for a small model to learn "
+                             "from while a fine-tune stays short; the default split's "
+                             "counts are in results/smollm2-135m/split_report.json)")
     parser.add_argument("--categories", default=",".join(CATEGORIES),
                         help="comma-separated categories to include (default: all of "
                              f"{', '.join(CATEGORIES)}, for a broad mix of knowledge)")

@@ -60,27 +60,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Read the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", default="data/formatted.jsonl",
-                        help="formatted rows; the default is what format_dataset.py writes")
+                        help="formatted rows (default data/formatted.jsonl: what "
+                             "format_dataset.py writes)")
     parser.add_argument("--output-dir", default="data",
                         help="folder for train.jsonl, valid.jsonl, eval.jsonl and "
-                             "split_report.json; the default is where training and "
-                             "evaluation look")
+                             "split_report.json (default data: where training and "
+                             "evaluation look)")
     parser.add_argument("--seed", type=int, default=42,
-                        help="random seed; fixed by default so the split is the same every run")
+                        help="random seed (default 42: fixed, so the split is the same "
+                             "every run)")
     parser.add_argument("--eval-fraction", type=fraction, default=None,
-                        help="share of groups that give rows to evaluation; default 1.0 for "
-                             "generated facts (one wording of every fact, the rest train) and "
-                             "0.2 for user questions (a common held-out share)")
+                        help="share of groups that give rows to evaluation (default 1.0 "
+                             "for generated facts: one wording of every fact, the rest "
+                             "train; 0.2 for user questions: a common held-out share)")
     parser.add_argument("--holdout-facts", type=fraction, default=0.1,
                         help="share of generated fact groups held out whole (per category), "
-                             "from eval and likewise from valid; 0.1 tests recall of unseen "
-                             "facts while training keeps most of them")
+                             "from eval and likewise from valid (default 0.1: tests recall "
+                             "of unseen facts while training keeps most of them)")
     parser.add_argument("--valid-share", type=open_fraction, default=0.2,
                         help="share of the training side's groups reserved for valid.jsonl, "
-                             "on which choices such as the learning rate are tuned (at least "
-                             "one group; default 0.2: on the default data that is 84 "
-                             "questions, where 0.1 gave 40, too few to rank learning rates, "
-                             "while training keeps 722 rows). Must be above 0 and below 1")
+                             "on which choices such as the learning rate are tuned; at least "
+                             "one group, above 0 and below 1 (default 0.2: twice 0.1's "
+                             "questions, which were too few to rank learning rates, while "
+                             "training keeps most rows; the counts are in "
+                             "results/smollm2-135m/split_report.json)")
     return parser.parse_args(argv)
 
 

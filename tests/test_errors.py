@@ -99,25 +99,6 @@ def test_training_without_a_validation_split_names_the_command(data_dir, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_formatting_before_generating_names_the_command(tmp_path):
-    status, err = cli("format_dataset.py", "--input", str(tmp_path / "qa_pairs.jsonl"),
-                      "--output", str(tmp_path / "formatted.jsonl"))
-    assert status == 2 and "python generate_dataset.py" in err
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_eval_set_empty_after_deduplication(tmp_path):
-    rows = [{"question": "What is AI?", "answer": "Artificial intelligence."}] * 5
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    status, err = cli("format_dataset.py", "--input", str(tmp_path / "in.jsonl"), "--output",
-                      str(tmp_path / "data" / "formatted.jsonl"))
-    assert status == 0
-    status, err = cli("split_dataset.py", "--input", str(tmp_path / "data" / "formatted.jsonl"),
-                      "--output-dir", str(tmp_path / "data"))
-    assert status == 2 and "error:" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "data" / "eval.jsonl").exists()
-
-
 def test_evaluate_with_no_trained_methods(data_dir, tmp_path, capsys):
     args = evaluate.parse_args(["--device", "cpu", "--data-dir", str(data_dir), "--output-dir",
                                 str(tmp_path)])

@@ -1,4 +1,5 @@
-"""Tests for generate_dataset.py: shape, paraphrase guarantees, determinism, CLI errors, truth."""
+"""Tests for generate_dataset.py: shape, paraphrase guarantees, determinism, CLI errors, truth,
+keys, fact groups and errors in facts/."""
 
 import hashlib
 import json
@@ -9,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-
-from common import PipelineError, normalize_question
+from common import PipelineError, key_match, normalize_question
 from generate_dataset import (CATEGORIES, FACT_FILES, FACTS_DIR, fact_pool,
                               load_facts, main, parse_args, row_capacity)
 
@@ -221,6 +221,16 @@ def test_no_key_inside_another_key(category):
     assert clashes == []
 
 
+def test_every_generated_answer_satisfies_its_key():
+    """Every wording of every fact the generator can make: its answer satisfies its key."""
+    rows = [(question, fact.answer, fact.key)
+            for facts in fact_pool().values() for fact in facts for question in fact.questions]
+    categories = {fact.category for facts in fact_pool().values() for fact in facts}
+    assert categories == set(CATEGORIES) and len(rows) > 5000
+    failing = [row for row in rows if not key_match(row[1], row[2], row[0])]
+    assert failing == []
+
+
 def test_us_dollar_key_is_specific():
     (fact,) = [f for f in fact_pool()["geography"]
                if f.fact_id == "geography/currency/united_states"]
@@ -241,6 +251,21 @@ def test_fact_groups_join_reverse_facts_only_within_a_category(all_rows):
     assert ids["arithmetic/multiply/3_4"] == "arithmetic/multiply/3_4"
     # "Mexico City is the capital of which country?" would hold its answer.
     assert "geography/capital_of/mexico_city" not in ids
+
+
+def test_reverse_twins_share_a_group():
+    """Every fact and its restatement the other way round have one fact_group."""
+    pool = {fact.fact_id: fact for facts in fact_pool().values() for fact in facts}
+    twins = [("geography/capital/ethiopia", "geography/capital_of/addis_ababa"),
+             ("science/symbol/zinc", "science/element_of_symbol/zn"),
+             ("science/symbol/beryllium", "science/element_of_symbol/be"),
+             ("language/opposite/hot", "language/opposite/cold"),
+             ("arithmetic/add/5_7", "arithmetic/subtract/12_5"),
+             ("arithmetic/add/5_7", "arithmetic/subtract/12_7")]
+    for one, other in twins:
+        assert pool[one].group == pool[other].group, (one, other)
+    assert pool["geography/capital/ethiopia"].group == "geography/ethiopia"
+    assert pool["language/opposite/long"].group != pool["language/opposite/tall"].group
 
 
 # sha256 of the default output (--size 1200 --seed 42), as written before the tables
@@ -307,3 +332,20 @@ def test_copied_facts_give_the_same_pool(tmp_path):
     facts = tmp_path / "facts"
     shutil.copytree(FACTS_DIR, facts)
     assert fact_pool(facts) == fact_pool()
+
+
+@pytest.mark.parametrize("broken, field", [
+    ("Japan,Japanese yen,euro", "field key 'euro' is not in its answer"),
+    ("Japan,Japanese yen,Japan", "does not give field key 'Japan'"),
+])
+def test_bad_fact_key_is_a_pipeline_error(tmp_path, broken, field):
+    """A key the answer lacks, or gives only as an echo of the question, names the fact."""
+    facts = tmp_path / "facts"
+    shutil.copytree(FACTS_DIR, facts)
+    lines = (facts / "currencies.csv").read_text(encoding="utf-8").splitlines()
+    lines[1] = broken
+    (facts / "currencies.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(PipelineError) as exc:
+        fact_pool(facts)
+    assert str(exc.value).startswith(f"{facts}: fact geography/")
+    assert field in str(exc.value)
