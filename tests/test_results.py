@@ -47,7 +47,7 @@ def test_at_three_seeds_the_run_was_inconclusive_and_printed_the_plan_that_was_r
     holds the seeds that plan added (run to a count fixed in advance)."""
     runs = published_runs()
     first = first_seeds(runs)
-    best = verdict.compare_with_best(first, "key_match")
+    best = verdict.compare_with_best(verdict.estimate(first, "key_match"))
     assert best["best_set"] == ["full", "lora", "qlora", "bitfit"]
     assert not any(entry["clears_margin"] for entry in best["methods"].values())
     assert all(entry["base"]["helps"] for entry in best["methods"].values())
@@ -55,7 +55,7 @@ def test_at_three_seeds_the_run_was_inconclusive_and_printed_the_plan_that_was_r
     rows = [evaluate.comparison_row(n, r, None if n == "base" else [
         common.read_json(RESULTS / f / "metrics.json") for f in info["runs"][n][:3]])
         for n, r in first.items()]
-    plan = verdict.settle_plan(first, "key_match", best, verdict.cost_order(rows))
+    plan = verdict.settle_plan(verdict.estimate(first, "key_match"), best, verdict.cost_order(rows))
     seeds = {c["method"]: c["seeds"]["seeds"] for c in plan["considered"] if c.get("seeds")}
     assert seeds and max(seeds.values()) <= 6
     assert min(len(r) for n, r in runs.items() if n != "base") >= max(seeds.values())
@@ -79,7 +79,7 @@ def test_the_published_decisions_do_not_depend_on_any_rng_seed():
     for seed in range(5):
         np.random.seed(seed)   # neither generator may reach a decision
         random.seed(seed)
-        calls.append(verdict.compare_with_best(runs, "key_match", alpha=published["alpha"],
+        calls.append(verdict.compare_with_best(verdict.estimate(runs, "key_match"), alpha=published["alpha"],
                                                margin=published["margin"]))
     assert all(call == calls[0] for call in calls)
     assert calls[0]["best_set"] == published["best"]["best_set"]
