@@ -94,6 +94,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ALPHA = 0.05
+INTERVAL_LEVEL = 0.95  # per-model intervals: one model at a time, no adjustment
 MARGIN = 5.0          # points of the headline metric; README "The verdict" argues it
 BASE_SHARE = 0.2      # share of alpha spent on the gate against the untuned base
 MAX_PLAN_SEEDS = 30   # the plan looks no further than this many seeds a method
@@ -269,7 +270,7 @@ def method_intervals(runs: dict[str, list[list[dict]]], nll: dict[str, np.ndarra
                 row[metric], counts[metric], clusters[metric], spread[metric] = None, 0, 0, None
                 continue
             found = _estimate(matrix[:, keep].mean(axis=0), codes[keep], [matrix[:, keep]])
-            low, high = _t_interval(found, 0.95)
+            low, high = _t_interval(found, INTERVAL_LEVEL)
             # a mean score lies in [0, 100]%; None when one group leaves nothing to estimate
             row[metric] = [max(0.0, 100 * low), min(100.0, 100 * high)] if np.isfinite(
                 found["se"]) else None
@@ -294,7 +295,7 @@ def linearised_ratio(values: np.ndarray, tokens: np.ndarray) -> tuple[float, np.
 
 
 def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, codes: np.ndarray,
-                        level: float = 0.95) -> list[float] | None:
+                        level: float = INTERVAL_LEVEL) -> list[float] | None:
     """Interval of exp(summed NLL / summed tokens): delta method on the log scale, then exp.
 
     None when there are fewer than two groups.  The log perplexity
