@@ -90,7 +90,7 @@ def parse_args(argv=None):
                              f"{models.DEFAULT_PRECISION}")
     parser.add_argument("--alpha", type=float, default=verdict.ALPHA,
                         help="every statement of the verdict holds together with probability "
-                             "1 - alpha (default 0.05)")
+                             f"1 - alpha (default {verdict.ALPHA:g})")
     parser.add_argument("--margin", type=float, default=verdict.MARGIN,
                         help="points of the headline score you would give up for a cheaper "
                              "method, declared before looking: a method is recommended only "
