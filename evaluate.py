@@ -28,9 +28,10 @@ seeds, with 95% intervals over questions and seeds; every pair of methods, and
 each method against the base, is compared with a paired test (see verdict.py).
 
 Writes outputs/<run>/predictions.jsonl (outputs/base/ for the untuned model),
-outputs/evaluation.json (what was compared) and outputs/comparison.json (the
-means, intervals, paired tests and the recommendation computed from them),
-prints the recommendation, then has report.py render comparison.{md,csv,png},
+outputs/evaluation.json (what was compared); compare.py builds
+outputs/comparison.json (the means, intervals, paired tests and the
+recommendation computed from them), it prints the recommendation, then
+report.py renders comparison.{md,csv,png},
 quality_vs_cost.png, lr_search.png (when --tune-lr ran) and report.html from
 those files (`python report.py outputs/` redraws them alone).
 """
@@ -38,36 +39,27 @@ those files (`python report.py outputs/` redraws them alone).
 import argparse
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import answer_loss
 import common
+import compare
 import generation
 import models
-import runpaths
-import settings
 import report
+import runpaths
+import scoring
+import settings
 import verdict
 from report import fmt
 
 METHODS = ("full", "lora", "qlora", "bitfit")  # the order of every table and plot
-COST_FIELDS = ("train_loss", "train_seconds", "train_tokens_per_s", "peak_memory_mb",
-               "trainable_params", "trainable_percent", "size_on_disk_mb")
 # Bump when scoring, decoding or metric code changes what a run's predictions hold: every
 # saved prediction file then counts as stale and is scored again.
 SCORING_VERSION = "2026-12-04.1"
-# Taken from the first seed's run: the same for every seed, or (peak memory) measured in a
-# process that had loaded nothing before it but the discarded learning-rate search models.
-SAME_FOR_EVERY_SEED = ("trainable_params", "trainable_percent", "size_on_disk_mb",
-                       "peak_memory_mb")
-PERPLEXITY_NOTE = ("answer perplexity: exp of the mean negative log-likelihood of the reference "
-                   "answer's tokens given the prompt; the EOS token is not counted, for every "
-                   "model alike")
 
 
 def parse_args(argv=None):
@@ -98,7 +90,7 @@ def parse_args(argv=None):
                              f"{models.DEFAULT_PRECISION}")
     parser.add_argument("--alpha", type=float, default=verdict.ALPHA,
                         help="every statement of the verdict holds together with probability "
-                             "1 - alpha (default 0.05)")
+                             f"1 - alpha (default {verdict.ALPHA:g})")
     parser.add_argument("--margin", type=float, default=verdict.MARGIN,
                         help="points of the headline score you would give up for a cheaper "
                              "method, declared before looking: a method is recommended only "
@@ -111,8 +103,8 @@ def parse_args(argv=None):
                              "the per-question predictions already in --output-dir (e.g. "
                              "results/smollm2-135m, which holds no model); needs no model or data")
     parser.add_argument("--publish", metavar="DIR", default=None,
-                        help="copy what --compare-only reads (evaluation.json, each compared "
-                             "run's predictions.jsonl and metrics.json, search/) from "
+                        help="copy what --compare-only reads (evaluation.json, every compared "
+                             "run's records packed in one file, metrics.json, search/) from "
                              "--output-dir to DIR, without the weights, and stop")
     return parser.parse_args(argv)
 
@@ -130,10 +122,10 @@ def seed_folders(output_dir: Path, method: str, primary: dict) -> list[Path]:
         if not runpaths.is_complete(folder):
             print(f"warning: skipping {folder}: no COMPLETED marker (its run did not finish)")
             continue
-        metrics = common.read_json(folder / "metrics.json")
+        metrics = common.read_json(runpaths.RunPaths(output_dir, method, folder.name).metrics)
         if metrics.get("run_id") != primary.get("run_id"):
             print(f"warning: skipping {folder}: trained with other settings than "
-                  f"{output_dir / method} (re-run {script_for(method)} --seeds N)")
+                  f"{output_dir / method} (re-run {compare.script_for(method)} --seeds N)")
             continue
         folders.append(folder)
     return folders
@@ -168,25 +160,20 @@ def find_methods(output_dir: Path, requested: str | None) -> dict[str, list[tupl
             continue
         if not runpaths.is_complete(folder):
             message = (f"{folder} has no COMPLETED marker: its run did not finish; re-run "
-                       f"{script_for(name)} (add --resume to continue from its checkpoint)")
+                       f"{compare.script_for(name)} (add --resume to continue from its checkpoint)")
             if name in wanted:
                 raise common.PipelineError(message)
             print(f"warning: skipping {message}")
             continue
-        primary = common.read_json(folder / "metrics.json")
+        primary = common.read_json(runpaths.RunPaths(output_dir, name).metrics)
         found[name] = [(folder, primary)] + [
-            (extra, common.read_json(extra / "metrics.json"))
+            (extra, common.read_json(runpaths.RunPaths(output_dir, name, extra.name).metrics))
             for extra in seed_folders(output_dir, name, primary)]
     if not found:
         raise common.PipelineError(
             f"no finished fine-tuning runs in {output_dir}/; train one first, e.g. "
             "`python finetune_lora.py` (or finetune.py, finetune_qlora.py, finetune_bitfit.py)")
     return found
-
-
-def script_for(method: str) -> str:
-    """The command that trains a method."""
-    return "python finetune.py" if method == "full" else f"python finetune_{method}.py"
 
 
 def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None, device,
@@ -280,93 +267,19 @@ def evaluate_model(name, model, tokenizer, rows, examples, max_new, stop, args,
     predictions = generation.generate_answers(model, tokenizer, [r["prompt"] for r in rows],
                                               max_new, device, stop=stop, batch_size=batch_size,
                                               desc=f"{name}: answers", precision=precision)
-    records = common.score_rows(rows, predictions)
+    records = scoring.score_rows(rows, predictions)
     for record, (total, count) in zip(records, nll):
         record["answer_nll"], record["answer_tokens"] = round(total, 6), count
     return records
 
 
-def run_perplexity(records: list[dict]) -> float:
-    """Answer perplexity of one run's records."""
-    return common.perplexity(sum(r["answer_nll"] for r in records),
-                             sum(r["answer_tokens"] for r in records))
-
-
-def mean_summary(runs: list[list[dict]]) -> dict:
-    """summarise() of each seed's records, averaged over seeds."""
-    summaries = [common.summarise(records) for records in runs]
-    out = {"n": summaries[0]["n"], "keyed": summaries[0]["keyed"]}
-    for key in ("exact_match", "token_f1", "key_accuracy"):
-        values = [s[key] for s in summaries]
-        out[key] = None if values[0] is None else sum(values) / len(values)
-    return out
-
-
-def breakdown(runs: list[list[dict]], field: str) -> dict:
-    """mean_summary() per value of a field (category, eval_kind), when the data has it."""
-    values = sorted({r[field] for r in runs[0] if field in r})
-    return {value: mean_summary([[r for r in records if r.get(field) == value]
-                                 for records in runs]) for value in values}
-
-
-# --- The comparison ----------------------------------------------------------
-
-
-def comparison_row(name: str, runs: list[list[dict]], metrics: list[dict] | None) -> dict:
-    """One row of the comparison table: means over seeds (intervals are added later)."""
-    ppl = [run_perplexity(records) for records in runs]
-    row = {"method": name, "seeds": len(runs), "answer_perplexity": sum(ppl) / len(ppl),
-           **mean_summary(runs), "note": ""}
-    if metrics is None:
-        row["note"] = "untuned base model"
-        row["lr"] = None
-        return row
-    row["lr"] = metrics[0]["args"]["lr"]
-    row["lr_source"] = ("search on the validation split" if metrics[0].get("lr_search")
-                        else "fixed (--lr or the script's default)")
-    row["seed_values"] = [m["args"]["seed"] for m in metrics]
-    for field in COST_FIELDS:
-        values = [m.get(field) for m in metrics if m.get(field) is not None]
-        if field in SAME_FOR_EVERY_SEED:
-            row[field] = values[0] if values else None
-        else:
-            row[field] = sum(values) / len(values) if values else None
-    # the spread over seeds: verdict.py states a cost difference only when ranges do not meet
-    for field in ("train_seconds", "peak_memory_mb"):
-        values = [m[field] for m in metrics if m.get(field) is not None]
-        row[f"{field}_range"] = [min(values), max(values)] if values else None
-    details = metrics[0]["details"]
-    if details.get("base_quantization") == "nf4":
-        row["note"] = "evaluated on its 4-bit NF4 base, as trained"
-    if details.get("added_biases"):
-        row["note"] = f"{details['added_biases']} zero-initialised biases added"
-    return row
-
-
-def add_intervals(table: list[dict], all_runs: dict[str, list[list[dict]]]) -> None:
-    """Add <metric>_ci95 to each row: clustered t intervals with a seed component (verdict.py)."""
-    fields = {"exact_match": "exact_match", "token_f1": "token_f1"}
-    if common.quality_key(table)[0] == "key_accuracy":
-        fields["key_accuracy"] = "key_match"
-    tokens = np.array([r["answer_tokens"] for r in next(iter(all_runs.values()))[0]], dtype=float)
-    nll = {name: np.array([[r["answer_nll"] for r in records] for records in runs])
-           for name, runs in all_runs.items()}
-    intervals = verdict.method_intervals(all_runs, nll, tokens, list(fields.values()))
-    for row in table:
-        found = intervals[row["method"]]
-        for field, record_field in fields.items():
-            row[f"{field}_ci95"] = found[record_field]
-        row["answer_perplexity_ci95"] = found["answer_perplexity"]
-        row["seed_sd"] = found["seed_sd"]
-
-
 def main(args):
     """Evaluate base + methods, then write predictions, tables, plots and the recommendation."""
     if args.publish:
-        publish(Path(args.output_dir), Path(args.publish))
+        compare.publish(Path(args.output_dir), Path(args.publish))
         return
     if args.compare_only:
-        compare(Path(args.output_dir), args.alpha, args.margin)
+        compare_and_render(Path(args.output_dir), args.alpha, args.margin)
         return
     # Read the eval set and find the finished runs (fails fast, before any model loads)
     output_dir = Path(args.output_dir)
@@ -418,8 +331,8 @@ def main(args):
                 del model
                 folder.mkdir(parents=True, exist_ok=True)
                 save_records(folder, records, value)
-                summary = common.summarise(records)
-                print(f"{folder.name:>14}: answer PPL {run_perplexity(records):8.2f}  exact "
+                summary = scoring.summarise(records)
+                print(f"{folder.name:>14}: answer PPL {scoring.run_perplexity(records):8.2f}  exact "
                       f"{summary['exact_match']:5.1f}%  key {fmt(summary['key_accuracy'])}%  "
                       f"F1 {summary['token_f1']:5.1f}%")
             compared.setdefault(name, []).append((folder, metrics))
@@ -432,137 +345,17 @@ def main(args):
         "model": trained[0][0][1]["model"], "base_model_path": base_path,
         "questions": len(rows), "max_new_tokens": max_new, "stop": stop, "precision": precision,
         "runs": {name: [folder.name for folder, _ in runs] for name, runs in compared.items()}})
-    compare(output_dir, args.alpha, args.margin)
+    compare_and_render(output_dir, args.alpha, args.margin)
 
 
-# --- The comparison, from files alone -------------------------------------------
-
-
-def compare(output_dir: Path, alpha: float = verdict.ALPHA,
-            margin: float = verdict.MARGIN) -> dict:
-    """Measure the comparison from the saved per-run files alone, then render it (report.py).
-
-    Reads <output-dir>/evaluation.json, each compared run's predictions.jsonl and
-    metrics.json, and search/<method>.json; needs no model, tokenizer or data.
-    Writes comparison.json, which report.render() turns into every table, chart and page.
-    """
-    output_dir = Path(output_dir)
-    info, all_runs, trained = report.compared_runs(output_dir, metrics=True)
-
-    # Means and intervals; the comparisons with the best, the gate, and what follows from them
-    table = [comparison_row(name, runs, trained.get(name)) for name, runs in all_runs.items()]
-    add_intervals(table, all_runs)
-    key, record_key, label = common.quality_key(table)
-    pairs = verdict.pairwise(all_runs, record_key)
-    for pair in pairs:
-        pair["metric"] = key
-    best = verdict.compare_with_best(all_runs, record_key, alpha=alpha, margin=margin)
-    best["metric"] = key
-    plan = verdict.settle_plan(all_runs, record_key, best, verdict.cost_order(table))
-    searches = report.read_searches(output_dir, trained)
-    sensitivity = verdict.rate_sensitivity(searches)
-    decision = verdict.recommend(table, best, plan, label, verdict.rate_text(sensitivity))
-    if plan is not None:
-        plan["commands"] = plan_commands(output_dir, info, trained, plan)
-    breakdowns = {name: {"eval_kind": breakdown(runs, "eval_kind"),
-                         "category": breakdown(runs, "category")}
-                  for name, runs in all_runs.items()}
-    procedure = verdict.procedure(
-        best, max(p["n_questions"] for p in pairs), max(p["n_groups"] for p in pairs),
-        {name: len(runs) for name, runs in all_runs.items()}, key)
-    comparison = {
-        "model": info["model"], "base_model_path": info["base_model_path"],
-        "questions": info["questions"], "max_new_tokens": info["max_new_tokens"],
-        "stop": info["stop"], "precision": info.get("precision", "fp32"),
-        "headline_metric": key, "headline_label": label, "alpha": alpha, "margin": margin,
-        "perplexity": PERPLEXITY_NOTE,
-        "intervals": "95% t intervals, cluster-robust over fact groups plus seed variance; "
-                     "see verdict.py",
-        "procedure": procedure, "rows": table, "best": best, "pairwise": pairs, "plan": plan,
-        "rate_sensitivity": sensitivity,
-        "breakdowns": breakdowns,
-        "lr_search": {name: {k: s.get(k) for k in ("grid", "chosen_lr", "metric", "budget")}
-                      for name, s in searches.items()},
-        "outcome": decision["outcome"], "recommended": decision["method"],
-        "recommendation": decision["text"], "recommendation_lines": decision["lines"]}
-    common.write_json(runpaths.comparison_file(output_dir), comparison)
-
-    # Everything a person reads is drawn from comparison.json and the run files
+def compare_and_render(output_dir: Path, alpha: float, margin: float) -> dict:
+    """Build comparison.json from the scored runs (compare.py), render it (report.py), say so."""
+    comparison = compare.build(output_dir, alpha, margin)
     written = report.render(output_dir)
-    print(f"\n{decision['text']}\n\nwrote {runpaths.comparison_file(output_dir)}, "
+    print(f"\n{comparison['recommendation']}\n\nwrote {runpaths.comparison_file(output_dir)}, "
           + ", ".join(str(path) for path in written))
     return comparison
 
-
-def plan_commands(output_dir: Path, info: dict, trained: dict[str, list[dict]],
-                  plan: dict | None) -> dict[str, dict[str, str]]:
-    """The commands that run each option of the plan, per method: {"seeds": ..., "questions": ...}.
-
-    Seeds: each method's script at the rate and settings its runs used, with --seeds K
-    --resume, so the finished seeds are kept and only the new ones train; then evaluate.py,
-    which re-scores only the new runs.  They run where the trained runs are: a published
-    folder (scores only, no weights) names the folder its runs were trained in.
-    Questions: the data stage with more facts (SIZE scales the rows, and so the facts and
-    fact groups), then the whole comparison again.
-    """
-    commands: dict[str, dict[str, str]] = {}
-    for option in (plan or {}).get("considered", []):
-        target, found = option["method"], {}
-        if option.get("seeds"):
-            # where the runs were trained: here, or (a published folder holds no weights) the
-            # folder their metrics.json records
-            first = info["runs"][target][0]
-            where = (output_dir if runpaths.is_complete(output_dir / first)
-                     else Path(trained[target][0]["args"]["output_dir"]))
-            steps = []
-            for name in [target] + option["with"]:
-                args = trained[name][0]["args"]
-                steps.append(f"{script_for(name)} --model {info['model']} --lr {args['lr']:g} "
-                             f"--epochs {args['epochs']:g} --precision {args['precision']} "
-                             f"--data-dir {args['data_dir']} --output-dir {where} "
-                             f"--seeds {option['seeds']['seeds']} --resume")
-            found["seeds"] = " && ".join(steps + [
-                f"python evaluate.py --data-dir {trained[target][0]['args']['data_dir']} "
-                f"--output-dir {where}"])
-        if option.get("questions"):
-            first = trained[target][0]
-            rows = (first.get("train_examples", 0) + first.get("valid_examples", 0)
-                    + info["questions"])
-            found["questions"] = (f"make all MODEL={info['model']} "
-                                  f"SIZE={math.ceil(rows * option['questions']['factor'])} "
-                                  f"SEEDS={option['questions']['seeds']} TUNE=1 "
-                                  "DATA=data/larger OUT=outputs/larger")
-        if found:
-            commands[target] = found
-    return commands
-
-
-def publish(output_dir: Path, target: Path) -> None:
-    """Copy what compare() reads (no weights) to target, e.g. results/<model>/.
-
-    That is evaluation.json, each compared run's predictions.jsonl and metrics.json, the
-    searches, and the first seed's training curve of each method (the one the page shows).
-    """
-    import shutil
-
-    output_dir, target = Path(output_dir), Path(target)
-    info = common.read_json(runpaths.evaluation_file(output_dir))
-    with common.staged_dir(target) as tmp:
-        shutil.copy2(runpaths.evaluation_file(output_dir), runpaths.evaluation_file(tmp))
-        for name, folders in info["runs"].items():
-            for index, folder in enumerate(folders):
-                (tmp / folder).mkdir()
-                # the page draws each method's first seed's curve; the others' stay behind
-                files = (runpaths.PREDICTIONS, "metrics.json") + (("training_metrics.png",)
-                                                                  if index == 0 else ())
-                for file in files:
-                    if (output_dir / folder / file).exists():
-                        shutil.copy2(output_dir / folder / file, tmp / folder / file)
-        searches = output_dir / "search"
-        if searches.is_dir():
-            shutil.copytree(searches, tmp / "search")
-    print(f"published the per-question scores and run records of {output_dir}/ to {target}/; "
-          f"`python evaluate.py --compare-only --output-dir {target}` rebuilds the verdict")
 
 if __name__ == "__main__":
     common.run_main(main, parse_args())

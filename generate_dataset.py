@@ -34,8 +34,8 @@ import re
 from collections import Counter, namedtuple
 from pathlib import Path
 
-from common import (PipelineError, key_match, normalize_question, read_csv, read_text,
-                    run_main, write_jsonl)
+from common import PipelineError, normalize_question, read_csv, read_text, run_main, write_jsonl
+from scoring import key_match
 
 # =============================================================================
 # Fact tables: read from facts/ (data only; see facts/README.md for what was checked)

@@ -1,12 +1,13 @@
-"""Render the comparison from the files evaluate.py wrote: tables, charts and one HTML page.
+"""Render the comparison that compare.py built: tables, charts and one HTML page.
 
     python report.py outputs/                  # after `python evaluate.py`
     python report.py results/smollm2-135m      # the published run, no model needed
 
 Reads <dir>/comparison.json (the numbers, intervals, paired tests and the
 recommendation), <dir>/evaluation.json (which runs were compared), each
-compared run's predictions.jsonl and training_metrics.png, and
-search/<method>.json; computes nothing that decides anything.  Writes
+compared run's per-question records (read by compare.compared_runs), each
+method's training_metrics.png where the folder has it, and search/<method>.json;
+computes nothing that decides anything.  Writes
 comparison.md, comparison.csv, comparison.png, quality_vs_cost.png,
 lr_search.png (when a learning-rate search ran) and report.html, a page that
 embeds every chart and opens from disk with no network.
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import compare
 import runpaths
 import verdict
 
@@ -61,41 +63,6 @@ def read_comparison(output_dir: Path) -> dict:
     return common.read_json(path)
 
 
-def compared_runs(output_dir: Path, metrics: bool = False):
-    """evaluation.json and each compared run's per-question records, one list per seed.
-
-    With metrics, also each trained run's metrics.json: (info, runs, metrics by method).
-    """
-    output_dir = Path(output_dir)
-    info_path = runpaths.evaluation_file(output_dir)
-    if not info_path.exists():
-        raise common.PipelineError("no evaluation to compare: run `python evaluate.py` first",
-                                   info_path)
-    info = common.read_json(info_path)
-    runs: dict[str, list[list[dict]]] = {}
-    trained: dict[str, list[dict]] = {}
-    for name, folders in info["runs"].items():
-        for folder in folders:
-            paths = runpaths.RunPaths(output_dir, name, folder)
-            if not paths.predictions.exists():
-                raise common.PipelineError(f"{runpaths.PREDICTIONS} is missing; re-run "
-                                           "`python evaluate.py`", paths.run)
-            runs.setdefault(name, []).append(common.read_jsonl(paths.predictions))
-            if metrics and name != "base":
-                trained.setdefault(name, []).append(common.read_json(paths.metrics))
-    return (info, runs, trained) if metrics else (info, runs)
-
-
-def read_searches(output_dir: Path, methods) -> dict[str, dict]:
-    """The learning-rate searches (search/<method>.json) of the given methods that ran one."""
-    found = {}
-    for name in methods:
-        path = runpaths.search_file(output_dir, name)
-        if path.exists():
-            found[name] = common.read_json(path)
-    return found
-
-
 # --- The one column list: comparison.md, comparison.csv and report.html ---------
 
 
@@ -105,7 +72,7 @@ class Column:
     key: str              # the row's field in comparison.json, and the CSV header
     header: str           # the markdown and HTML header
     digits: int = 0       # decimals shown in the tables (the CSV keeps the raw number)
-    interval: bool = False  # shown as 'mean [low, high]'; the CSV adds <key>_ci95_low/_high
+    interval: bool = False  # shown as 'mean [low, high]'; the CSV adds <key>_interval_low/_high
     shown: bool = True    # False: in the CSV only (the same on every row; the title says it)
     spread: bool = False  # a cost: shown as 'mean (min-max over seeds)' where seeds differ
 
@@ -149,7 +116,7 @@ def cell(row: dict, column: Column) -> tuple[str, str]:
         return fmt(value, column.digits), spread
     if value is None or not column.interval:
         return fmt(value, column.digits), ""
-    ci, digits = row.get(f"{column.key}_ci95"), column.digits
+    ci, digits = row.get(f"{column.key}_interval"), column.digits
     return fmt(value, digits), (f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
@@ -159,7 +126,7 @@ def csv_fields() -> list[str]:
     for column in COLUMNS:
         fields.append(column.key)
         if column.interval:
-            fields += [f"{column.key}_ci95_low", f"{column.key}_ci95_high"]
+            fields += [f"{column.key}_interval_low", f"{column.key}_interval_high"]
     return fields
 
 
@@ -170,8 +137,8 @@ def csv_text(rows: list[dict]) -> str:
         item = dict(row)
         for column in COLUMNS:
             if column.interval:
-                low, high = row.get(f"{column.key}_ci95") or (None, None)
-                item[f"{column.key}_ci95_low"], item[f"{column.key}_ci95_high"] = low, high
+                low, high = row.get(f"{column.key}_interval") or (None, None)
+                item[f"{column.key}_interval_low"], item[f"{column.key}_interval_high"] = low, high
         flat.append(item)
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=csv_fields(), extrasaction="ignore",
@@ -321,13 +288,13 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
         values = [r.get(key) for r in rows]
         heights = [v if v is not None else 0 for v in values]
         errors = None
-        if all(r.get(f"{key}_ci95") for r in rows):
-            errors = np.array([[h - r[f"{key}_ci95"][0], r[f"{key}_ci95"][1] - h]
+        if all(r.get(f"{key}_interval") for r in rows):
+            errors = np.array([[h - r[f"{key}_interval"][0], r[f"{key}_interval"][1] - h]
                                for h, r in zip(heights, rows)]).T.clip(min=0)
         bars = ax.bar(names, heights, color=colours, yerr=errors, capsize=4,
                       error_kw={"elinewidth": 1})
         for bar, value, row in zip(bars, values, rows):
-            top = max(bar.get_height(), (row.get(f"{key}_ci95") or [0, 0])[1])
+            top = max(bar.get_height(), (row.get(f"{key}_interval") or [0, 0])[1])
             ax.annotate("n/a" if value is None else fmt(value, 1 if value < 100 else 0),
                         (bar.get_x() + bar.get_width() / 2, top), xytext=(0, 2),
                         textcoords="offset points", ha="center", va="bottom", fontsize=8)
@@ -353,7 +320,7 @@ def plot_quality_vs_cost(comparison: dict, path: Path) -> None:
     for ax, cost, xlabel in ((axes[0], "train_seconds", "training time (s)"),
                              (axes[1], "peak_memory_mb", "peak training memory (MB)")):
         for r in trained:
-            ci = r.get(f"{key}_ci95")
+            ci = r.get(f"{key}_interval")
             yerr = [[r[key] - ci[0]], [ci[1] - r[key]]] if ci else None
             ax.errorbar(r[cost], r[key], yerr=yerr, fmt="o", ms=10, capsize=4,
                         color=COLOURS.get(r["method"]), zorder=3)
@@ -503,7 +470,7 @@ def search_table(comparison: dict, output_dir: Path) -> str:
         return ("<p class=muted>No search ran: each method trained at its script's rate. "
                 "Run the fine-tune scripts with <code>--tune-lr</code> (or "
                 "<code>make all TUNE=1</code>) to choose rates on the validation split.</p>")
-    found = read_searches(output_dir, searches)
+    found = compare.read_searches(output_dir, searches)
     label = next((s.get("score_label") or s.get("metric_label") for s in found.values()),
                  "validation score")
     rows = []
@@ -638,8 +605,8 @@ def render(output_dir: str | Path) -> list[Path]:
     """Write every table, chart and report.html from the files in output_dir; returns them."""
     output_dir = Path(output_dir)
     comparison = read_comparison(output_dir)
-    info, all_runs = compared_runs(output_dir)
-    searches = read_searches(output_dir, comparison.get("lr_search") or {})
+    info, all_runs = compare.compared_runs(output_dir)
+    searches = compare.read_searches(output_dir, comparison.get("lr_search") or {})
     written = [output_dir / name for name in ("comparison.md", "comparison.csv", "comparison.png",
                                               "quality_vs_cost.png")]
     common.write_text_atomic(written[0], markdown_table(comparison))

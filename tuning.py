@@ -40,6 +40,7 @@ import common
 import generation
 import models
 import runpaths
+import scoring
 import training
 from runpaths import RunPaths
 from settings import TrainSettings
@@ -116,8 +117,8 @@ def validation_score(run: training.Run, model, tokenizer) -> tuple[float, str, s
                                               max_new, run.device, stop=stop,
                                               desc=f"{run.method}: validation answers",
                                               precision=run.precision)
-    summary = common.summarise(common.score_rows(rows, predictions))
-    field, _, label = common.quality_key([summary])
+    summary = scoring.summarise(scoring.score_rows(rows, predictions))
+    field, _, label = scoring.quality_key([summary])
     return summary[field], field, label
 
 

@@ -89,10 +89,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 ALPHA = 0.05
+INTERVAL_LEVEL = 0.95  # per-model intervals: one model at a time, no adjustment
 MARGIN = 5.0          # points of the headline metric; README "The verdict" argues it
 BASE_SHARE = 0.2      # share of alpha spent on the gate against the untuned base
 MAX_PLAN_SEEDS = 30   # the plan looks no further than this many seeds a method
@@ -268,7 +270,7 @@ def method_intervals(runs: dict[str, list[list[dict]]], nll: dict[str, np.ndarra
                 row[metric], counts[metric], clusters[metric], spread[metric] = None, 0, 0, None
                 continue
             found = _estimate(matrix[:, keep].mean(axis=0), codes[keep], [matrix[:, keep]])
-            low, high = _t_interval(found, 0.95)
+            low, high = _t_interval(found, INTERVAL_LEVEL)
             # a mean score lies in [0, 100]%; None when one group leaves nothing to estimate
             row[metric] = [max(0.0, 100 * low), min(100.0, 100 * high)] if np.isfinite(
                 found["se"]) else None
@@ -293,7 +295,7 @@ def linearised_ratio(values: np.ndarray, tokens: np.ndarray) -> tuple[float, np.
 
 
 def perplexity_interval(nll: np.ndarray, tokens: np.ndarray, codes: np.ndarray,
-                        level: float = 0.95) -> list[float] | None:
+                        level: float = INTERVAL_LEVEL) -> list[float] | None:
     """Interval of exp(summed NLL / summed tokens): delta method on the log scale, then exp.
 
     None when there are fewer than two groups.  The log perplexity
@@ -331,8 +333,54 @@ def _pair(matrices: dict[str, np.ndarray], codes: np.ndarray, a: str, b: str,
     return _estimate(ma.mean(axis=0) - mb.mean(axis=0), codes[keep], [ma, mb], seeds)
 
 
-def pairwise(runs: dict[str, list[list[dict]]], metric: str, base: str = "base",
-             groups=None) -> list[dict]:
+@dataclass(frozen=True)
+class Estimates:
+    """The score matrices and every pair's paired estimate, made once for the whole verdict.
+
+    pairs holds (a, b) for every pair of trained methods in both orders (b, a being
+    a, b negated) and (a, base) for each trained method; pairwise(), compare_with_best()
+    and settle_plan() all read these, so each pair is estimated once.
+    """
+
+    metric: str | None
+    base: str
+    codes: np.ndarray
+    matrices: dict[str, np.ndarray]
+    pairs: dict[tuple[str, str], dict]
+
+    @property
+    def trained(self) -> list[str]:
+        return [n for n in self.matrices if n != self.base]
+
+    def seeds(self, name: str) -> int:
+        return int(self.matrices[name].shape[0])
+
+
+def estimate(runs: dict[str, list[list[dict]]], metric: str, base: str = "base",
+             groups=None) -> Estimates:
+    """Score matrices of one record field (metric) and every pair's estimate, from the runs."""
+    codes = _codes(runs, groups)
+    matrices = {name: score_matrix(records, metric) for name, records in runs.items()}
+    return estimate_matrices(matrices, codes, base, metric)
+
+
+def estimate_matrices(matrices: dict[str, np.ndarray], codes: np.ndarray, base: str = "base",
+                      metric: str | None = None) -> Estimates:
+    """estimate() on seeds x questions score matrices (NaN: not scored)."""
+    trained = [n for n in matrices if n != base]
+    cache: dict = {}
+    pairs = {}
+    for a, b in itertools.combinations(trained, 2):
+        found = _pair(matrices, codes, a, b, cache)
+        pairs[(a, b)] = found
+        pairs[(b, a)] = {**found, "mean": -found["mean"], "seeds": found["seeds"][::-1]}
+    if base in matrices:
+        for a in trained:
+            pairs[(a, base)] = _pair(matrices, codes, a, base, cache)
+    return Estimates(metric, base, codes, matrices, pairs)
+
+
+def pairwise(found: Estimates) -> list[dict]:
     """Every pair of trained methods, then each against the base: difference, SE and df.
 
     difference = a - b in points (positive: a scored higher).  These are the
@@ -340,36 +388,32 @@ def pairwise(runs: dict[str, list[list[dict]]], metric: str, base: str = "base",
     bounds, are compare_with_best()'s.  No p-value is given here on purpose: an
     unadjusted p-value beside a family of decisions invites reading it as one.
     """
-    codes = _codes(runs, groups)
-    matrices = {name: score_matrix(records, metric) for name, records in runs.items()}
-    trained = [n for n in runs if n != base]
+    trained, base = found.trained, found.base
     family = list(itertools.combinations(trained, 2)) + [(a, base) for a in trained
-                                                          if base in runs]
+                                                          if base in found.matrices]
     rows = []
     for a, b in family:
-        found = _pair(matrices, codes, a, b)
-        rows.append({"a": a, "b": b, "metric": metric, "difference": 100 * found["mean"],
-                     "se": _finite(100 * found["se"]), "df": _finite(found["df"]),
-                     "n_questions": found["n_questions"], "n_groups": found["n_groups"],
-                     "seeds": [len(runs[a]), len(runs[b])]})
+        pair = found.pairs[(a, b)]
+        rows.append({"a": a, "b": b, "metric": found.metric, "difference": 100 * pair["mean"],
+                     "se": _finite(100 * pair["se"]), "df": _finite(pair["df"]),
+                     "n_questions": pair["n_questions"], "n_groups": pair["n_groups"],
+                     "seeds": [found.seeds(a), found.seeds(b)]})
     return rows
 
 
 # --- Comparisons with the best, and the gate against the base -------------------
 
 
-def compare_with_best(runs: dict[str, list[list[dict]]], metric: str, base: str = "base",
-                      alpha: float = ALPHA, margin: float = MARGIN, groups=None) -> dict:
+def compare_with_best(found: Estimates, alpha: float = ALPHA, margin: float = MARGIN) -> dict:
     """Bounds on every trained method's gap to the best of the others, the best set, the gate.
 
-    Returns {"alpha", "alpha_best", "alpha_base", "margin", "best_set", "methods"}; each
-    method's entry has its mean, its gap to the best of the others (estimate, lower and
-    upper simultaneous bounds, in points), shown_worse_than, in_best_set, clears_margin
-    and "base" (difference, one-sided lower bound, helps).  See the module docstring.
+    Returns {"alpha", "alpha_best", "alpha_base", "margin", "best_set", "methods",
+    "critical", "metric"}; each method's entry has its mean, its gap to the best of the
+    others (estimate, lower and upper simultaneous bounds, in points), shown_worse_than,
+    in_best_set, clears_margin and "base" (difference, one-sided lower bound, helps).
+    See the module docstring.
     """
-    codes = _codes(runs, groups)
-    matrices = {name: score_matrix(records, metric) for name, records in runs.items()}
-    return {**best_of_matrices(matrices, codes, base, alpha, margin), "metric": metric}
+    return {**_best(found, alpha, margin), "metric": found.metric}
 
 
 def pair_level(alpha_best: float, m: int) -> float:
@@ -380,17 +424,17 @@ def pair_level(alpha_best: float, m: int) -> float:
 def best_of_matrices(matrices: dict[str, np.ndarray], codes: np.ndarray, base: str = "base",
                      alpha: float = ALPHA, margin: float = MARGIN) -> dict:
     """compare_with_best() on seeds x questions score matrices (NaN: not scored)."""
-    trained = [n for n in matrices if n != base]
+    return _best(estimate_matrices(matrices, codes, base), alpha, margin)
+
+
+def _best(estimates: Estimates, alpha: float, margin: float) -> dict:
+    """compare_with_best() without the metric's name."""
+    matrices, trained, base = estimates.matrices, estimates.trained, estimates.base
     has_base = base in matrices
     alpha_base = BASE_SHARE * alpha if has_base else 0.0
     alpha_best = alpha - alpha_base
     m = len(trained)
-    cache: dict = {}
-    pairs = {}
-    for a, b in itertools.combinations(trained, 2):
-        found = _pair(matrices, codes, a, b, cache)
-        pairs[(a, b)] = found
-        pairs[(b, a)] = {**found, "mean": -found["mean"], "seeds": found["seeds"][::-1]}
+    pairs = {pair: found for pair, found in estimates.pairs.items() if base not in pair}
     level = pair_level(alpha_best, m)
 
     def bounds(found: dict) -> tuple[float, float]:
@@ -420,17 +464,16 @@ def best_of_matrices(matrices: dict[str, np.ndarray], codes: np.ndarray, base: s
             "shown_worse_than": worse[a], "in_best_set": a in best_set,
             "clears_margin": bool(np.isfinite(lower) and lower > -margin),
             "seeds": int(matrices[a].shape[0]),
-            "base": _gate(matrices, codes, a, base, alpha_base, m, cache) if has_base else None}
+            "base": _gate(estimates.pairs[(a, base)], alpha_base, m) if has_base else None}
     return {"alpha": alpha, "alpha_best": alpha_best, "alpha_base": alpha_base,
             "margin": margin, "best_set": best_set, "methods": out,
             "critical": (f"t at {alpha_best:g}/{max(m * (m - 1), 1)} a side "
                          f"(Bonferroni over the {m * (m - 1) // 2} pairs of methods, two-sided)")}
 
 
-def _gate(matrices, codes, a: str, base: str, alpha_base: float, m: int,
-          cache: dict | None = None) -> dict:
-    """a against the base: difference, one-sided lower bound at 1 - alpha_base/m, helps."""
-    found = _pair(matrices, codes, a, base, cache)
+def _gate(found: dict, alpha_base: float, m: int) -> dict:
+    """a against the base (found: their pair estimate): difference, one-sided lower bound at
+    1 - alpha_base/m, helps."""
     if not np.isfinite(found["se"]):
         lower = float("-inf")
     elif found["se"] == 0:
@@ -467,8 +510,7 @@ def _projected_bound(a: str, b: str, found: dict, seeds: dict[str, int], scale: 
     return 100 * (found["mean"] - (_t(df, pair_level(alpha_best, m)) * se if se > 0 else 0.0))
 
 
-def settle_plan(runs: dict[str, list[list[dict]]], metric: str, best: dict,
-                cost_order: list[str], base: str = "base", groups=None) -> dict | None:
+def settle_plan(found: Estimates, best: dict, cost_order: list[str]) -> dict | None:
     """How many seeds, or how many more questions and seeds, would let a method clear -margin.
 
     For each method that helps, in cost order (cheapest first), whose estimated gap to every other
@@ -483,20 +525,17 @@ def settle_plan(runs: dict[str, list[list[dict]]], metric: str, best: dict,
     is the method with the cheapest option; "considered" lists every method in cost
     order.  None with fewer than two methods.
     """
-    codes = _codes(runs, groups)
-    matrices = {name: score_matrix(records, metric) for name, records in runs.items()}
-    trained = [n for n in runs if n != base]
-    m, margin, alpha_best = len(trained), best["margin"], best["alpha_best"]
+    m, margin, alpha_best = len(found.trained), best["margin"], best["alpha_best"]
     if m < 2:
         return None
-    current = {name: len(runs[name]) for name in runs}
+    current = {name: found.seeds(name) for name in found.matrices}
     considered = []
     for a in cost_order:
         entry = best["methods"][a]
         rivals = [b for b in best["best_set"] if b != a]
         if not (entry["base"] is None or entry["base"]["helps"]) or not rivals:
             continue
-        pairs = {b: _pair(matrices, codes, a, b) for b in rivals}
+        pairs = {b: found.pairs[(a, b)] for b in rivals}
         if any(100 * p["mean"] <= -margin for p in pairs.values()):
             considered.append({"method": a, "reachable": False})
             continue

@@ -1,4 +1,4 @@
-"""evaluate.py and the metrics and generation it relies on."""
+"""evaluate.py and the answer loss and generation it relies on (text metrics: test_scoring.py)."""
 
 import json
 import math
@@ -13,86 +13,12 @@ import common
 import generation
 import models
 import evaluate
+import scoring
 import finetune
 from helpers import write_split
 from helpers import SCRIPTS
 
-# --- Metrics against hand-computed values ------------------------------------
-
-
-def test_normalize_answer_drops_case_punctuation_articles_and_spaces():
-    assert common.normalize_answer("  The capital of France is PARIS! ") == "capital of france is paris"
-    assert common.normalize_answer("An apple, a day.") == "apple day"
-
-
-def test_exact_match_after_normalisation():
-    assert common.exact_match("the capital of France is Paris.", "The capital of France is Paris")
-    assert not common.exact_match("Paris", "The capital of France is Paris.")
-
-
-def test_numbers_keep_their_punctuation():
-    assert common.normalize_answer("It is 4.5 km.") == "it is 4.5 km"
-    assert not common.exact_match("4.5", "45")
-    assert not common.key_match("It is 40 degrees.", "-40")
-    assert common.key_match("It is -40 degrees.", "-40")
-    assert not common.key_match("It is 45.", "4.5")
-    assert common.key_match("About 1,000 metres.", "1000")
-    assert common.key_match("It is 9.", "9")  # a sentence's full stop is not a decimal point
-
-
-def test_key_match_keeps_articles_and_whole_keys():
-    assert not common.key_match("Vitamin B", "Vitamin A")
-    assert common.key_match("It is vitamin A.", "Vitamin A")
-    assert not common.key_match("The Canadian dollar.", "US dollar")
-    assert common.key_match("The currency is the US dollar.", "US dollar")
-
-
-def test_short_symbol_keys_match_case_and_whole_words():
-    assert not common.key_match("Earth's core is hot.", "S")
-    assert common.key_match("Its symbol is S.", "S")
-    assert not common.key_match("It is measured in SI units.", "Si")
-    assert common.key_match("The symbol of silicon is Si.", "Si")
-    assert not common.key_match("It may be so.", "Be")
-    assert common.key_match("Paris", "paris")  # longer keys ignore case
-
-
-def test_key_match_is_not_satisfied_by_echoing_the_question():
-    question = "What is 8 times 1?"
-    assert not common.key_match("8 times 1 equals 9.", "8", question)
-    assert common.key_match("8 times 1 equals 8.", "8", question)
-    assert common.key_match("8", "8", question)
-    assert common.key_match("The answer is 8.", "8", question)
-    assert not common.key_match("What is 8 times 1? I do not know.", "8", question)
-    # the question need not be worded like the answer: the operand is still not the answer
-    assert not common.key_match("8 times 1 equals 9.", "8", "Calculate 8 * 1.")
-    assert common.key_match("8 times 1 equals 8.", "8", "Calculate 8 * 1.")
-    assert common.key_match("It is 8.", "8", "Calculate 8 * 1.")
-    assert not common.key_match("8 minus 8 is 8.", "0", "What is 8 minus 8?")
-    assert common.key_match("8 minus 8 is 0.", "0", "What is 8 minus 8?")
-    # a numeric key is the stated result, the last number, with or without the question
-    assert not common.key_match("8 times 1 equals 9.", "8")
-
-
-def test_key_match_needs_whole_words():
-    assert common.key_match("The capital of France is Paris.", "Paris")
-    assert common.key_match("It is 12.", "12")
-    assert not common.key_match("It is 120.", "12")
-    assert not common.key_match("Parisian food", "Paris")
-    assert common.key_match("It is artificial intelligence.", "Artificial Intelligence")
-    assert not common.key_match("anything", "")
-
-
-def test_token_f1_by_hand():
-    # "cat sat" vs "cat sat down": precision 2/2, recall 2/3, F1 = 0.8
-    assert common.token_f1("The cat sat", "the cat sat down") == pytest.approx(0.8)
-    assert common.token_f1("dog", "cat") == 0.0
-    assert common.token_f1("", "") == 1.0
-    assert common.token_f1("x b b", "b b c") == pytest.approx(2 / 3)  # 2 of 3 each way
-
-
-def test_perplexity_is_exp_of_mean_token_loss():
-    assert common.perplexity(3 * math.log(4), 3) == pytest.approx(4.0)
-    assert math.isnan(common.perplexity(0.0, 0))
+# --- Answer perplexity from a model -----------------------------------------
 
 
 def test_answer_perplexity_from_known_logits(data_dir):
@@ -105,7 +31,7 @@ def test_answer_perplexity_from_known_logits(data_dir):
     nll, count = answer_loss.answer_nll(model, examples, tokenizer.pad_token_id, torch.device("cpu"))
     answer_tokens = sum(sum(1 for label in ex["labels"][1:] if label != -100) for ex in examples)
     assert count == answer_tokens  # prompt tokens are not scored
-    assert common.perplexity(nll, count) == pytest.approx(model.config.vocab_size, rel=1e-5)
+    assert scoring.perplexity(nll, count) == pytest.approx(model.config.vocab_size, rel=1e-5)
 
 
 def test_scoring_leaves_eos_out_and_counts_per_example(data_dir):
@@ -356,8 +282,8 @@ def test_evaluate_scores_answers_it_controls(tmp_path, monkeypatch):
     assert rows_by["full"]["key_accuracy"] == 100 and rows_by["full"]["exact_match"] == 100
     assert rows_by["full"]["token_f1"] == 100
     assert rows_by["lora"]["key_accuracy"] == pytest.approx(half)
-    assert rows_by["full"]["key_accuracy_ci95"] == [100, 100]
-    low, high = rows_by["lora"]["key_accuracy_ci95"]
+    assert rows_by["full"]["key_accuracy_interval"] == [100, 100]
+    low, high = rows_by["lora"]["key_accuracy_interval"]
     assert low < half < high
     pairs = {(p["a"], p["b"]): p for p in report["pairwise"]}
     assert set(pairs) == {("full", "lora"), ("full", "base"), ("lora", "base")}
@@ -378,8 +304,8 @@ def test_evaluate_scores_answers_it_controls(tmp_path, monkeypatch):
     assert best["best_set"] == ["full"] and best["methods"]["lora"]["shown_worse_than"] == ["full"]
     assert report["outcome"] == "recommend" and report["recommended"] == "full"
     assert "Recommendation: full" in report["recommendation"]
-    for field in ("seeds", "lr", "key_accuracy_ci95", "exact_match_ci95", "token_f1_ci95",
-                  "answer_perplexity_ci95"):
+    for field in ("seeds", "lr", "key_accuracy_interval", "exact_match_interval", "token_f1_interval",
+                  "answer_perplexity_interval"):
         assert field in rows_by["lora"], field
 
 

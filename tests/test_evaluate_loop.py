@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+import compare
 import evaluate
 import finetune_lora
 from helpers import write_split
@@ -164,8 +165,8 @@ def test_published_scores_rebuild_the_same_verdict_without_models(scored, tmp_pa
     evaluate.main(evaluate.parse_args(["--output-dir", str(out), "--publish", str(published)]))
     assert not list(published.rglob("*.safetensors"))  # per-question scores, no weights
     assert (published / "evaluation.json").exists()
-    for name in ("base", "full", "lora", "qlora", "bitfit"):
-        assert (published / name / "predictions.jsonl").exists()
+    assert (published / compare.PUBLISHED).exists() and not list(published.rglob("*.jsonl"))
+    assert compare.compared_runs(published) == compare.compared_runs(out)  # every record, packed
     evaluate.main(evaluate.parse_args(["--output-dir", str(published), "--compare-only"]))
     rebuilt = json.loads((published / "comparison.json").read_text())
     assert without_paths(rebuilt) == without_paths(report)

@@ -64,7 +64,7 @@ def test_md_csv_and_html_headers_all_come_from_the_one_column_list(measured):
     for column in report.COLUMNS:
         expected.append(column.key)
         if column.interval:
-            expected += [f"{column.key}_ci95_low", f"{column.key}_ci95_high"]
+            expected += [f"{column.key}_interval_low", f"{column.key}_interval_high"]
     assert header == expected
     # a column the tables leave out is one whose value every row shares
     rows = json.loads((measured / "comparison.json").read_text())["rows"]

@@ -1,7 +1,7 @@
 """The published run (results/smollm2-135m/): its verdict is rebuilt from the committed files alone.
 
 The folder holds every compared run's per-question predictions and scores
-(predictions.jsonl), its metrics.json and the searches, but no model.
+(packed in one compare.PUBLISHED file), its metrics.json and the searches, but no model.
 """
 
 import json
@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 
 import common
+import compare
 import evaluate
 import runpaths
 import verdict
@@ -21,9 +22,7 @@ RESULTS = ROOT / "results" / "smollm2-135m"
 
 def published_runs() -> dict[str, list[list[dict]]]:
     """Each compared model's per-question records, one list per seed, as evaluate.py compared them."""
-    info = common.read_json(runpaths.evaluation_file(RESULTS))
-    return {name: [common.read_jsonl(RESULTS / folder / "predictions.jsonl") for folder in folders]
-            for name, folders in info["runs"].items()}
+    return compare.compared_runs(RESULTS)[1]
 
 
 def test_the_published_verdict_is_rebuilt_from_the_published_files(tmp_path):
@@ -34,6 +33,18 @@ def test_the_published_verdict_is_rebuilt_from_the_published_files(tmp_path):
     published = json.loads((RESULTS / "comparison.json").read_text())
     assert rebuilt == published
     assert (copy / "comparison.md").read_text() == (RESULTS / "comparison.md").read_text()
+    assert (copy / "comparison.csv").read_text() == (RESULTS / "comparison.csv").read_text()
+
+
+def test_the_published_folder_holds_what_the_readme_and_the_rebuild_use():
+    """Scores and run records, the rendered tables and charts; no weights, no HTML, no curves."""
+    tracked = {p.relative_to(RESULTS).as_posix() for p in RESULTS.rglob("*") if p.is_file()}
+    assert {"evaluation.json", compare.PUBLISHED, "comparison.json", "comparison.md",
+            "comparison.csv", "comparison.png", "quality_vs_cost.png", "lr_search.png",
+            "report.png", "split_report.json"} <= tracked
+    assert not any(p.endswith((".html", ".safetensors", "predictions.jsonl",
+                               "training_metrics.png")) for p in tracked)
+    assert sum(p.stat().st_size for p in RESULTS.rglob("*") if p.is_file()) < 3 * 2**20
 
 
 def first_seeds(runs: dict, k: int = 3) -> dict:
@@ -47,15 +58,15 @@ def test_at_three_seeds_the_run_was_inconclusive_and_printed_the_plan_that_was_r
     holds the seeds that plan added (run to a count fixed in advance)."""
     runs = published_runs()
     first = first_seeds(runs)
-    best = verdict.compare_with_best(first, "key_match")
+    best = verdict.compare_with_best(verdict.estimate(first, "key_match"))
     assert best["best_set"] == ["full", "lora", "qlora", "bitfit"]
     assert not any(entry["clears_margin"] for entry in best["methods"].values())
     assert all(entry["base"]["helps"] for entry in best["methods"].values())
     info = common.read_json(runpaths.evaluation_file(RESULTS))
-    rows = [evaluate.comparison_row(n, r, None if n == "base" else [
+    rows = [compare.comparison_row(n, r, None if n == "base" else [
         common.read_json(RESULTS / f / "metrics.json") for f in info["runs"][n][:3]])
         for n, r in first.items()]
-    plan = verdict.settle_plan(first, "key_match", best, verdict.cost_order(rows))
+    plan = verdict.settle_plan(verdict.estimate(first, "key_match"), best, verdict.cost_order(rows))
     seeds = {c["method"]: c["seeds"]["seeds"] for c in plan["considered"] if c.get("seeds")}
     assert seeds and max(seeds.values()) <= 6
     assert min(len(r) for n, r in runs.items() if n != "base") >= max(seeds.values())
@@ -79,7 +90,7 @@ def test_the_published_decisions_do_not_depend_on_any_rng_seed():
     for seed in range(5):
         np.random.seed(seed)   # neither generator may reach a decision
         random.seed(seed)
-        calls.append(verdict.compare_with_best(runs, "key_match", alpha=published["alpha"],
+        calls.append(verdict.compare_with_best(verdict.estimate(runs, "key_match"), alpha=published["alpha"],
                                                margin=published["margin"]))
     assert all(call == calls[0] for call in calls)
     assert calls[0]["best_set"] == published["best"]["best_set"]
@@ -111,7 +122,7 @@ def test_the_plan_commands_add_seeds_where_the_runs_were_trained():
     plan = {"target": "qlora", "considered": [
         {"method": "qlora", "reachable": True, "with": ["full"],
          "seeds": {"seeds": 7, "runs": 8}, "questions": {"factor": 2, "seeds": 4, "runs": 32}}]}
-    commands = evaluate.plan_commands(RESULTS, info, trained, plan)["qlora"]
+    commands = compare.plan_commands(RESULTS, info, trained, plan)["qlora"]
     args = trained["qlora"][0]["args"]
     # results/ holds no weights: the seeds go where metrics.json says the runs were trained
     assert commands["seeds"].startswith(

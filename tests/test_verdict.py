@@ -84,8 +84,8 @@ def test_unequal_seed_counts_three_versus_one_by_hand():
     method = (rng.uniform(0.4, 1.0, n)[None] + np.array([[-0.1], [0.0], [0.1]])
               + rng.normal(0, 0.05, (3, n))).round(4)
     base = rng.uniform(0.0, 0.6, (1, n)).round(4)
-    row = verdict.pairwise({"base": records(*base, field="token_f1"),
-                            "full": records(*method, field="token_f1")}, "token_f1")[0]
+    row = verdict.pairwise(verdict.estimate({"base": records(*base, field="token_f1"),
+                            "full": records(*method, field="token_f1")}, "token_f1"))[0]
     diffs = method.mean(axis=0) - base[0]
     seed_means = method.mean(axis=1)
     residual = method - seed_means[:, None] - method.mean(axis=0)[None] + method.mean()
@@ -111,8 +111,8 @@ def test_degrees_of_freedom_move_smoothly_as_the_seed_effect_vanishes():
     for shift in np.linspace(0.06, 0.0, 13):
         latent = rng.normal(0, 0, n) + noise + np.array([[-shift], [0], [shift]])
         method = (latent + np.linspace(-1, 1, n)[None] > -0.3).astype(float)
-        dfs.append(verdict.pairwise({"base": records(*base), "full": records(*method)},
-                                    "key_match")[0]["df"])
+        dfs.append(verdict.pairwise(verdict.estimate({"base": records(*base), "full": records(*method)},
+                                    "key_match"))[0]["df"])
     ratios = np.array(dfs[1:]) / np.array(dfs[:-1])
     assert np.all(ratios < 3) and np.all(ratios > 1 / 3)
 
@@ -121,7 +121,7 @@ def test_seed_disagreement_widens_the_interval():
     agree = [outcomes(231), outcomes(231), outcomes(231)]
     disagree = [outcomes(150), outcomes(231), outcomes(312)]  # same mean, seeds 35 points apart
     base = records(outcomes(100, start=200))
-    se = {name: verdict.pairwise({"base": base, "full": records(*seeds)}, "key_match")[0]["se"]
+    se = {name: verdict.pairwise(verdict.estimate({"base": base, "full": records(*seeds)}, "key_match"))[0]["se"]
           for name, seeds in (("agree", agree), ("disagree", disagree))}
     assert se["disagree"] > 3 * se["agree"]
 
@@ -136,9 +136,9 @@ def test_f1_headline_100_questions_0p2_versus_0p9_is_a_clear_gain():
                           np.clip(rng.normal(0.9, 0.1, 100), 0, 1))):
         runs = {"base": records(base, field="token_f1"),
                 "full": records(method, field="token_f1")}
-        row = verdict.pairwise(runs, "token_f1")[0]
+        row = verdict.pairwise(verdict.estimate(runs, "token_f1"))[0]
         assert row["difference"] == pytest.approx(100 * (method.mean() - base.mean()))
-        best = verdict.compare_with_best(runs, "token_f1")
+        best = verdict.compare_with_best(verdict.estimate(runs, "token_f1"))
         assert best["methods"]["full"]["base"]["helps"]
         assert best["methods"]["full"]["base"]["lower"] > 60
         rows = table(runs, "token_f1", {"full": 1})
@@ -152,8 +152,8 @@ def test_equal_scores_give_a_zero_difference():
     for field, a, b in (("token_f1", scores, scores), ("key_match", outcomes(50, 100),
                                                         outcomes(50, 100))):
         runs = {"base": records(a, field=field), "full": records(b, b, field=field)}
-        assert verdict.pairwise(runs, field)[0]["difference"] == 0
-        assert not verdict.compare_with_best(runs, field)["methods"]["full"]["base"]["helps"]
+        assert verdict.pairwise(verdict.estimate(runs, field))[0]["difference"] == 0
+        assert not verdict.compare_with_best(verdict.estimate(runs, field))["methods"]["full"]["base"]["helps"]
 
 
 def test_clustering_widens_the_standard_error_when_wordings_agree():
@@ -162,10 +162,10 @@ def test_clustering_widens_the_standard_error_when_wordings_agree():
     base_fact, full_fact = rng.random(60) < 0.4, rng.random(60) < 0.6
     base, full = np.repeat(base_fact, 3), np.repeat(full_fact, 3)
     groups = [f"fact {i // 3}" for i in range(180)]
-    clustered = verdict.pairwise({"base": records(base, groups=groups),
-                                  "full": records(full, groups=groups)}, "key_match")[0]
-    independent = verdict.pairwise({"base": records(base), "full": records(full)},
-                                   "key_match")[0]
+    clustered = verdict.pairwise(verdict.estimate({"base": records(base, groups=groups),
+                                  "full": records(full, groups=groups)}, "key_match"))[0]
+    independent = verdict.pairwise(verdict.estimate({"base": records(base), "full": records(full)},
+                                   "key_match"))[0]
     assert clustered["n_groups"] == 60 and independent["n_groups"] == 180
     assert clustered["n_questions"] == independent["n_questions"] == 180
     assert clustered["se"] / independent["se"] == pytest.approx(np.sqrt(3), rel=0.05)
@@ -190,7 +190,7 @@ def test_partial_keys_use_the_keyed_rows_and_report_their_count():
                 elif i % 3 == 1 and i < 6:
                     record["key_match"] = None                 # a blank key cell
     keyed = n - 10 - 2                                         # 10 absent, rows 1 and 4 blank
-    row = verdict.pairwise(runs, "key_match")[0]
+    row = verdict.pairwise(verdict.estimate(runs, "key_match"))[0]
     assert row["n_questions"] == keyed
     full = np.array([[r["key_match"] for r in s if r.get("key_match") is not None]
                      for s in runs["full"]], dtype=float)
@@ -209,9 +209,9 @@ def test_no_keys_at_all_gives_no_interval_and_no_decision():
     runs = {"base": [[{"token_f1": 0.1}] * 4], "full": [[{"token_f1": 0.9}] * 4]}
     assert verdict.method_intervals(runs, {"base": np.ones((1, 4)), "full": np.ones((1, 4))},
                                     np.ones(4), ["key_match"])["full"]["key_match"] is None
-    row = verdict.pairwise(runs, "key_match")[0]
+    row = verdict.pairwise(verdict.estimate(runs, "key_match"))[0]
     assert row["n_questions"] == 0 and row["se"] is None
-    gate = verdict.compare_with_best(runs, "key_match")["methods"]["full"]["base"]
+    gate = verdict.compare_with_best(verdict.estimate(runs, "key_match"))["methods"]["full"]["base"]
     assert not gate["helps"] and gate["lower"] is None
 
 
@@ -219,10 +219,10 @@ def test_degenerate_results_are_strict_json():
     """Zero standard error (df infinite) and no keys (no SE at all) write no NaN or Infinity."""
     runs = {"base": [[{"token_f1": 0.1}] * 4], "full": [[{"token_f1": 0.9}] * 4],
             "lora": [[{"token_f1": 0.8}] * 4]}
-    rows = verdict.pairwise(runs, "token_f1") + verdict.pairwise(runs, "key_match")
+    rows = verdict.pairwise(verdict.estimate(runs, "token_f1")) + verdict.pairwise(verdict.estimate(runs, "key_match"))
     found = verdict.method_intervals(runs, {n: np.ones((1, 4)) for n in runs},
                                      np.ones(4), ["token_f1", "key_match"])
-    best = [verdict.compare_with_best(runs, f) for f in ("token_f1", "key_match")]
+    best = [verdict.compare_with_best(verdict.estimate(runs, f)) for f in ("token_f1", "key_match")]
     json.dumps([rows, found, best], allow_nan=False)
     assert rows[0]["df"] is None and rows[-1]["se"] is None
     assert best[0]["best_set"] == ["full"] and best[0]["methods"]["lora"]["shown_worse_than"] \
@@ -232,7 +232,7 @@ def test_degenerate_results_are_strict_json():
 def test_runs_of_different_lengths_are_refused():
     runs = {"base": [[{"token_f1": 0.1}] * 4], "full": [[{"token_f1": 0.9}] * 3]}
     with pytest.raises(ValueError, match="full: 3 records for 4 questions"):
-        verdict.pairwise(runs, "token_f1")
+        verdict.pairwise(verdict.estimate(runs, "token_f1"))
 
 
 # --- Per-model intervals -------------------------------------------------------------
@@ -272,8 +272,8 @@ def test_bounds_by_hand_for_three_methods():
     runs = {"base": records(rng.random(n) < 0.3)}
     for name, p in level.items():
         runs[name] = records(*[rng.random(n) < p + rng.normal(0, 0.01) for _ in range(3)])
-    best = verdict.compare_with_best(runs, "key_match")
-    pairs = {(p["a"], p["b"]): p for p in verdict.pairwise(runs, "key_match")}
+    best = verdict.compare_with_best(verdict.estimate(runs, "key_match"))
+    pairs = {(p["a"], p["b"]): p for p in verdict.pairwise(verdict.estimate(runs, "key_match"))}
     assert best["alpha_best"] == pytest.approx(0.05 * (1 - verdict.BASE_SHARE))
     quantile = 1 - best["alpha_best"] / 6
 
@@ -319,7 +319,7 @@ def test_the_bounds_hold_together_in_random_designs():
     rng = np.random.default_rng(5)
     outside = 0
     for _ in range(150):
-        best = verdict.compare_with_best(random_runs(rng), "key_match")
+        best = verdict.compare_with_best(verdict.estimate(random_runs(rng), "key_match"))
         for name, entry in best["methods"].items():
             lower = -np.inf if entry["lower"] is None else entry["lower"]
             upper = np.inf if entry["upper"] is None else entry["upper"]
@@ -437,7 +437,7 @@ def scenario(rng, levels: dict, n_facts: int, wordings: int = 2, seeds: int = 3,
 def test_recommends_the_cheap_method_shown_within_the_margin():
     runs = scenario(np.random.default_rng(1), {"base": 0.4, "full": 0.8, "lora": 0.8,
                                                "bitfit": 0.55}, n_facts=3000, seed_sd=0.002)
-    best = verdict.compare_with_best(runs, "key_match")
+    best = verdict.compare_with_best(verdict.estimate(runs, "key_match"))
     rows = table(runs, "key_match", {"full": 900, "lora": 300, "bitfit": 100},
                  ranges={"full": {"train_seconds": [880, 920]},
                          "lora": {"train_seconds": [290, 310]}})
@@ -455,11 +455,11 @@ def test_recommends_the_cheap_method_shown_within_the_margin():
 def test_inconclusive_names_the_best_set_and_a_plan_that_shrinks_with_seeds():
     runs = scenario(np.random.default_rng(2), {"base": 0.4, "full": 0.8, "lora": 0.79,
                                                "bitfit": 0.6}, n_facts=150, seed_sd=0.02)
-    best = verdict.compare_with_best(runs, "key_match")
+    best = verdict.compare_with_best(verdict.estimate(runs, "key_match"))
     rows = table(runs, "key_match", {"full": 900, "lora": 300, "bitfit": 100})
     order = verdict.cost_order(rows)
     assert order == ["bitfit", "lora", "full"]
-    plan = verdict.settle_plan(runs, "key_match", best, order)
+    plan = verdict.settle_plan(verdict.estimate(runs, "key_match"), best, order)
     decision = verdict.recommend(rows, best, plan, "key accuracy")
     assert decision["outcome"] == "inconclusive" and decision["method"] is None
     assert set(best["best_set"]) == {"full", "lora"}
@@ -478,10 +478,8 @@ def test_the_plan_projection_at_todays_size_is_todays_bound():
     more seeds or more questions only raise it."""
     runs = scenario(np.random.default_rng(3), {"base": 0.4, "full": 0.8, "lora": 0.78},
                     n_facts=120, seed_sd=0.03)
-    best = verdict.compare_with_best(runs, "key_match")
-    codes = verdict._codes(runs, None)
-    matrices = {n: verdict.score_matrix(r, "key_match") for n, r in runs.items()}
-    found = verdict._pair(matrices, codes, "lora", "full")
+    best = verdict.compare_with_best(verdict.estimate(runs, "key_match"))
+    found = verdict.estimate(runs, "key_match").pairs[("lora", "full")]
     now = {"lora": 3, "full": 3}
     today = verdict._projected_bound("lora", "full", found, now, 1.0, best["alpha_best"], 2)
     assert today == pytest.approx(best["methods"]["lora"]["lower"])
@@ -495,13 +493,13 @@ def test_the_plan_projection_at_todays_size_is_todays_bound():
 def test_shown_worse_and_none():
     rng = np.random.default_rng(4)
     runs = scenario(rng, {"base": 0.4, "full": 0.8, "lora": 0.6}, n_facts=400, seed_sd=0.005)
-    best = verdict.compare_with_best(runs, "key_match")
+    best = verdict.compare_with_best(verdict.estimate(runs, "key_match"))
     decision = verdict.recommend(table(runs, "key_match", {"full": 900, "lora": 300}), best,
                                  None, "key accuracy")
     assert best["methods"]["lora"]["shown_worse_than"] == ["full"]
     assert decision["method"] == "full" and "Shown worse than the best: lora" in decision["text"]
     flat = scenario(rng, {"base": 0.5, "full": 0.5, "lora": 0.49}, n_facts=100)
-    best = verdict.compare_with_best(flat, "key_match")
+    best = verdict.compare_with_best(verdict.estimate(flat, "key_match"))
     decision = verdict.recommend(table(flat, "key_match", {"full": 900, "lora": 300}), best,
                                  None, "key accuracy")
     assert decision["outcome"] == "none" and "Recommendation: none" in decision["text"]
@@ -522,19 +520,19 @@ def test_alpha_and_margin_reach_the_decision():
     runs = scenario(np.random.default_rng(6), {"base": 0.4, "full": 0.8, "lora": 0.78},
                     n_facts=1500, seed_sd=0.003)
     rows = table(runs, "key_match", {"full": 900, "lora": 300})
-    wide = verdict.compare_with_best(runs, "key_match", margin=10)
-    narrow = verdict.compare_with_best(runs, "key_match", margin=0.5)
+    wide = verdict.compare_with_best(verdict.estimate(runs, "key_match"), margin=10)
+    narrow = verdict.compare_with_best(verdict.estimate(runs, "key_match"), margin=0.5)
     assert verdict.recommend(rows, wide, None, "key")["method"] == "lora"
     assert verdict.recommend(rows, narrow, None, "key")["outcome"] != "recommend" or \
         verdict.recommend(rows, narrow, None, "key")["method"] == "full"
-    strict = verdict.compare_with_best(runs, "key_match", alpha=1e-6, margin=10)
+    strict = verdict.compare_with_best(verdict.estimate(runs, "key_match"), alpha=1e-6, margin=10)
     assert strict["methods"]["lora"]["lower"] < wide["methods"]["lora"]["lower"]
 
 
 def test_the_untuned_rate_sentence_appears_only_without_a_search():
     runs = scenario(np.random.default_rng(7), {"base": 0.4, "full": 0.8, "lora": 0.8},
                     n_facts=400)
-    best = verdict.compare_with_best(runs, "key_match")
+    best = verdict.compare_with_best(verdict.estimate(runs, "key_match"))
     tuned = verdict.recommend(table(runs, "key_match", {"full": 9, "lora": 3}), best, None,
                               "key")["text"]
     untuned = verdict.recommend(table(runs, "key_match", {"full": 9, "lora": 3},
@@ -549,7 +547,7 @@ def test_the_untuned_rate_sentence_appears_only_without_a_search():
 def test_procedure_records_the_margin_and_unmeasured_training_variation():
     runs = scenario(np.random.default_rng(9), {"base": 0.4, "full": 0.8, "lora": 0.7},
                     n_facts=50, seeds=1)
-    best = verdict.compare_with_best(runs, "key_match", margin=3)
+    best = verdict.compare_with_best(verdict.estimate(runs, "key_match"), margin=3)
     found = verdict.procedure(best, 100, 50, {"base": 1, "full": 1, "lora": 1})
     assert found["margin"] == 3 and found["alpha"] == 0.05
     assert found["training_variation"].startswith("not measured for full, lora")
@@ -558,15 +556,51 @@ def test_procedure_records_the_margin_and_unmeasured_training_variation():
     assert "100 questions in 50 fact groups" in text and "Declared margin: 3 points" in text
 
 
-def test_decisions_do_not_depend_on_any_rng_seed():
+def test_the_verdict_neither_draws_from_nor_depends_on_the_global_generators():
+    """Reseeding numpy's and Python's global generators changes nothing, and the verdict
+    leaves their state as it found it (it draws no random number at all)."""
+    import random
+
     runs = scenario(np.random.default_rng(10), {"base": 0.4, "full": 0.8, "lora": 0.78},
                     n_facts=200)
     outputs = []
-    for seed in range(5):
-        np.random.seed(seed)                                 # the legacy global generator
-        best = verdict.compare_with_best(runs, "key_match")
-        outputs.append(json.dumps(best, sort_keys=True))
+    for seed in range(3):
+        np.random.seed(seed)
+        random.seed(seed)
+        before = (np.random.get_state()[1].copy(), random.getstate())
+        found = verdict.estimate(runs, "key_match")
+        best = verdict.compare_with_best(found)
+        plan = verdict.settle_plan(found, best, ["lora", "full"])
+        after = (np.random.get_state()[1], random.getstate())
+        assert np.array_equal(before[0], after[0]) and before[1] == after[1]
+        outputs.append(json.dumps([verdict.pairwise(found), best, plan], sort_keys=True))
     assert len(set(outputs)) == 1
+
+
+def test_every_decision_reads_the_one_estimate_of_each_pair():
+    runs = scenario(np.random.default_rng(3), {"base": 0.4, "full": 0.8, "lora": 0.78,
+                                               "bitfit": 0.7}, n_facts=120, seed_sd=0.03)
+    found = verdict.estimate(runs, "key_match")
+    assert set(found.pairs) == {("full", "lora"), ("lora", "full"), ("full", "bitfit"),
+                                ("bitfit", "full"), ("lora", "bitfit"), ("bitfit", "lora"),
+                                ("full", "base"), ("lora", "base"), ("bitfit", "base")}
+    one, other = found.pairs[("full", "lora")], found.pairs[("lora", "full")]
+    assert other["mean"] == -one["mean"] and other["se"] == one["se"]
+    assert other["seeds"] == one["seeds"][::-1]
+    rows = {(r["a"], r["b"]): r for r in verdict.pairwise(found)}
+    assert set(rows) == {("full", "lora"), ("full", "bitfit"), ("lora", "bitfit"),
+                         ("full", "base"), ("lora", "base"), ("bitfit", "base")}
+    for (a, b), row in rows.items():
+        assert row["difference"] == 100 * found.pairs[(a, b)]["mean"]
+        assert row["se"] == pytest.approx(100 * found.pairs[(a, b)]["se"])
+    best = verdict.compare_with_best(found)
+    for name in found.trained:
+        gaps = [100 * found.pairs[(name, b)]["mean"] for b in found.trained if b != name]
+        assert best["methods"][name]["gap"] == min(gaps)
+        assert best["methods"][name]["base"]["difference"] == rows[(name, "base")]["difference"]
+    # the simulations' entry point builds the same estimate from matrices
+    assert verdict.best_of_matrices(found.matrices, found.codes) == {
+        k: v for k, v in best.items() if k != "metric"}
 
 
 def test_rate_sensitivity_names_near_ties_old_searches_and_edges():
@@ -590,7 +624,7 @@ def test_rate_sensitivity_names_near_ties_old_searches_and_edges():
 def test_a_method_shown_the_best_is_recommended_as_the_best():
     runs = scenario(np.random.default_rng(12), {"base": 0.3, "full": 0.85, "lora": 0.5},
                     n_facts=600, seed_sd=0.002)
-    best = verdict.compare_with_best(runs, "key_match")
+    best = verdict.compare_with_best(verdict.estimate(runs, "key_match"))
     assert best["best_set"] == ["full"] and best["methods"]["full"]["lower"] > 0
     text = verdict.recommend(table(runs, "key_match", {"full": 900, "lora": 300}), best, None,
                              "key accuracy")["text"]
