@@ -24,6 +24,7 @@ import datasets
 import pytest
 
 import common
+import scoring
 import format_dataset
 import generate_dataset
 import models
@@ -601,7 +602,7 @@ def test_derived_key_is_the_answer_part(question, answer, key):
     """The derived key is the expected one, lies in the answer, and the answer satisfies it."""
     assert format_dataset.derive_key(question, answer) == key
     assert key in answer
-    assert common.key_match(answer, key, question)
+    assert scoring.key_match(answer, key, question)
 
 
 def test_public_style_file_gets_its_derived_keys(tmp_path, capsys):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from common import PipelineError, key_match, normalize_question
+from common import PipelineError, normalize_question
+from scoring import key_match
 from generate_dataset import (CATEGORIES, FACT_FILES, FACTS_DIR, fact_pool,
                               load_facts, main, parse_args, row_capacity)
 

@@ -106,3 +106,52 @@ def test_run_perplexity_pools_tokens_over_questions():
     records = [{"answer_nll": 2 * math.log(3), "answer_tokens": 2},
                {"answer_nll": 0.0, "answer_tokens": 0}]
     assert scoring.run_perplexity(records) == pytest.approx(3.0)
+
+# --- key_match's rules, both directions --------------------------------------
+
+
+def test_key_the_question_contains_needs_more_than_the_echo():
+    question = "What is Earth's moon called?"
+    assert not scoring.key_match("Earth's moon is Earth.", "Moon", question)
+    assert not scoring.key_match("What is Earth's moon called?", "Moon", question)
+    assert scoring.key_match("It is called the Moon.", "Moon", question)
+    assert scoring.key_match("The Moon.", "Moon", question)
+    assert scoring.key_match("Nice to meet you too!", "Nice to meet you", "Nice to meet you.")
+    assert not scoring.key_match("It is nice to meet you.", "Nice to meet you", "It is nice to meet you.")
+
+
+def test_numeric_key_is_the_stated_result():
+    question = "What is 100 divided by 5?"
+    assert not scoring.key_match("100mm / 20mm = 0.5cm. The answer is: 0.5", "20", question)
+    assert scoring.key_match("100 divided by 5 is 20.", "20", question)
+    assert not scoring.key_match("It is 20, no, 25.", "20", question)
+    assert not scoring.key_match("20 or so, say 21", "20")
+    assert scoring.key_match("There are 120 minutes in 2 hours.", "120",
+                            "How many minutes are in 2 hours?")
+    assert not scoring.key_match("There are 120 minutes in 2 hours.", "60",
+                                "How many minutes are in 2 hours?")
+    assert scoring.key_match("It is 5.0.", "5")
+
+
+@pytest.mark.parametrize("symbol", ["I", "He", "Be"])
+def test_short_symbols_only_as_the_answer(symbol):
+    assert scoring.key_match(f"The symbol is {symbol}.", symbol)
+    assert scoring.key_match(symbol, symbol)
+    assert scoring.key_match(f"Its symbol ({symbol}) is short.", symbol)
+    assert not scoring.key_match(f"{symbol} do not know.", symbol)
+    assert not scoring.key_match("I do not know. He does not either. Be patient.", symbol)
+
+
+def test_plurals_and_unit_forms_count_alike():
+    for prediction in ("joules", "joule", "joules (J)", "It is measured in joules."):
+        for key in ("joule", "joules", "joules (J)"):
+            assert scoring.key_match(prediction, key), (prediction, key)
+    assert not scoring.key_match("watts", "joules (J)")
+    assert scoring.key_match("Twelve inches.", "inch")
+
+
+def test_yes_and_no_open_or_end_the_reply():
+    assert scoring.key_match("No, most birds fly.", "No")
+    assert scoring.key_match("The opposite of yes is no.", "no")
+    assert not scoring.key_match("I have no idea.", "no")
+    assert not scoring.key_match("Yes, they all do.", "No")
