@@ -3,22 +3,16 @@
     folder = shapes.build("distilgpt2", shapes.default_tokenizer(), Path("model"))
 
 Random weights cost the same arithmetic and memory as trained ones, so speed and
-memory are measured on them where the real weights are not at hand (a GPU
-machine has no network, and the 98 MB GGUF cannot travel).  Every shape's
-config is written here; its tokenizer is the offline smollm2-135m preset's
-(3.5 MB), whose 49,152 ids fit every vocabulary below, and whose special ids
-the config takes, so generation stops and pads as with that tokenizer.
+memory are measured on them without downloading the real weights.  Every shape's
+config is written here; its tokenizer is the offline smollm2-135m preset's, whose
+49,152 ids fit every vocabulary below, and whose special ids the config takes, so
+generation stops and pads as with that tokenizer.
 Seed 0 and fp32: the same shape gives the same weights on every machine.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 TOKENIZER_PRESET = "smollm2-135m"
 
@@ -54,33 +48,11 @@ SHAPES = {
 SHAPES["tiny-llama-untied"] = {**SHAPES["tiny-llama-shape"], "tie_word_embeddings": False}
 
 
-# Where `make gpu-bundle` puts the tokenizer for a machine with no copy of the preset.
-BUNDLED_TOKENIZER = ROOT / ".gpu-tokenizer"
-
-
 def default_tokenizer() -> str:
-    """The shapes' tokenizer folder: the bundled one when present, else the converted
-    smollm2-135m preset's (models.cache_root).  Only its tokenizer files are read."""
+    """The smollm2-135m preset's folder, converted once if needed: only its tokenizer is read."""
     import models
 
-    if (BUNDLED_TOKENIZER / "tokenizer_config.json").exists():
-        return str(BUNDLED_TOKENIZER)
-    return str(models.cache_root() / TOKENIZER_PRESET)
-
-
-def bundle_tokenizer(dest: Path = BUNDLED_TOKENIZER) -> Path:
-    """Copy the preset's tokenizer (converting the preset once if needed), without its
-    weights, to dest: what a GPU machine without the 98 MB GGUF needs (3.5 MB)."""
-    import shutil
-
-    import models
-
-    source = Path(models.resolve_model(TOKENIZER_PRESET))
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
-        if path.is_file() and path.suffix != ".safetensors":
-            shutil.copy2(path, dest / path.name)
-    return dest
+    return str(models.resolve_model(TOKENIZER_PRESET))
 
 
 def config(shape: str, tokenizer):
