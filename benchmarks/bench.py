@@ -4,25 +4,20 @@
     python benchmarks/bench.py --only training --data-dir data  # the training comparison
     python benchmarks/bench.py --data-dir data --eval-model outputs/full   # and evaluation
     python benchmarks/bench.py --quick                          # tiny sizes: checks that it runs
-    python benchmarks/bench.py --device cuda --precisions bf16 --shape distilgpt2,smollm2-135m
 
-Each configuration runs in its own process (bench_workers.py).  Training: per method,
-the original recipe (fp32, its only precision), ours and TRL's SFTTrainer at its best
-settings (batch 16, completion-only loss, length-grouped batches, no gradient
-checkpointing) at each of --precisions: non-pad tokens per second, seconds per 100 examples, padding, peak memory.  Ours is compared with TRL at
-equal precision and with the original at our default precision (--precision auto).
-The training model has random weights in a named shape (shapes.py: the arithmetic of
-the real one) and the smollm2-135m tokenizer.  Evaluation: the original's one question
-at a time against generation.generate_answers, on the shape's model (random weights
-never stop: a worst case) and on --eval-model.  Every configuration is warmed up, then
-timed --repeats times; tables give medians [min-max], and ratios are taken per repeat
-pair, then their median.  Writes a markdown report and the JSON beside it.
+Each configuration runs in its own process (bench_workers.py), warmed up, then timed
+--repeats times.  Training, per method: the original recipe (fp32), ours and TRL at its best
+settings at each of --precisions, on a random-weight model of a named shape: non-pad tokens
+per second, s/100 examples, padding, peak memory.  Evaluation: the original's one question
+at a time against ours, questions per second.  Tables give medians [min-max]; ratios are
+taken per repeat pair.  benchmarks/README.md says what each number means.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shlex
@@ -36,8 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import shapes  # noqa: E402
-from bench_workers import ORIGINAL_BATCH, log  # noqa: E402
+from bench_workers import ORIGINAL_BATCH, build_shape, default_tokenizer, log  # noqa: E402
 
 METHODS = ("full", "lora", "qlora", "bitfit")
 TRL_METHODS = ("full", "lora", "qlora")  # TRL's SFTTrainer has no BitFit
@@ -57,7 +51,7 @@ def train_label(key: str, recipe: str, method: str, precision: str | None = None
 def train_configs(s: dict, key: str, model_dir: str, data_dir: str) -> list[tuple[str, dict]]:
     """Per method the original (fp32), then ours and TRL at each precision, side by side."""
     base = {"task": "train", "model_dir": model_dir, "data_dir": data_dir, "device": s["device"],
-            "repeats": s["repeats"], "warmup": s["warmup"], "threads": s["threads"]}
+            "repeats": s["repeats"], "warmup": s["warmup"]}
     plan = []
     for method in s["methods"]:
         if method != "qlora":  # the original's "QLoRA" is its LoRA run (it never quantised)
@@ -77,8 +71,7 @@ def eval_configs(s: dict, key: str, model_dir: str, data_dir: str) -> list[tuple
     """Both evaluation paths on one model, each at its default precision (evaluate.py's is auto)."""
     return [(f"{key}/eval/{recipe}",
              {"task": "eval", "recipe": recipe, "model_dir": model_dir, "data_dir": data_dir,
-              "questions": s["questions"], "repeats": s["eval_repeats"], "threads": s["threads"],
-              "device": s["device"],
+              "questions": s["questions"], "repeats": s["eval_repeats"], "device": s["device"],
               "precision": s["default_precision"] if recipe == "ours" else "fp32"})
             for recipe in ("original", "ours")]
 
@@ -139,31 +132,20 @@ def cpu_busy(seconds: float = 2.0) -> float:
     return 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
-def library_versions() -> dict:
-    """Python's and the libraries' versions, as installed where this process looks."""
+def hardware(device) -> dict:
+    """The CPU, core count, GPU on CUDA, and library versions where this process looks."""
     import importlib.metadata as md
+    import platform
 
-    versions = {"python": sys.version.split()[0]}
+    versions = {"python": platform.python_version()}
     for name in ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets"):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[name] = md.version(name)
-    return versions
-
-
-def hardware(device) -> dict:
-    """CPU model, core count, the GPU on CUDA, library versions and how busy the machine was."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    out = {"cpu": cpu, "cores": os.cpu_count(), "versions": library_versions(),
-           "cpu_busy_start": cpu_busy()}
-    if device.type == "cuda":
-        import torch
-
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                if line.startswith("model name")), platform.processor())
+    gpu = {"gpu": __import__("torch").cuda.get_device_name(device)} if device.type == "cuda" else {}
+    return {"cpu": cpu, "cores": os.cpu_count(), "versions": versions, **gpu}
 
 
 # --- Summary: rates and ratios from the workers' results ------------------------------
@@ -195,9 +177,8 @@ def training_stats(worker: dict | None) -> dict | None:
 
 def speedup(ours: dict | None, other: dict | None) -> dict | None:
     """Ours' tokens/s over another recipe's, per repeat pair, when both were measured."""
-    if not ours or not other:
-        return None
-    return pair_ratios(ours["per_repeat_tokens_per_s"], other["per_repeat_tokens_per_s"])
+    return pair_ratios(ours["per_repeat_tokens_per_s"],
+                       other["per_repeat_tokens_per_s"]) if ours and other else None
 
 
 def summarise_training(workers: dict, key: str, methods: list[str], precisions: list[str],
@@ -298,10 +279,8 @@ def render(report: dict) -> str:
                        [[name, fmt(ev[name]["questions_per_s"], ".2f"),
                          f"{ev[name]['peak_mb']:.0f}"] for name in ("original", "ours")]) + [
             "", f"Speed-up: {fmt(ev['speedup'], '.1f', 'x')}.", ""] if ev else ["failed", ""]
-    failed = [label for label, w in report["workers"].items() if "error" in w]
-    if failed:
-        lines += ["Not measured: " + ", ".join(f"{label} ({report['workers'][label]['error']})"
-                                               for label in failed), ""]
+    failed = [f"{label} ({w['error']})" for label, w in report["workers"].items() if "error" in w]
+    lines += ["Not measured: " + ", ".join(failed), ""] if failed else []
     return "\n".join(lines)
 
 
@@ -313,50 +292,43 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--repeats", type=int, default=3, help="timed repeats per configuration (default 3: "
-        "a median and a spread)")
-    add("--steps", type=int, default=3, help="our timed steps per repeat (default 3: a few "
-        "seconds a repeat on a CPU)")
-    add("--steps-original", type=int, default=6, help="the original's timed steps per repeat "
-        "(default 6: at batch 2, about as long a repeat as ours)")
+    add("--repeats", type=int, default=3, help="timed repeats (default 3: a median and a spread)")
+    add("--steps", type=int, default=3, help="our timed steps a repeat (default 3: seconds on a CPU)")
+    add("--steps-original", type=int, default=6,
+        help="the original's timed steps a repeat (default 6: at batch 2, as long as ours)")
     add("--warmup", type=int, default=2, help="untimed steps first (default 2: the first "
         "allocates AdamW's state, the second reaches the steady peak)")
     add("--batch-size", type=int, default=16, help="our batch (default 16, the scripts' own)")
-    add("--eval-questions", type=int, default=64, help="questions each evaluation path answers "
-        "(default 64: one batch of evaluate.py's)")
-    add("--eval-repeats", type=int, default=2, help="timed repeats of each evaluation "
-        "(default 2: the original takes seconds a question)")
+    add("--eval-questions", type=int, default=64,
+        help="questions per evaluation (default 64: one batch of evaluate.py's)")
+    add("--eval-repeats", type=int, default=2,
+        help="timed evaluation repeats (default 2: the original takes seconds a question)")
     add("--methods", default=",".join(METHODS), help="comma-separated subset (default all four)")
-    add("--precisions", default=",".join(PRECISIONS), help="precisions ours and TRL are "
-        "compared at (default fp32,bf16: bf16 is autocast over fp32 weights, as --precision bf16)")
+    add("--precisions", default=",".join(PRECISIONS), help="ours and TRL are compared at each "
+        "(default fp32,bf16: bf16 is autocast over fp32 weights, as --precision bf16)")
     add("--device", choices=("cpu", "cuda"), default="cpu", help="where every worker runs "
         "(default cpu; on cuda each timer reading waits for torch.cuda.synchronize())")
-    add("--shape", default="distilgpt2", help="comma-separated random-weight training models, "
+    add("--shape", default="distilgpt2", help="comma-separated random-weight training models "
         f"of {', '.join(SHAPES)} (default distilgpt2: the original project's model)")
-    add("--tokenizer", default=None, help="the shapes' tokenizer folder (default the "
-        "smollm2-135m preset's: realistic token lengths)")
+    add("--tokenizer", help="the shapes' tokenizer (default smollm2-135m's: realistic lengths)")
     add("--only", choices=PARTS, action="append", default=None,
-        help="run only this part (repeatable; default both: evaluation takes most of the time)")
-    add("--eval-model", default=None, help="a model folder or preset for the second evaluation "
-        "(default smollm2-135m, untuned; a fine-tuned full model, e.g. outputs/full, stops "
-        "after its answer as in evaluate.py; 'none' skips it)")
-    add("--no-trl", dest="trl", action="store_false", help="skip TRL (default: run it when "
-        "installed, as it is the comparison asked for)")
-    add("--threads", type=int, default=None, help="torch threads in every worker (default "
-        "torch's own choice: all cores)")
+        help="run only this part (repeatable; default both)")
+    add("--eval-model", default=None, help="model folder or preset for a second evaluation "
+        "(default smollm2-135m untuned; a tuned full model, e.g. outputs/full, stops after "
+        "its answer as in evaluate.py; 'none' skips it)")
+    add("--no-trl", dest="trl", action="store_false", help="skip TRL (default: run when installed)")
     add("--data-dir", default=None, help="folder with train.jsonl, eval.jsonl, template.json "
         "(default: --data-size rows generated into a temporary folder)")
-    add("--data-size", type=int, default=1300, help="rows to generate without --data-dir "
-        "(default 1300: make all's data)")
+    add("--data-size", type=int, default=1300,
+        help="rows to generate without --data-dir (default 1300: make all's data)")
     add("--quick", action="store_true", help="a 2-layer model, one repeat, one or two steps, "
-        "no second evaluation model: checks the code in a minute or two")
+        "no second evaluation: checks the code in minutes")
     add("--output", default=None, help="markdown report, its JSON beside it (default "
-        "benchmarks/results-<what differs from a full CPU run>.md, so a partial run never "
-        "overwrites another)")
+        "benchmarks/results-<what differs from a whole CPU run>.md: nothing is overwritten)")
     args = parser.parse_args(argv)
     for name in ("repeats", "steps", "steps_original", "warmup", "batch_size", "eval_questions",
-                 "eval_repeats", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+                 "eval_repeats"):
+        if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name, allowed in (("methods", METHODS), ("precisions", PRECISIONS), ("shape", SHAPES)):
         values = list(dict.fromkeys(v.strip() for v in getattr(args, name).split(",")
@@ -369,8 +341,8 @@ def parse_args(argv=None):
 
 def settings_from(args, default_precision: str) -> dict:
     """The run's sizes: the options, or tiny ones with --quick."""
-    s = {"batch_size": args.batch_size, "threads": args.threads, "device": args.device,
-         "trl": args.trl and importlib_find("trl"),
+    s = {"batch_size": args.batch_size, "device": args.device,
+         "trl": args.trl and importlib.util.find_spec("trl") is not None,
          "methods": args.methods, "precisions": args.precisions,
          "default_precision": default_precision, "parts": args.only or list(PARTS),
          "shapes": ["gpt2-tiny" if args.quick and x == "distilgpt2" else x for x in args.shape],
@@ -381,13 +353,6 @@ def settings_from(args, default_precision: str) -> dict:
         s.update(repeats=1, steps=1, steps_original=2, warmup=1, questions=4, eval_repeats=1,
                  data_size=300)
     return s
-
-
-def importlib_find(name: str) -> bool:
-    """Whether a package is installed."""
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
 
 
 def default_output(args) -> Path:
@@ -409,7 +374,7 @@ def main(args) -> None:
     started, s = time.time(), settings_from(args, default_precision)
     report = {"command": "python " + shlex.join(sys.argv),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "hardware": hardware(device), "settings": s}
+              "hardware": {**hardware(device), "cpu_busy_start": cpu_busy()}, "settings": s}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
         if args.data_dir:
@@ -420,13 +385,12 @@ def main(args) -> None:
         report["data"] = (f"{data_dir if args.data_dir else 'generated'}: "
                           f"{len(common.load_split(data_dir, 'train'))} train, "
                           f"{len(common.load_split(data_dir, 'eval'))} eval rows")
-        tokenizer = args.tokenizer or shapes.default_tokenizer()
-        train_models = {f"{shape}-shape": str(shapes.build(shape, tokenizer, tmp / shape))
+        tokenizer = args.tokenizer or default_tokenizer()
+        train_models = {f"{shape}-shape": str(build_shape(shape, tokenizer, tmp / shape))
                         for shape in s["shapes"]}
-        eval_model = None
         name = args.eval_model or ("none" if args.quick else "smollm2-135m")
-        if name != "none" and "evaluation" in s["parts"]:
-            eval_model = (Path(name).name, str(models.resolve_model(name)))
+        eval_model = ((Path(name).name, str(models.resolve_model(name)))
+                      if name != "none" and "evaluation" in s["parts"] else None)
         if args.trl and not s["trl"]:
             log("TRL is not installed: pip install --no-deps -r benchmarks/requirements.txt")
         plan = build_plan(s, train_models, str(data_dir), eval_model)

@@ -1,18 +1,13 @@
-"""One configuration of bench.py, run in this process; its result is printed as one JSON line.
+"""One configuration of bench.py in this process, its result printed as one JSON line.
 
     python benchmarks/bench_workers.py '{"task": "train", "recipe": "ours", ...}'
 
-bench.py starts one process per configuration, so that one's peak memory and warm
-caches never touch another's.  Tasks:
-  train  this project's step (each model prepared by its script's prepare(), stepped by
-         training.Trainer, as finetune_*.py do) or the original recipe's (every example
-         padded to 128 tokens, batch 2, labels = input ids, logits at every position);
-  trl    TRL's SFTTrainer at its best settings on the same prepared model, rows and batch
-         (an optional install: pip install --no-deps -r benchmarks/requirements.txt);
-  eval   the original's one question at a time with 50 free-running tokens, or
-         generation.generate_answers as evaluate.py calls it.
-A step is timed from collating its batch to the zeroed gradients; on CUDA every timer
-reading waits for the queued kernels first (sync).
+Tasks: train (this project's step, each model prepared by its script's prepare() and
+stepped by training.Trainer as finetune_*.py do, or the original recipe's), trl (TRL's
+SFTTrainer at its best settings on the same prepared model, rows and batch) and eval (the
+original's one question at a time, or generation.generate_answers as evaluate.py calls
+it).  A step is timed from collating its batch to the zeroed gradients; on CUDA every
+timer reading waits for the queued kernels first (sync).
 """
 
 from __future__ import annotations
@@ -62,6 +57,73 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+# --- Random-weight models in named shapes: the arithmetic of real ones, nothing to download ---
+# The smollm2-135m preset's tokenizer's 49,152 ids fit every vocabulary below.
+TOKENIZER_PRESET = "smollm2-135m"
+
+# Rope scaling (Llama 3.x) is left out: it changes neither memory nor time per step.
+LLAMA3 = {"family": "llama", "num_attention_heads": 32, "num_key_value_heads": 8,
+          "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+          "rms_norm_eps": 1e-5}
+SHAPES = {
+    # GPT-2 family
+    "distilgpt2": {"family": "gpt2", "n_layer": 6, "n_embd": 768, "n_head": 12,
+                   "n_positions": 1024, "vocab_size": 50257},                     # 82 M
+    "gpt2-tiny": {"family": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2,
+                  "n_positions": 1024, "vocab_size": 50257},                      # --quick
+    # Llama family
+    "smollm2-135m": {"family": "llama", "hidden_size": 576, "intermediate_size": 1536,
+                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                     "vocab_size": 49152, "max_position_embeddings": 8192,
+                     "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True},
+    "llama-3.2-1b": {**LLAMA3, "hidden_size": 2048, "intermediate_size": 8192,
+                     "num_hidden_layers": 16, "tie_word_embeddings": True},
+    "llama-3.1-8b": {**LLAMA3, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "tie_word_embeddings": False},
+    # stand-ins for a CPU rehearsal: the same families, small
+    "tiny-llama-shape": {"family": "llama", "hidden_size": 64, "intermediate_size": 128,
+                         "num_hidden_layers": 2, "num_attention_heads": 4,
+                         "num_key_value_heads": 2, "vocab_size": 49152,
+                         "max_position_embeddings": 2048, "tie_word_embeddings": True},
+}
+SHAPES["tiny-llama-untied"] = {**SHAPES["tiny-llama-shape"], "tie_word_embeddings": False}
+
+
+def default_tokenizer() -> str:
+    """The smollm2-135m preset's folder, converted once if needed: only its tokenizer is read."""
+    return str(models.resolve_model(TOKENIZER_PRESET))
+
+
+def shape_config(shape: str, tokenizer):
+    """The transformers config of a named shape, with the tokenizer's special ids."""
+    from transformers import GPT2Config, LlamaConfig
+
+    sizes = dict(SHAPES[shape])
+    family = sizes.pop("family")
+    if len(tokenizer) > sizes["vocab_size"]:
+        raise SystemExit(f"the tokenizer's {len(tokenizer)} ids do not fit {shape}'s vocabulary")
+    make = GPT2Config if family == "gpt2" else LlamaConfig
+    return make(**sizes, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def build_shape(shape: str, tokenizer_dir: str, folder: Path) -> Path:
+    """Save a random-weight model (seed 0, fp32) of the shape with the tokenizer, once."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if (folder / "config.json").exists():
+        return folder
+    hf_logging.disable_progress_bar()
+    tokenizer = models.load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(shape_config(shape, tokenizer), dtype=torch.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 # --- Set-up: this project's (each script's prepare) and the original's --------------
 
 
@@ -82,12 +144,12 @@ def setup_ours(model_dir: str, method: str, device, precision: str):
 
 
 def setup_original(model_dir: str, method: str, device):
-    """The model loaded and prepared as the original project did (fp32)."""
+    """(model, tokenizer) loaded and prepared as the original project did (fp32)."""
     from peft import LoraConfig, get_peft_model
 
     import finetune_bitfit
 
-    model, _, _ = models.load_model(model_dir, device)
+    model, tokenizer, _ = models.load_model(model_dir, device)
     if method == "full":
         model.requires_grad_(True)
     elif method == "bitfit":
@@ -99,16 +161,12 @@ def setup_original(model_dir: str, method: str, device):
         model = get_peft_model(model, LoraConfig(
             **ORIGINAL_LORA, task_type="CAUSAL_LM", target_modules=ORIGINAL_LORA_TARGETS[family],
             fan_in_fan_out=models.uses_conv1d(model)))
-    return model
+    return model, tokenizer
 
 
 def ours_batches(tokenizer, rows, model, batch_size: int, warmup: int, steps: int):
-    """(warm-up, timed) batches as lists of examples, from common's length-grouped epoch.
-
-    Warm-up runs the epoch's longest batch, so memory reaches its real peak; the timed
-    batches are evenly spaced quantiles of the epoch's batches by width, so a few steps
-    carry the epoch's mix of lengths.
-    """
+    """(warm-up, timed) batches from common's length-grouped epoch: warm-up on its longest (the
+    real peak), timed on evenly spaced quantiles by width (the epoch's mix of lengths)."""
     examples = common.tokenize_rows(tokenizer, rows, models.context_length(model),
                                     source="train.jsonl")
     lengths = [len(ex["input_ids"]) for ex in examples]
@@ -121,11 +179,8 @@ def ours_batches(tokenizer, rows, model, batch_size: int, warmup: int, steps: in
 
 
 def original_batches(tokenizer, rows, warmup: int, steps: int):
-    """(warm-up, timed) batches of the original: prompt+answer padded to 128, labels = input ids.
-
-    The original set labels to a copy of input_ids, so with pad == EOS the pad
-    positions stay in the loss (as here: nothing is masked to -100).
-    """
+    """(warm-up, timed) batches of the original: prompt+answer padded to 128, labels = a copy of
+    input_ids, so with pad == EOS the pad positions stay in the loss, as they did there."""
     order = list(range(len(rows)))
     random.Random(SEED).shuffle(order)  # the Trainer's shuffled sampler
     needed = (warmup + steps) * ORIGINAL_BATCH
@@ -144,8 +199,8 @@ def collate_original(examples: list[dict]) -> dict:
 
 
 class OriginalStep:
-    """The original's optimiser step as a plain loop (its Trainer adds almost nothing per step):
-    the model's own loss over full logits, backward, clipping at 1.0, AdamW, linear decay."""
+    """The original's step as a plain loop (its Trainer adds almost nothing): full logits' loss,
+    backward, clipping at 1.0, AdamW, linear decay."""
 
     def __init__(self, model, total_steps: int):
         self.model = model
@@ -170,8 +225,7 @@ def prepared(config: dict, device):
     rows = common.load_split(config["data_dir"], "train")
     total_steps = config["warmup"] + config["steps"] * config["repeats"]
     if config["recipe"] == "original":
-        model = setup_original(config["model_dir"], config["method"], device)
-        tokenizer = models.load_tokenizer(config["model_dir"])
+        model, tokenizer = setup_original(config["model_dir"], config["method"], device)
         warm, timed = original_batches(tokenizer, rows, config["warmup"], config["steps"])
         return OriginalStep(model, total_steps), warm, timed, collate_original
     precision = models.resolve_precision(device, config["precision"])
@@ -190,9 +244,8 @@ def prepared(config: dict, device):
 
 def summarise_steps(steps: list[dict]) -> dict:
     """One repeat's totals and rates from its steps."""
-    seconds = sum(s["seconds"] for s in steps)
-    examples = sum(s["examples"] for s in steps)
-    real = sum(s["real_tokens"] for s in steps)
+    seconds, examples, real = (sum(s[k] for s in steps) for k in ("seconds", "examples",
+                                                                   "real_tokens"))
     return {"seconds": seconds, "examples": examples, "real_tokens": real,
             "padded_tokens": sum(s["padded_tokens"] for s in steps),
             "s_per_100_examples": 100 * seconds / examples, "tokens_per_s": real / seconds,
@@ -286,11 +339,6 @@ class RecordingCollator:
         return getattr(self.inner, name)
 
 
-def trainable(model) -> int:
-    """Trainable parameters: the check that TRL trains what we train."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def task_trl(config: dict, device) -> dict:
     """TRL's SFTTrainer on our prepared model; a step runs from collating to zeroed gradients."""
     from datasets import Dataset
@@ -306,7 +354,7 @@ def task_trl(config: dict, device) -> dict:
     warmup, steps, repeats = config["warmup"], config["steps"], config["repeats"]
     disable_progress_bars()
     model, tokenizer, settings = setup_ours(config["model_dir"], method, device, precision)
-    ours_trainable, max_len = trainable(model), models.context_length(model)
+    ours_trainable, max_len = models.count_parameters(model)[0], models.context_length(model)
     rows = common.load_split(config["data_dir"], "train")
     ours_labels = sum(sum(label != -100 for label in ex["labels"]) for ex in
                       common.tokenize_rows(tokenizer, rows, max_len, source="train.jsonl"))
@@ -323,19 +371,17 @@ def task_trl(config: dict, device) -> dict:
             for param in trainer.model.parameters():
                 if param.requires_grad:
                     param.data = param.data.float()
-        trl_labels = sum(sum(label != -100 for label in ex["labels"])
-                         for ex in trainer.train_dataset)
+        trl_labels = sum(sum(label != -100 for label in ex["labels"]) if "labels" in ex
+                         else sum(ex["completion_mask"]) for ex in trainer.train_dataset)
         collator = trainer.data_collator = RecordingCollator(trainer.data_collator)
         memory.release_free_heap()
         with memory.PeakMemory(device) as peak:
             trainer.train()
     finished = trainer.state.global_step
-    problems = []
-    if trainable(trainer.model) != ours_trainable:
-        problems.append(f"trainable parameters: ours {ours_trainable}, TRL "
-                        f"{trainable(trainer.model)}")
-    if trl_labels != ours_labels:
-        problems.append(f"loss positions: ours {ours_labels}, TRL {trl_labels}")
+    trl_trainable = models.count_parameters(trainer.model)[0]  # TRL must train what we train
+    problems = [f"{what}: ours {a}, TRL {b}" for what, a, b in (
+        ("trainable parameters", ours_trainable, trl_trainable),
+        ("loss positions", ours_labels, trl_labels)) if a != b]
     records = [{**batch, "seconds": end - begin + batch["collate_seconds"], "loss": None}
                for batch, begin, end in zip(collator.batches, timer.begins, timer.ends)][:finished]
     timed = records[warmup:]
@@ -401,8 +447,6 @@ def run(config: dict) -> dict:
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # peft's, about transformers 6
     with contextlib.redirect_stdout(sys.stderr):
-        if config.get("threads"):
-            torch.set_num_threads(config["threads"])
         return TASKS[config["task"]](config, torch.device(config["device"]))
 
 

@@ -3,19 +3,11 @@
     python benchmarks/gpu_check.py                        # on a CUDA machine
     python benchmarks/gpu_check.py --device cpu --tiny    # a rehearsal: tiny shapes, a few steps
 
-Each step runs in its own process under a timeout, its log in --logs:
-  1. tests/test_cuda.py (torch's sync debug mode; CUDA graphs against eager);
-  2. the four methods (20 steps each: that they run) and evaluate.py end to end, on random
-     weights in SmolLM2-135M's shape and the data of make all;
-  3. the memory table: tensor-level peak (torch.cuda.max_memory_allocated), the allocator's
-     reserved peak and time per step, 256-token rows at batch 16, on a Llama-3.2-1B shape
-     for all four methods and on a Llama-3.1-8B shape for LoRA on a bf16 base and QLoRA
-     (also with gradient checkpointing), and which fit a 24 GB and an 80 GB card;
-  4. bench.py's training comparison with TRL on the distilgpt2 and SmolLM2 shapes at bf16
-     (TRL's side needs pip install --no-deps -r benchmarks/requirements.txt).
-Writes benchmarks/results-gpu.md and the JSON beside it (--tiny: results-gpu-tiny.*).
-Models have random weights in named shapes (shapes.py), so nothing is downloaded; they
-never emit EOS, so every answer runs to the bound and evaluation times are worst cases.
+Each step runs in its own process under a timeout, logged: tests/test_cuda.py; the four
+methods (20 steps each) and evaluate.py end to end on random weights in SmolLM2-135M's
+shape; the memory table (tensor-level and reserved peak, seconds a step, which rows fit a
+24 GB and an 80 GB card) on Llama-3.2-1B and -3.1-8B shapes; bench.py's training comparison
+with TRL at bf16.  Writes benchmarks/results-gpu.md and its JSON; benchmarks/README.md says more.
 """
 
 from __future__ import annotations
@@ -35,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import shapes  # noqa: E402
+from bench_workers import SCRIPTS, build_shape, default_tokenizer, shape_config, sync  # noqa: E402
 
 # (shape, method, --gradient-checkpointing) rows of the memory table, full run and --tiny
 MEMORY_ROWS = [("llama-3.2-1b", m, False) for m in ("full", "lora", "qlora", "bitfit")] + [
@@ -47,16 +39,13 @@ CARDS_GIB = (24, 80)
 # A card holds less than its size for tensors: the CUDA context (~0.5 GiB) and the caching
 # allocator's fragmentation; a row fits when its reserved peak plus this margin fits.
 CONTEXT_GIB = 1.0
-METHOD_SCRIPTS = {"full": "finetune", "lora": "finetune_lora", "qlora": "finetune_qlora",
-                  "bitfit": "finetune_bitfit"}
 
 
 # --- The memory table: one (shape, method) in one process -------------------------
 
 
 def quantize_nf4(model, device, compute_dtype) -> None:
-    """Replace every Linear but the LM head by a bitsandbytes NF4 layer (double quantisation),
-    in place: what from_pretrained does with models.nf4_config, without a checkpoint file."""
+    """Every Linear but the LM head made NF4 in place, as from_pretrained with models.nf4_config."""
     import bitsandbytes as bnb
 
     head = model.get_output_embeddings()
@@ -78,8 +67,7 @@ def quantize_nf4(model, device, compute_dtype) -> None:
 
 
 def step_batch(batch: int, seq_len: int, vocab: int, device):
-    """Random token ids with the loss on the second half of each row, as answers follow prompts,
-    in the sync-free step's form (answer_loss_at: label positions counted on the host)."""
+    """Random ids, the loss on each row's second half (an answer), in the sync-free step's form."""
     from answer_loss import label_positions
 
     generator = torch.Generator().manual_seed(0)
@@ -94,14 +82,7 @@ def step_batch(batch: int, seq_len: int, vocab: int, device):
 def memory_row(shape: str, method: str, checkpointing: bool, device, precision: str,
                tokenizer_dir: str, batch: int = 16, seq_len: int = 256, steps: int = 3,
                warmup: int = 2) -> dict:
-    """Tensor-level peak memory and seconds per optimiser step of one method on one shape.
-
-    The model is built on the device in fp32 (seed 0), quantised for QLoRA, prepared by
-    the method script's prepare() with frozen weights stored in bf16 as training does;
-    the peak counts from there: weights, gradients, optimiser state and activations of
-    warmup + steps steps of batch x seq_len tokens.  Time per step: the median of the
-    steps after warm-up, CUDA-synchronised.  On the CPU the peak is not measured (None).
-    """
+    """Tensor-level peak memory (CUDA) and median seconds a step of one method on one shape."""
     import importlib
 
     from transformers import AutoModelForCausalLM
@@ -111,9 +92,9 @@ def memory_row(shape: str, method: str, checkpointing: bool, device, precision: 
     from answer_loss import answer_loss_at
     from settings import TrainSettings
 
-    script = importlib.import_module(METHOD_SCRIPTS[method])
+    script = importlib.import_module(SCRIPTS[method])
     tokenizer = models.load_tokenizer(tokenizer_dir)
-    config = shapes.config(shape, tokenizer)
+    config = shape_config(shape, tokenizer)
     cuda = device.type == "cuda"
     torch.manual_seed(0)
     with torch.device(device):
@@ -140,16 +121,14 @@ def memory_row(shape: str, method: str, checkpointing: bool, device, precision: 
     held = torch.cuda.memory_allocated() if cuda else None
     times = []
     for _ in range(warmup + steps):
-        if cuda:
-            torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             nll, count = answer_loss_at(model, **data)  # as CUDA trains
         (nll / count).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - start)
     gib = 2 ** 30
     row = {"shape": shape, "method": method, "gradient_checkpointing": checkpointing,
@@ -195,12 +174,12 @@ def memory_table(args, work: Path, steps: list[dict]) -> list[dict]:
     rows = []
     for shape, method, checkpointing in TINY_MEMORY_ROWS if args.tiny else MEMORY_ROWS:
         name = f"memory-{shape}-{method}" + ("-ckpt" if checkpointing else "")
-        result = work / f"{name}.json"
         steps.append(run_step(name, [
             sys.executable, str(Path(__file__).resolve()), "--memory-row",
             f"{shape},{method},{int(checkpointing)}", "--device", args.device, "--precision",
-            args.precision, "--tokenizer", args.tokenizer, "--row-json", str(result)]
+            args.precision, "--tokenizer", args.tokenizer, "--row-json", str(work / f"{name}.json")]
             + (["--tiny"] if args.tiny else []), 120, work / "logs"))
+        result = work / f"{name}.json"
         row = (json.loads(result.read_text()) if result.exists() else
                {"shape": shape, "method": method, "gradient_checkpointing": checkpointing,
                 "error": steps[-1]["status"]})
@@ -213,13 +192,6 @@ def memory_table(args, work: Path, steps: list[dict]) -> list[dict]:
 # --- Report ------------------------------------------------------------------------------
 
 
-def pytest_summary(tail: str) -> str:
-    """pytest's last summary line ("12 passed, 3 skipped in 40s"), or ''."""
-    lines = [line.strip("= ") for line in tail.splitlines() if " in " in line and any(
-        word in line for word in ("passed", "failed", "skipped", "error"))]
-    return lines[-1] if lines else ""
-
-
 def gib(value) -> str:
     return "–" if value is None else f"{value:.2f}"
 
@@ -229,10 +201,9 @@ def render(report: dict) -> str:
     lines = ["# GPU check", "", f"Made by `{report['command']}` on {report['device_name']} "
              f"({report['versions']}), {report['started']}; {report['seconds']:.0f} s in all.",
              "", "## Steps", "", "| step | status | seconds | summary |", "|---|---|---|---|"]
-    for step in report["steps"]:
-        summary = pytest_summary(step["tail"]) if "pytest" in step["command"] else ""
-        if not summary and step["status"] != "passed" and step["tail"].strip():
-            summary = step["tail"].strip().splitlines()[-1][:160].replace("|", "/")  # why
+    for step in report["steps"]:  # the last line of its log: pytest's counts, or why it failed
+        summary = (step["tail"].strip().splitlines() or [""])[-1].strip("= ")[:160]
+        summary = summary.replace("|", "/")
         lines.append(f"| {step['step']} | {step['status']} | {step['seconds']} | {summary} |")
     lines += ["", f"Logs: `{report['logs']}`", "", "## Memory table", "",
               "Tensor-level peak (`torch.cuda.max_memory_allocated`) and the allocator's reserved "
@@ -281,21 +252,19 @@ def parse_args(argv=None):
         "checks the check itself in minutes")
     add("--tokenizer", default=None, help="the shapes' tokenizer folder (default the "
         "smollm2-135m preset's: its ids fit every shape)")
-    add("--logs", default=None, help="folder for each step's log (default a temporary one, "
-        "named in the report)")
+    add("--logs", default=None, help="folder for the logs (default a temporary one: in the report)")
     add("--output", default=None, help="markdown report, JSON beside it (default "
-        "benchmarks/results-gpu.md; with --tiny results-gpu-tiny.md, so a rehearsal never "
-        "overwrites a real run)")
+        "benchmarks/results-gpu.md, with --tiny -tiny.md: a rehearsal overwrites no run)")
     add("--memory-row", default=None, help=argparse.SUPPRESS)  # internal: one table row
     add("--row-json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.tokenizer = args.tokenizer or shapes.default_tokenizer()
+    args.tokenizer = args.tokenizer or default_tokenizer()
     return args
 
 
 def main(args) -> dict:
     """Run every step; write the report."""
-    from bench import library_versions, make_data
+    from bench import hardware, make_data
     from common import write_json, write_text_atomic
 
     if args.memory_row:  # internal: measure one memory-table row and write it as JSON
@@ -307,11 +276,11 @@ def main(args) -> dict:
         return {}
     started, start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.monotonic()
     work = Path(args.logs or tempfile.mkdtemp(prefix="gpu-check-"))
-    (work / "logs").mkdir(parents=True, exist_ok=True)
     py, logs = sys.executable, work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     steps = [run_step("pytest-cuda", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                       "tests/test_cuda.py"], 120, logs)]
-    model_dir = shapes.build("tiny-llama-shape" if args.tiny else "smollm2-135m", args.tokenizer,
+    model_dir = build_shape("tiny-llama-shape" if args.tiny else "smollm2-135m", args.tokenizer,
                              work / "model")
     data = make_data(work / "data", 300 if args.tiny else 1300)
     out = work / "outputs"
@@ -319,7 +288,7 @@ def main(args) -> dict:
                 "--precision", args.precision]
     # a check that every script runs, not a measurement (bench-training measures speed)
     train = ["--max-steps", "2", "--batch-size", "4"] if args.tiny else ["--max-steps", "20"]
-    for method, script in METHOD_SCRIPTS.items():
+    for method, script in SCRIPTS.items():
         steps.append(run_step(f"train-{method}", [py, f"{script}.py", "--model", str(model_dir),
                                                   *run_args, *train], 180, logs))
     steps.append(run_step("evaluate", [py, "evaluate.py", *run_args]
@@ -332,12 +301,13 @@ def main(args) -> dict:
         "training", "--tokenizer", args.tokenizer, "--data-dir", str(data),
         "--output", str(bench_json.with_suffix(".md"))]
         + (["--quick"] if args.tiny else []), 600, logs))
+    machine = hardware(torch.device(args.device))
     report = {
         "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]),
         "started": started, "seconds": round(time.monotonic() - start, 1),
         "tiny": args.tiny, "precision": args.precision, "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "the CPU",
-        "versions": ", ".join(f"{k} {v}" for k, v in library_versions().items()),
+        "device_name": machine.get("gpu", machine["cpu"]),
+        "versions": ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
         "logs": str(logs), "memory_batch": 4 if args.tiny else 16, "steps": steps,
         "memory": memory, "bench": json.loads(bench_json.read_text())
         if bench_json.exists() else None}

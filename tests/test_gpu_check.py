@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import gpu_check
+from bench_workers import shape_config
 import models
-import shapes
 
 CPU = torch.device("cpu")
 
@@ -36,7 +36,7 @@ def test_quantize_nf4_gives_4bit_layers_peft_adapts(tokenizer_dir):
 
     tokenizer = models.load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(shapes.config("tiny-llama-untied",
+    model = AutoModelForCausalLM.from_config(shape_config("tiny-llama-untied",
                                                                     tokenizer))
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
