@@ -1,11 +1,6 @@
 # make all   : set up .venv, then data -> four fine-tunes -> evaluation
 # make smoke : the whole pipeline on a tiny random model, in about a minute
 # make test  : set up .venv, then the test suite
-# make gpu-bundle : what benchmarks/gpu_check.py needs on a GPU machine with no network, in
-#                   ignored folders: .whl/ (bitsandbytes for CUDA GPU_CUDA.x, TRL, datasets,
-#                   transformers and peft at our pins; Python GPU_PYTHON) and .gpu-tokenizer/
-#                   (the smollm2-135m tokenizer, 3.5 MB); then there:
-#                   python benchmarks/gpu_check.py --wheels .whl
 # MODEL (unset): distilgpt2 when the Hub or the local cache has it, else the offline
 #                smollm2-135m preset (said in one line); MODEL=distilgpt2 insists on it,
 #                MODEL=smollm2-135m always runs offline with a real pretrained model.
@@ -33,7 +28,7 @@ DATA   ?= data
 MODEL_ARG := $(if $(MODEL),--model $(MODEL),)
 RUN_ARGS := --seeds $(SEEDS) --precision $(PRECISION) $(if $(filter 1 yes true,$(TUNE)),--tune-lr,)
 
-.PHONY: all setup data train evaluate smoke test gpu-bundle clean
+.PHONY: all setup data train evaluate smoke test clean
 
 all: setup data train evaluate
 
@@ -65,12 +60,6 @@ smoke:
 
 test: setup
 	$(PY) -m pytest -q
-
-GPU_PYTHON ?= 3.12
-GPU_CUDA   ?= 13
-
-gpu-bundle: setup
-	$(PY) benchmarks/gpu_bundle.py --python $(GPU_PYTHON) --cuda $(GPU_CUDA)
 
 clean:
 	rm -rf $(OUT) $(DATA)
