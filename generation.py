@@ -138,7 +138,7 @@ def greedy_rows(model, tokenizer, input_ids, attention_mask, max_new_tokens: int
     ids, pending = input_ids, []
     for step in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                       cache=cache, use_cache=True, logits_to_keep=1).logits
         tokens = logits[:, -1].argmax(-1)
         pending.append(tokens)
         if len(pending) == check_every or step == max_new_tokens - 1:
