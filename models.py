@@ -18,8 +18,10 @@ import torch
 
 from common import PipelineError, staged_dir
 from memory import release_free_heap
+# The names the options offer live in settings (torch-free), so --help needs no torch.
+from settings import (DEFAULT_MODEL, DEFAULT_PRECISION, FALLBACK_MODEL, OFFLINE_PRESETS,  # noqa: F401
+                      PRECISIONS)
 
-OFFLINE_PRESETS = ("smollm2-135m", "tiny-gpt2", "tiny-llama")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when a tiny model's recipe changes, so stale cached copies are rebuilt.
 TINY_VERSION = "1"
@@ -131,12 +133,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-DEFAULT_MODEL = "distilgpt2"     # the original project's model, wherever it can be had
-FALLBACK_MODEL = "smollm2-135m"  # the embedded offline preset used where it cannot
-DEFAULT_MODEL_HELP = (f"{DEFAULT_MODEL} when the Hub or the local cache has it, else the "
-                      f"offline {FALLBACK_MODEL} preset")
-
-
 def hub_cached(name: str) -> str | None:
     """The local snapshot folder of a Hub model, or None when it is not cached (no network)."""
     from huggingface_hub import snapshot_download
@@ -215,12 +211,6 @@ def pick_device(requested: str = "auto"):
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError("--device cuda: no CUDA device is available")
     return torch.device(requested)
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-# auto: the validation check (benchmarks/precision-check.md) found bf16's validation loss
-# within 1.5% of fp32's for all four methods at their rates.
-DEFAULT_PRECISION = "auto"
 
 
 def native_bf16(device) -> bool:

@@ -15,7 +15,17 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from models import DEFAULT_MODEL_HELP, DEFAULT_PRECISION, OFFLINE_PRESETS
+
+# --- the models and precisions the options offer (models.py reads them from here) ---------
+
+OFFLINE_PRESETS = ("smollm2-135m", "tiny-gpt2", "tiny-llama")
+DEFAULT_MODEL = "distilgpt2"     # the original project's model, wherever it can be had
+FALLBACK_MODEL = "smollm2-135m"  # the embedded offline preset used where it cannot
+DEFAULT_MODEL_HELP = (f"{DEFAULT_MODEL} when the Hub or the local cache has it, else the "
+                      f"offline {FALLBACK_MODEL} preset")
+PRECISIONS = ("auto", "fp32", "bf16")
+# auto: bf16 where the hardware computes it natively (results/defaults.md, "precision").
+DEFAULT_PRECISION = "auto"
 
 
 def positive_int(text: str) -> int:
