@@ -77,14 +77,15 @@ def train_args(script, data_dir, out, *extra):
 
 def tiny_plan(data_dir, out):
     """A 2-step tiny-gpt2 full fine-tuning run on the CPU and its plan: (run, plan, model)."""
+    import batches
     import models
-    import training
+    import runs
     from settings import TrainSettings
 
     settings = TrainSettings.from_args(train_args(finetune, data_dir, out))
-    run = training.start_run(settings, "full")
-    model, tokenizer, _ = models.load_model(settings.model, run.device)
-    return run, training.plan_training(run, model, tokenizer), model
+    run = runs.start_run(settings, "full")
+    model, tokenizer, _ = models.load_model(run.model_path, run.device)
+    return run, batches.plan_training(run, model, tokenizer), model
 
 
 def stop_at(step):

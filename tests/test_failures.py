@@ -14,13 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import common
 import evaluate
 import finetune
 import finetune_lora
+import loop
 import models
+import record
 import runpaths
-import training
+import runs
+import steps
 import tuning
 from helpers import ROOT, run_and_expect_exit, stop_at, train_args
 from runpaths import RunPaths
@@ -70,13 +74,13 @@ def test_the_weights_never_take_the_non_finite_update_and_the_checkpoint_stays(d
         ["--device", "cpu", "--model", "tiny-gpt2", "--lr", "1e6", "--max-steps", "6",
          "--batch-size", "8", "--save-every", "1", "--data-dir", str(data_dir),
          "--output-dir", str(tmp_path)]))
-    run = training.start_run(settings, "full")
-    model, tokenizer, base = models.load_model(settings.model, run.device)
+    run = runs.start_run(settings, "full")
+    model, tokenizer, _ = models.load_model(settings.model, run.device)
     model, details = finetune.prepare(model, settings)
-    with pytest.raises(training.Diverged) as caught:
-        training.train(run, model, tokenizer, base, details)
+    with pytest.raises(steps.Diverged) as caught:
+        loop.fit(run, model, tokenizer, details)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    kept = training.checkpoints(tmp_path, "full")
+    kept = checkpoints.listed(RunPaths(tmp_path, "full"))
     assert [p.name for p in kept] == ["step-0000001"]  # the last good step, not deleted
     assert str(kept[-1]) in str(caught.value) and "step 2" in str(caught.value)
     strict_json((kept[-1] / "state.json").read_text())
@@ -163,7 +167,7 @@ def test_resume_refuses_a_changed_rate_and_keeps_the_checkpoint(data_dir, tmp_pa
     line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path,
                                                          "--resume", "--lr", "1e-5"), capsys)
     assert "made with lr=0.00015, this run has 1e-05" in line
-    assert [p.name for p in training.checkpoints(tmp_path, "full")] == ["step-0000001"]
+    assert [p.name for p in checkpoints.listed(RunPaths(tmp_path, "full"))] == ["step-0000001"]
     assert not runpaths.lock_file(tmp_path, "full").exists()
 
 
@@ -195,7 +199,7 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(data_dir, tmp
                                                                    monkeypatch):
     finetune.main(train_args(finetune, data_dir, tmp_path))
     before = finished_files(tmp_path / "full")
-    monkeypatch.setattr(training, "write_json", no_space({"metrics.json"}, common.write_json))
+    monkeypatch.setattr(record, "write_json", no_space({"metrics.json"}, common.write_json))
     line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path,
                                                          "--save-every", "1"), capsys)
     assert str(tmp_path / "full") in line and "No space left on device" in line
@@ -203,7 +207,7 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_one(data_dir, tmp
     assert finished_files(tmp_path / "full") == before
     assert hidden(tmp_path) == []  # no partial folder, no lock
     # The checkpoint of the run that could not be saved stays, for --resume.
-    assert [p.name for p in training.checkpoints(tmp_path, "full")] == ["step-0000001"]
+    assert [p.name for p in checkpoints.listed(RunPaths(tmp_path, "full"))] == ["step-0000001"]
 
 
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(data_dir, tmp_path,
@@ -216,12 +220,12 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(data_dir,
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         common.write_json(path, obj)
 
-    monkeypatch.setattr(training, "write_json", write)
+    monkeypatch.setattr(checkpoints, "write_json", write)
     line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path,
                                                          "--save-every", "1", "--max-steps", "4"),
                                capsys)
     assert "checkpoints" in line and "No space left on device" in line
-    kept = training.checkpoints(tmp_path, "full")
+    kept = checkpoints.listed(RunPaths(tmp_path, "full"))
     assert [p.name for p in kept] == ["step-0000001"]
     assert strict_json((kept[0] / "state.json").read_text())["step"] == 1
     assert hidden(tmp_path) == []

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import common
-import training
 import evaluate
 from helpers import SCRIPTS, stop_at
+from runpaths import RunPaths
 
 TIMING_KEYS = {"train_seconds", "train_tokens_per_s", "seconds_per_100_examples",
                "peak_memory_mb", "args", "size_on_disk_mb"}
@@ -40,7 +41,7 @@ def test_interrupted_then_resumed_run_matches_an_unbroken_one(method, data_dir, 
         train(method, data_dir, tmp_path / "broken", callbacks=[stop_at(4)])
     # Interrupted: a checkpoint of its own, and no folder that looks finished.
     assert not (tmp_path / "broken" / method).exists()
-    saved = training.checkpoints(tmp_path / "broken", method)
+    saved = checkpoints.listed(RunPaths(tmp_path / "broken", method))
     assert [p.name for p in saved] == ["step-0000003", "step-0000004"]
     assert not [p for p in (tmp_path / "broken").iterdir() if p.name.startswith(".")]
 
@@ -53,7 +54,8 @@ def test_interrupted_then_resumed_run_matches_an_unbroken_one(method, data_dir, 
     mb = json.loads((tmp_path / "broken" / method / "metrics.json").read_text())
     assert [h["loss"] for h in ma["history"]] == [h["loss"] for h in mb["history"]]
     assert ma["valid_loss"] == mb["valid_loss"]
-    assert not training.checkpoints(tmp_path / "broken", method)  # cleaned up once finished
+    # cleaned up once finished
+    assert not checkpoints.listed(RunPaths(tmp_path / "broken", method))
 
 
 def test_the_run_that_builds_the_tiny_model_trains_like_later_runs(data_dir, tmp_path,
@@ -70,7 +72,7 @@ def test_the_run_that_builds_the_tiny_model_trains_like_later_runs(data_dir, tmp
 def test_checkpoints_keep_only_the_last_few(data_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train("lora", data_dir, tmp_path, "--keep-checkpoints", "2", callbacks=[stop_at(9)])
-    assert [p.name for p in training.checkpoints(tmp_path, "lora")] == ["step-0000006",
+    assert [p.name for p in checkpoints.listed(RunPaths(tmp_path, "lora"))] == ["step-0000006",
                                                                      "step-0000009"]
 
 

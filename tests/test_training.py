@@ -8,9 +8,12 @@ import pytest
 import torch
 
 import answer_loss
+import batches
 import common
+import loop
 import models
-import training
+import runs
+import steps
 from helpers import SCRIPTS, count_reads, ours, tiny_plan
 
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
@@ -28,7 +31,7 @@ def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
     if spy is None:
         SCRIPTS[method].main(args)
         return None
-    original = training.train
+    original = loop.fit
 
     def wrapped(run, model_, *args, **kwargs):
         spy(model_, "before")
@@ -36,11 +39,11 @@ def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
         spy(model_, "after")
         return metrics
 
-    training.train = wrapped
+    loop.fit = wrapped
     try:
         SCRIPTS[method].main(args)
     finally:
-        training.train = original
+        loop.fit = original
 
 
 def snapshot(model):
@@ -223,7 +226,7 @@ def test_training_never_reads_the_eval_split(data_dir, tmp_path, monkeypatch):
     (data_dir / "eval.jsonl").unlink()
     read = []
     original = common.load_split
-    monkeypatch.setattr(training, "load_split",
+    monkeypatch.setattr(runs, "load_split",
                         lambda folder, split: read.append(split) or original(folder, split))
     run_script("lora", data_dir, tmp_path / "out", "--max-steps", "2")
     assert sorted(read) == ["train", "valid"]
@@ -287,14 +290,14 @@ def test_length_grouped_batches_cover_every_example_once_and_are_deterministic()
 
 def test_a_step_returns_tensors_that_are_read_only_when_asked(data_dir, tmp_path, monkeypatch):
     run, plan, model = tiny_plan(data_dir, tmp_path)
-    trainer = training.Trainer(run, model, plan.total_steps)
-    batches = training.epoch_batches(run, plan, 0)
-    micro = [training.micro_batches(plan, batches[i:i + 1], run.device) for i in (0, 1)]
+    trainer = steps.Trainer(run, model, plan.total_steps)
+    order = batches.epoch_batches(run, plan, 0)
+    micro = [batches.micro_batches(plan, order[i:i + 1], run.device) for i in (0, 1)]
     reads = count_reads(monkeypatch)
     pending = tuple(trainer.update(m) for m in micro)
     assert ours(reads) == []  # two whole steps, forward to optimiser update, without one read
     assert all(isinstance(stats.numbers, torch.Tensor) for stats in pending)
-    rows = training.read_steps(trainer, pending, plan.steps_per_epoch)
+    rows = steps.read_steps(trainer, pending, plan.steps_per_epoch)
     assert ours(reads) == ["tolist"]  # both steps in one read
     monkeypatch.undo()
     assert [row["step"] for row in rows] == [1, 2]
@@ -306,13 +309,13 @@ def test_a_step_returns_tensors_that_are_read_only_when_asked(data_dir, tmp_path
 def test_the_loop_reads_at_log_steps_epoch_ends_and_the_end(data_dir, tmp_path, monkeypatch):
     """48 examples in batches of 8: epochs end at steps 6 and 12, the log interval is 10."""
     sizes = []
-    original = training.read_steps
+    original = steps.read_steps
 
     def spy(trainer, pending, steps_per_epoch):
         sizes.append([stats.step for stats in pending])
         return original(trainer, pending, steps_per_epoch)
 
-    monkeypatch.setattr(training, "read_steps", spy)
+    monkeypatch.setattr(steps, "read_steps", spy)
     run_script("full", data_dir, tmp_path / "out", "--max-steps", "12")
     assert sizes == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10], [11, 12]]
     metrics = json.loads((tmp_path / "out" / "full" / "metrics.json").read_text())
