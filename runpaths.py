@@ -166,7 +166,7 @@ def live_holder(path: Path) -> dict | None:
     return holder if pid_alive(int(holder["pid"])) else None
 
 
-def describe_holder(holder: dict) -> str:
+def describe(holder: dict) -> str:
     """One phrase naming a lock's holder."""
     return (f"pid {holder.get('pid')} on {holder.get('host', '?')}, started "
             f"{holder.get('started', '?')}: {holder.get('command', '?')}")
@@ -196,12 +196,12 @@ def acquire(path: Path) -> dict:
             return mine
         holder = live_holder(path)
         if holder is not None:
-            raise PipelineError(f"another run is writing these runs ({describe_holder(holder)}); "
+            raise PipelineError(f"another run is writing these runs ({describe(holder)}); "
                                 "wait for it to finish or stop it, or use another --output-dir",
                                 path)
         stale = read_lock(path) or {}
         print(f"note: taking over {path}: its process is gone "
-              f"({describe_holder(stale) if stale else 'unreadable lock'})", file=sys.stderr)
+              f"({describe(stale) if stale else 'unreadable lock'})", file=sys.stderr)
         path.unlink(missing_ok=True)
     raise PipelineError("could not take the lock: other processes keep taking it", path)
 

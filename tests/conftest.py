@@ -70,3 +70,12 @@ def cpu_tests_name_their_device():
             patch.setattr(module, "pick_device", pick_device)
     yield
     patch.undo()
+
+
+@pytest.fixture
+def sleeper():
+    """A live process that is not this one (the pid of the other run)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc
+    proc.kill()
+    proc.wait()

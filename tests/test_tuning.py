@@ -1,6 +1,7 @@
 """tuning.py: the learning-rate search on the validation split, several seeds, and evaluate.py on them."""
 
 import argparse
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import evaluate
 import finetune_bitfit
 import finetune_lora
 import tuning
-from settings import TrainSettings
+from settings import TrainSettings, option
 
 
 def lora_args(data_dir, out, *extra):
@@ -445,3 +446,41 @@ def test_report_draws_nll_with_bars_and_old_searches_without(monkeypatch, tmp_pa
     (tmp_path / "old" / "search" / "full.json").write_text(json.dumps(old))
     table = report.search_table({"lr_search": {"full": old}}, tmp_path / "old")
     assert "(validation loss)" in table and "best key-answer accuracy" in table
+
+
+def test_a_new_unmarked_setting_leaves_run_id_unchanged(data_dir):
+    @dataclasses.dataclass(frozen=True)
+    class WithMore(TrainSettings):
+        colour: str = option("red", "an option that does not define the run")
+        width: int = option(3, "one that does", identity=True)
+
+    base = dict(model="tiny-gpt2", data_dir=str(data_dir), method_options={"rank": 8})
+    plain = tuning.run_id(TrainSettings(**base), "lora")
+    assert tuning.run_id(WithMore(**base), "lora") != plain
+    assert tuning.run_id(WithMore(**base, colour="blue"), "lora") == \
+        tuning.run_id(WithMore(**base), "lora")
+    # Seeds and where the files go never define the run; the rate does.
+    assert tuning.run_id(TrainSettings(**base, seed=7, output_dir="elsewhere"), "lora") == plain
+    assert tuning.run_id(TrainSettings(**base, lr=1.0), "lora") != plain
+
+
+def test_the_resume_rule_skips_finished_seeds_continues_the_interrupted_and_starts_the_rest(
+        tmp_path):
+    import runpaths
+    from runpaths import RunPaths
+
+    settings = TrainSettings(output_dir=str(tmp_path), seed=42, resume=True)
+    done, next_seed = RunPaths(tmp_path, "lora"), RunPaths(tmp_path, "lora", "lora-seed43")
+    assert tuning.resume_action(settings.replace(resume=False), done, "id", False) == "start"
+    # nothing finished, no checkpoint: "continue", so start_run says there is nothing to resume
+    assert tuning.resume_action(settings, done, "id", False) == "continue"
+    done.run.mkdir(parents=True)
+    (done.run / runpaths.COMPLETED).write_text("")
+    done.metrics.write_text(json.dumps({"run_id": "id", "args": {"seed": 42}}))
+    assert tuning.resume_action(settings, done, "id", False) == "skip"
+    assert tuning.resume_action(settings, done, "another id", False) == "continue"
+    seed43 = settings.replace(seed=43)
+    assert tuning.resume_action(seed43, next_seed, "id", True) == "start"  # never begun
+    done.checkpoint(3).mkdir(parents=True)
+    (done.checkpoint(3) / "state.json").write_text("{}")
+    assert tuning.resume_action(seed43, next_seed, "id", True) == "continue"  # interrupted
