@@ -464,7 +464,7 @@ def enable_gradient_checkpointing(model) -> None:
     kwargs = {"use_reentrant": False}
     if hasattr(lm, "activation_checkpointing_enable"):
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # transformers before the rename (5.17, a GPU image's): the same method
+    else:  # transformers before activation_checkpointing_enable existed: the same method
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     lm.config.use_cache = False  # a cache is of no use in training and conflicts with recomputing
 

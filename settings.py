@@ -190,7 +190,7 @@ class TrainSettings:
     trust_remote_code: bool = option(
         False, "allow model code from the Hub to run (default off: it executes arbitrary Python)",
         action="store_true", identity=True)
-    # Not options: set by tuning.train_method for the record.
+    # Not options: set by runs.resolve for the record.
     model_requested: str | None = None  # what the command asked for ("default" when nothing)
     method_options: dict = field(default_factory=dict)  # the script's own options, by name
 

@@ -47,7 +47,7 @@ def cpu_tests_name_their_device():
     On a machine with CUDA, auto means CUDA: a test of the CPU path that left its
     device to auto would run on the GPU there and fail for reasons of its own (bf16
     rounding, non-deterministic kernels).  Refusing auto here, on the CPU, catches such a
-    test before a GPU machine does.  Every module holding models.pick_device by name is
+    test before a CUDA machine does.  Every module holding models.pick_device by name is
     patched; scripts the tests start as subprocesses are not (they say --device cpu).
     """
     import sys
