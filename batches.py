@@ -26,7 +26,6 @@ class Plan:
     max_length: int = 1 << 30  # no batch is padded beyond the model's context
 
 
-
 def plan_training(run, model, tokenizer) -> Plan:
     """Tokenised train/validation examples and the step counts of this run."""
     settings = run.settings

@@ -44,7 +44,6 @@ class ResumeConfig:
                    total_steps=total_steps, precision=precision, optim=settings.optim)
 
 
-
 def listed(paths: RunPaths) -> list[Path]:
     """A method's complete checkpoints, oldest first."""
     return sorted(p for p in paths.checkpoints.glob("step-*") if (p / "state.json").exists())
@@ -54,7 +53,6 @@ def trainable_state(model) -> dict:
     """The tensors that training changes, by parameter name (what a checkpoint must hold)."""
     return {name: param.detach().cpu().contiguous().clone()
             for name, param in causal_lm(model).named_parameters() if param.requires_grad}
-
 
 
 def write_trainable(model, output_dir, main_process: bool) -> None:

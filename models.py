@@ -295,6 +295,9 @@ def load_model(name: str, device, quantize_4bit: bool = False, trust_remote_code
                precision: str = "fp32"):
     """Load (model, tokenizer, resolved path): fp32 weights, or NF4 4-bit ones for QLoRA.
 
+    name: --model, or the folder resolve_model gave for it (a training run passes
+    runs.Run.model_path, resolved once, which resolves to itself).
+
     precision is the run's resolved precision ("fp32" or "bf16"; the 4-bit layers compute
     in it); fp32 by default, so a caller that names none (the benchmark) computes as before.
     """

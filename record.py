@@ -92,7 +92,6 @@ def write_outputs(run, model, tokenizer, metrics: dict) -> dict:
     return metrics
 
 
-
 def save_outputs(run, model, tokenizer, metrics: dict) -> dict:
     """Write the finished run's folder (one process) and drop its checkpoints; returns its metrics."""
     if run.rank == 0:

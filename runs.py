@@ -24,11 +24,11 @@ from typing import Callable
 
 import torch
 
+import checkpoints
 import models
 from common import PipelineError, load_split, load_template
 from runpaths import RunPaths
 from settings import TrainSettings
-
 
 
 # Under CUDA graphs (--compile reduce-overhead) batches are padded to these multiples of
@@ -48,7 +48,6 @@ class Control:
 # A callback runs after every optimiser step as callback(step, control); setting
 # control.stop checkpoints and stops exactly as Ctrl-C does (the tests use this).
 Callback = Callable[[int, Control], None]
-
 
 
 @dataclass
@@ -106,7 +105,6 @@ class Run:
         return GRAPH_PADDING if self.settings.compile == "reduce-overhead" else (1, 1)
 
 
-
 def process_rank() -> int:
     """This process's rank under torchrun / accelerate launch (0 when alone), before any set-up."""
     return int(os.environ.get("RANK", 0))
@@ -134,8 +132,6 @@ def make_accelerator(device_choice: str = "auto", precision: str = "fp32"):
                        device_placement=False)
 
 
-
-
 def resolve(settings: TrainSettings, announce: bool | None = None) -> TrainSettings:
     """The settings with the model, device and precision decided, once per command.
 
@@ -160,8 +156,6 @@ def start_run(settings: TrainSettings, method: str, name: str | None = None) -> 
     so they never race on the cache.
     """
     from accelerate.utils import set_seed
-
-    import checkpoints
 
     # Training reads train and valid only: eval.jsonl is kept for evaluate.py.
     train_rows = load_split(settings.data_dir, "train")

@@ -29,7 +29,6 @@ class Diverged(PipelineError):
     """
 
 
-
 @dataclass(frozen=True)
 class StepStats:
     """One optimiser step's numbers, still on the device: reading them waits for it."""
