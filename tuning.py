@@ -2,7 +2,10 @@
 
 Every fine-tune script ends in train_method(settings, method, prepare): the
 script says how its method changes the model (prepare); this module decides how
-often and at which rate to train it.
+often and at which rate to train it.  From a script's main to the optimiser:
+
+    main -> tuning.train_method -> tuning.train_run -> loop.fit -> loop.train_step
+         -> steps.Trainer.update (optimizer.step())
 
     python finetune_lora.py                      # one run at the script's rate (the quick path)
     python finetune_lora.py --seeds 3            # three seeds: outputs/lora, lora-seed43, lora-seed44

@@ -1,6 +1,8 @@
 """Shared fixtures: an offline model cache, and a small learnable Q&A data set (helpers.py)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,8 +52,6 @@ def cpu_tests_name_their_device():
     test before a CUDA machine does.  Every module holding models.pick_device by name is
     patched; scripts the tests start as subprocesses are not (they say --device cpu).
     """
-    import sys
-
     import models
 
     original = models.pick_device
