@@ -14,17 +14,14 @@ import common
 import tuning
 from settings import TrainSettings, training_parser
 
-# Full fine-tuning updates pretrained weights directly, so it wants a small rate: the
-# Hugging Face Trainer's default is 5e-5, and the learning-rate search on smollm2-135m,
-# by validation answer NLL, chose 1.5e-4 (results/smollm2-135m/search/full.json).
 DEFAULT_LR = 1.5e-4
 
 
 def parse_args(argv=None):
     """Command-line options: the shared ones (settings.TrainSettings)."""
-    parser = training_parser(__doc__, DEFAULT_LR, "learning rate (default 1.5e-4: the "
-                                                  "learning-rate search's choice on "
-                                                  "smollm2-135m, results/smollm2-135m/search/)")
+    parser = training_parser(__doc__, DEFAULT_LR, "learning rate (default 1.5e-4: small, as "
+                                                  "pretrained weights change directly; the "
+                                                  "search's choice, results/defaults.md)")
     return parser.parse_args(argv)
 
 

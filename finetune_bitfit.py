@@ -19,10 +19,6 @@ import common
 import tuning
 from settings import TrainSettings, training_parser
 
-# Bias vectors are a tiny, low-capacity set of parameters: BitFit's own search
-# (Ben Zaken et al. 2022) went up to 1e-3, twenty times the full fine-tuning
-# rate, and the learning-rate search on smollm2-135m chose 9e-3
-# (results/smollm2-135m/search/bitfit.json).
 DEFAULT_LR = 9e-3
 # Config switch -> the projections it gives a bias (transformers' Llama family).
 BIAS_SWITCHES = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -33,8 +29,7 @@ def parse_args(argv=None):
     """Command-line options: the shared ones (settings.TrainSettings)."""
     parser = training_parser(__doc__, DEFAULT_LR, "learning rate (default 9e-3: biases are few "
                                                   "and need a rate far above full fine-tuning's; "
-                                                  "the learning-rate search's choice on "
-                                                  "smollm2-135m)")
+                                                  "the search's choice, results/defaults.md)")
     return parser.parse_args(argv)
 
 

@@ -16,15 +16,9 @@ import models
 import tuning
 from settings import TrainSettings, positive_float, positive_int, training_parser
 
-# Adapters start at zero and move only a few parameters, so they need a rate far
-# above full fine-tuning's: about 10x (Schulman and Thinking Machines Lab 2025,
-# "LoRA Without Regret"), and the learning-rate search on smollm2-135m chose 1.8e-3, 12x
-# full's 1.5e-4 (results/smollm2-135m/search/lora.json).
 DEFAULT_LR = 1.8e-3
-
-
-LR_HELP = ("learning rate (default 1.8e-3: the learning-rate search's choice on smollm2-135m, "
-           "about 10x full fine-tuning's as \"LoRA Without Regret\" found)")
+LR_HELP = ("learning rate (default 1.8e-3: adapters start at zero and need about 10x full "
+           "fine-tuning's rate; the search's choice, results/defaults.md)")
 
 
 def build_parser(description: str = __doc__, lr: float = DEFAULT_LR, lr_help: str = LR_HELP):
@@ -34,11 +28,11 @@ def build_parser(description: str = __doc__, lr: float = DEFAULT_LR, lr_help: st
                         help="adapter rank r (default 16: QLoRA found quality flat in r once "
                              "every linear layer is adapted)")
     parser.add_argument("--alpha", type=positive_float, default=32,
-                        help="scaling alpha; updates are scaled by alpha/r (default 2r)")
+                        help="scaling alpha; updates are scaled by alpha/r (default 32, 2r: the "
+                             "usual ratio, so the update's scale stays put as r changes)")
     parser.add_argument("--dropout", type=float, default=0.0,
-                        help="dropout on the adapter input (default 0, PEFT's: on smollm2-135m "
-                             "the validation split scored alike with 0 and 0.05, and the mask "
-                             "adds work to every step; README, \"How each method is trained\")")
+                        help="dropout on the adapter input (default 0, PEFT's: validation "
+                             "scored as with 0.05, for less work a step; results/defaults.md)")
     parser.add_argument("--target-modules", default="all-linear",
                         help="comma-separated module names, or all-linear (default): every "
                              "linear layer but the LM head, which QLoRA (Dettmers et al. 2023) "

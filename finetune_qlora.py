@@ -20,10 +20,6 @@ import tuning
 from settings import TrainSettings
 import finetune_lora
 
-# The same adapters as LoRA, but through 4-bit dequantised weights: the learning-rate search
-# on smollm2-135m chose 2e-3 (results/smollm2-135m/search/qlora.json); LoRA's optimum is
-# about 10x full fine-tuning's ("LoRA Without Regret", Schulman and Thinking Machines Lab
-# 2025).
 DEFAULT_LR = 2e-3
 
 
@@ -31,8 +27,8 @@ def parse_args(argv=None):
     """Command-line options: finetune_lora.py's (same adapter, same defaults but the rate)."""
     parser = finetune_lora.build_parser(
         __doc__, DEFAULT_LR,
-        "learning rate (default 2e-3: the learning-rate search's choice on smollm2-135m, "
-        "about 10x full fine-tuning's as \"LoRA Without Regret\" found for LoRA)")
+        "learning rate (default 2e-3: LoRA's adapters through 4-bit weights, about 10x full "
+        "fine-tuning's rate; the search's choice, results/defaults.md)")
     return parser.parse_args(argv)
 
 
@@ -40,7 +36,7 @@ def prepare(model, settings: TrainSettings):
     """QLoRA: make the 4-bit base trainable-ready, then add the same adapters as LoRA."""
     options = settings.method_options
     # Checkpointing, when asked for, is switched on for every method alike by
-    # tuning.load_prepared (models.enable_gradient_checkpointing), not here.
+    # runs.load_prepared (models.enable_gradient_checkpointing), not here.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, finetune_lora.adapter_config(model, options))
     return model, models.lora_details(model, quantization="nf4")

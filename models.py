@@ -18,8 +18,10 @@ import torch
 
 from common import PipelineError, staged_dir
 from memory import release_free_heap
+# The names the options offer live in settings (torch-free), so --help needs no torch.
+from settings import (DEFAULT_MODEL, DEFAULT_PRECISION, FALLBACK_MODEL, OFFLINE_PRESETS,  # noqa: F401
+                      PRECISIONS)
 
-OFFLINE_PRESETS = ("smollm2-135m", "tiny-gpt2", "tiny-llama")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when a tiny model's recipe changes, so stale cached copies are rebuilt.
 TINY_VERSION = "1"
@@ -131,12 +133,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-DEFAULT_MODEL = "distilgpt2"     # the original project's model, wherever it can be had
-FALLBACK_MODEL = "smollm2-135m"  # the embedded offline preset used where it cannot
-DEFAULT_MODEL_HELP = (f"{DEFAULT_MODEL} when the Hub or the local cache has it, else the "
-                      f"offline {FALLBACK_MODEL} preset")
-
-
 def hub_cached(name: str) -> str | None:
     """The local snapshot folder of a Hub model, or None when it is not cached (no network)."""
     from huggingface_hub import snapshot_download
@@ -215,12 +211,6 @@ def pick_device(requested: str = "auto"):
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise PipelineError("--device cuda: no CUDA device is available")
     return torch.device(requested)
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
-# auto: the validation check (benchmarks/precision-check.md) found bf16's validation loss
-# within 1.5% of fp32's for all four methods at their rates.
-DEFAULT_PRECISION = "auto"
 
 
 def native_bf16(device) -> bool:
@@ -304,6 +294,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 def load_model(name: str, device, quantize_4bit: bool = False, trust_remote_code: bool = False,
                precision: str = "fp32"):
     """Load (model, tokenizer, resolved path): fp32 weights, or NF4 4-bit ones for QLoRA.
+
+    name: --model, or the folder resolve_model gave for it (a training run passes
+    runs.Run.model_path, resolved once, which resolves to itself).
 
     precision is the run's resolved precision ("fp32" or "bf16"; the 4-bit layers compute
     in it); fp32 by default, so a caller that names none (the benchmark) computes as before.
@@ -474,7 +467,7 @@ def enable_gradient_checkpointing(model) -> None:
     kwargs = {"use_reentrant": False}
     if hasattr(lm, "activation_checkpointing_enable"):
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # transformers before the rename (5.17, a GPU image's): the same method
+    else:  # transformers before activation_checkpointing_enable existed: the same method
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     lm.config.use_cache = False  # a cache is of no use in training and conflicts with recomputing
 

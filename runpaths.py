@@ -26,6 +26,10 @@ from pathlib import Path
 from common import PipelineError
 
 COMPLETED = "COMPLETED"  # written last into a run folder: the run finished
+METRICS = "metrics.json"  # what a finished run records (record.run_metrics)
+TRAINING_PLOT = "training_metrics.png"
+SEARCHES = "search"  # <output>/search/<method>.json: each method's learning-rate search
+CHECKPOINTS = "checkpoints"  # <output>/checkpoints/<method>/step-N/
 PREDICTIONS = "predictions.jsonl"
 FINGERPRINT = "predictions.fingerprint.json"
 EVALUATION = "evaluation.json"  # which runs were compared, and the decoding they were scored with
@@ -39,7 +43,25 @@ def is_complete(folder: str | os.PathLike) -> bool:
 
 def search_file(output_dir: str | os.PathLike, method: str) -> Path:
     """A method's learning-rate search: <output>/search/<method>.json."""
-    return Path(output_dir) / "search" / f"{method}.json"
+    return search_dir(output_dir) / f"{method}.json"
+
+
+def search_dir(output_dir: str | os.PathLike) -> Path:
+    """The folder of every method's learning-rate search: <output>/search/."""
+    return Path(output_dir) / SEARCHES
+
+
+def run_name(method: str, index: int, seed: int) -> str:
+    """Output folder of a method's index-th seed: <method>, then <method>-seed<N>."""
+    return method if index == 0 else f"{method}-seed{seed}"
+
+
+def seed_folders(output_dir: str | os.PathLike, method: str) -> list[Path]:
+    """A method's extra seed folders, <method>-seed<N>/ (N digits only), in order of N."""
+    prefix = f"{method}-seed"
+    found = [folder for folder in Path(output_dir).glob(f"{prefix}*")
+             if folder.is_dir() and folder.name[len(prefix):].isdigit()]
+    return sorted(found, key=lambda folder: int(folder.name[len(prefix):]))
 
 
 def evaluation_file(output_dir: str | os.PathLike) -> Path:
@@ -87,16 +109,16 @@ class RunPaths:
 
     @property
     def metrics(self) -> Path:
-        return self.run / "metrics.json"
+        return self.run / METRICS
 
     @property
     def training_plot(self) -> Path:
-        return self.run / "training_metrics.png"
+        return self.run / TRAINING_PLOT
 
     @property
     def checkpoints(self) -> Path:
         """The method's checkpoint folders (shared by its seeds, which train one after another)."""
-        return self.output_dir / "checkpoints" / self.method
+        return self.output_dir / CHECKPOINTS / self.method
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step:07d}"
@@ -174,8 +196,9 @@ def acquire(path: Path) -> dict:
             return mine
         holder = live_holder(path)
         if holder is not None:
-            raise PipelineError(f"another run is writing these runs ({describe(holder)}); wait "
-                                "for it to finish or stop it, or use another --output-dir", path)
+            raise PipelineError(f"another run is writing these runs ({describe(holder)}); "
+                                "wait for it to finish or stop it, or use another --output-dir",
+                                path)
         stale = read_lock(path) or {}
         print(f"note: taking over {path}: its process is gone "
               f"({describe(stale) if stale else 'unreadable lock'})", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The training settings every fine-tune script shares: one typed record, each default with its reason.
 
     settings = TrainSettings.from_args(finetune_lora.parse_args(["--seeds", "3"]))
-    settings.lr, settings.method_options["rank"]     # 0.0002, 16
+    settings.lr, settings.method_options["rank"]     # 0.0018, 16
 
 `training_parser` turns the fields below into the scripts' command-line options,
 so a default and the reason for it are written once, here.  A method's own
@@ -15,7 +15,17 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from models import DEFAULT_MODEL_HELP, DEFAULT_PRECISION, OFFLINE_PRESETS
+
+# --- the models and precisions the options offer (models.py reads them from here) ---------
+
+OFFLINE_PRESETS = ("smollm2-135m", "tiny-gpt2", "tiny-llama")
+DEFAULT_MODEL = "distilgpt2"     # the original project's model, wherever it can be had
+FALLBACK_MODEL = "smollm2-135m"  # the embedded offline preset used where it cannot
+DEFAULT_MODEL_HELP = (f"{DEFAULT_MODEL} when the Hub or the local cache has it, else the "
+                      f"offline {FALLBACK_MODEL} preset")
+PRECISIONS = ("auto", "fp32", "bf16")
+# auto: bf16 where the hardware computes it natively (results/defaults.md, "precision").
+DEFAULT_PRECISION = "auto"
 
 
 def positive_int(text: str) -> int:
@@ -72,31 +82,39 @@ class TrainSettings:
               f"{', '.join(OFFLINE_PRESETS)} (default: {DEFAULT_MODEL_HELP}; "
               "metrics.json records the model used)", identity=True)
     data_dir: str = option(
-        "data", "folder with train.jsonl, valid.jsonl, template.json (eval.jsonl is never read)")
-    output_dir: str = option("outputs", "the model goes to <output-dir>/<method>/")
+        "data", "folder with train.jsonl, valid.jsonl, template.json (default data: where the data "
+                "stage writes them; eval.jsonl is never read)")
+    output_dir: str = option(
+        "outputs", "the model goes to <output-dir>/<method>/ (default outputs: where evaluate.py "
+                   "looks)")
     epochs: int = option(
-        2, "passes over the training set (default 2: sized so the whole offline comparison "
-           "on smollm2-135m finishes in under 45 minutes on 2 CPU cores)", type=positive_int,
+        2, "passes over the training set (default 2: what the published comparison trains, a "
+           "few minutes a run on 2 CPU cores; results/defaults.md)", type=positive_int,
         identity=True)
     max_steps: int | None = option(
-        None, "stop after this many optimiser steps; overrides --epochs, as in the HF Trainer",
+        None, "stop after this many optimiser steps (default: none, --epochs decides; it "
+              "overrides --epochs, as in the HF Trainer)",
         type=positive_int, identity=True)
     batch_size: int = option(
         16, "examples per step (default 16: padded only to the longest in the batch)",
         type=positive_int, identity=True)
     grad_accum: int = option(
-        1, "micro-batches per optimiser step, to fit a large batch in little memory",
+        1, "micro-batches per optimiser step (default 1: the default batch fits; raise it to "
+           "fit a large batch in little memory)",
         type=positive_int, identity=True)
     lr: float = option(5e-5, "learning rate (each script sets its own default)",
                        type=positive_float, identity=True)
     warmup_ratio: float = option(
-        0.05, "fraction of steps with a linear warm-up before the linear decay to 0", type=float,
+        0.05, "fraction of steps with a linear warm-up before the linear decay to 0 (default "
+              "0.05: a few steps, so the first updates of fresh moments stay small)", type=float,
         identity=True)
     max_grad_norm: float = option(
-        1.0, "gradient clipping norm (1.0, the usual transformer setting)", type=positive_float,
+        1.0, "gradient clipping norm (default 1.0: the usual transformer setting)",
+        type=positive_float,
         identity=True)
     optim: str = option(
-        "adamw", "adamw: torch's AdamW, fp32 moments (8 bytes a trainable parameter); "
+        "adamw", "adamw (default: exact fp32 moments): torch's AdamW, 8 bytes a trainable "
+                 "parameter; "
                  "adamw_8bit: bitsandbytes' blockwise 8-bit AdamW (Dettmers et al. 2022), 2 bytes "
                  "a parameter, for full fine-tuning where the moments fill the memory; it gives "
                  "other numbers, so it is part of what defines a run",
@@ -112,10 +130,11 @@ class TrainSettings:
                "reduce-overhead also replays them as CUDA graphs; it pays where a step is bound by "
                "launching kernels rather than by arithmetic (a small model on a GPU), after a "
                "compilation of tens of seconds; under CUDA graphs batches are padded to a "
-               "multiple of 16 tokens so few shapes occur (off by default: on a CPU the step "
-               "is arithmetic, and compiling did not pay there)",
+               "multiple of 16 tokens so few shapes occur (default off: on a CPU the step is "
+               "arithmetic, and compiling did not pay there; results/defaults.md)",
         choices=["off", "default", "reduce-overhead"])
-    seed: int = option(42, "seeds initialisation, dropout and batch order", type=int)
+    seed: int = option(42, "seeds initialisation, dropout and batch order (default 42: any fixed "
+                          "number makes a run repeatable)", type=int)
     seeds: int = option(
         1, "train N runs with seeds --seed, --seed+1, ...: the first writes "
            "<output-dir>/<method>/, the others <method>-seed<N>/; evaluate.py reports the "
@@ -136,20 +155,20 @@ class TrainSettings:
     search_epochs: float = option(
         1, "epochs per rate in the --tune-lr search, each with its own warm-up and decay; a "
            "fraction such as 0.5 trains that share of an epoch (default 1: half an epoch "
-           "favoured rates that score worse on validation after the full run, "
-           "benchmarks/search-check.md)", type=positive_float)
+           "favoured rates that score worse after the full run; results/defaults.md)",
+        type=positive_float)
     search_only: bool = option(
         False, "with --tune-lr: write the search (<output-dir>/search/<method>.json) and stop "
                "without training the seeds", action="store_true")
     device: str = option(
-        "auto", "auto: CUDA when present, else the CPU",
+        "auto", "auto (default): CUDA when present, else the CPU; cpu or cuda to insist",
         choices=["auto", "cpu", "cuda"])
     precision: str = option(
         DEFAULT_PRECISION,
         f"auto: bf16 autocast where the hardware computes bf16 natively (CUDA with bf16, CPUs "
-        f"with AVX512-BF16 or AMX; on smollm2-135m 1.4x the tokens/s on such a CPU, validation "
-        f"quality in benchmarks/precision-check.md), else fp32; fp32 or bf16 to insist (weights "
-        f"and optimiser state stay fp32 either way; default {DEFAULT_PRECISION})",
+        f"with AVX512-BF16 or AMX), else fp32; fp32 or bf16 to insist; weights and optimiser "
+        f"state stay fp32 either way (default {DEFAULT_PRECISION}: faster where native, at "
+        f"validation quality close to fp32's; results/defaults.md)",
         choices=["auto", "fp32", "bf16"], identity=True)
     max_length: int | None = option(
         None, "truncate examples to this many tokens (default: the model's context)",
@@ -158,16 +177,20 @@ class TrainSettings:
         False, "also compute the loss on prompt tokens (default: the answer only)",
         action="store_true", identity=True)
     save_every: int = option(
-        200, "save a checkpoint every N steps (also at each epoch's end and on Ctrl-C)",
+        200, "save a checkpoint every N steps, also at each epoch's end and on Ctrl-C (default "
+             "200: past a default run's length, so epochs' ends decide)",
         type=positive_int)
-    keep_checkpoints: int = option(2, "how many checkpoints to keep", type=positive_int)
+    keep_checkpoints: int = option(
+        2, "how many checkpoints to keep (default 2: the newest and the one before it; older "
+           "ones only take space)", type=positive_int)
     resume: bool = option(
-        False, "continue from the newest checkpoint in <output-dir>/checkpoints/<method>/",
+        False, "continue from the newest checkpoint in <output-dir>/checkpoints/<method>/ and "
+               "skip finished seeds (default off: a run starts afresh)",
         action="store_true")
     trust_remote_code: bool = option(
-        False, "allow model code from the Hub to run (off: it executes arbitrary Python)",
+        False, "allow model code from the Hub to run (default off: it executes arbitrary Python)",
         action="store_true", identity=True)
-    # Not options: set by tuning.train_method for the record.
+    # Not options: set by runs.resolve for the record.
     model_requested: str | None = None  # what the command asked for ("default" when nothing)
     method_options: dict = field(default_factory=dict)  # the script's own options, by name
 

@@ -2,14 +2,17 @@
 
 Every fine-tune script ends in train_method(settings, method, prepare): the
 script says how its method changes the model (prepare); this module decides how
-often and at which rate to train it.
+often and at which rate to train it.  From a script's main to the optimiser:
+
+    main -> tuning.train_method -> tuning.train_run -> loop.fit -> loop.train_step
+         -> steps.Trainer.update (optimizer.step())
 
     python finetune_lora.py                      # one run at the script's rate (the quick path)
     python finetune_lora.py --seeds 3            # three seeds: outputs/lora, lora-seed43, lora-seed44
     python finetune_lora.py --tune-lr --seeds 3  # search the rate on data/valid.jsonl first
 
 The search trains --search-epochs at each rate of the grid (the script's
-evidence-based rate x 1/3, 1, 3) and keeps the rate with the lowest validation
+evidence-based rate x 0.3, 1, 3: GRID_FACTORS) and keeps the rate with the lowest validation
 answer NLL: summed negative log-likelihood over summed answer tokens of
 data/valid.jsonl, each question scored as evaluate.py scores it.  The NLL is
 continuous and paired over the same questions, so the standard error of a
@@ -36,12 +39,15 @@ from pathlib import Path
 import numpy as np
 
 import answer_loss
+import checkpoints
 import common
 import generation
-import models
+import loop
+import record
 import runpaths
+import runs
 import scoring
-import training
+import steps
 from runpaths import RunPaths
 from settings import TrainSettings
 
@@ -72,43 +78,28 @@ def run_id(settings: TrainSettings, method: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run_name(method: str, index: int, seed: int) -> str:
-    """Output folder of a method's index-th seed: <method>/, then <method>-seed<N>/."""
-    return method if index == 0 else f"{method}-seed{seed}"
+def train_run(settings: TrainSettings, method: str, prepare, name: str, load_kwargs: dict,
+              extra: dict, callbacks: tuple = ()) -> dict:
+    """Set up, load and prepare, fit, write the run's folder; returns its metrics only, so the
+    model is let go before the next seed trains (it would add to that run's peak memory)."""
+    run = runs.start_run(settings, method, name)
+    model, tokenizer, details = runs.load_prepared(run, prepare, load_kwargs)
+    metrics = loop.fit(run, model, tokenizer, details, callbacks=callbacks)
+    return record.save_outputs(run, model, tokenizer, {**metrics, **extra})
 
 
-def load_prepared(settings: TrainSettings, prepare, device, load_kwargs: dict,
-                  precision: str = "fp32") -> tuple:
-    """Load the base and apply the method: (model, tokenizer, base path, the method's details)."""
-    model, tokenizer, base_path = models.load_model(
-        settings.model, device, trust_remote_code=settings.trust_remote_code,
-        precision=precision, **load_kwargs)
-    model, details = prepare(model, settings)
-    models.store_frozen_in_bf16(model, precision)  # after prepare: only then is "frozen" known
-    if settings.gradient_checkpointing:  # after prepare: PEFT wraps the model it is given
-        models.enable_gradient_checkpointing(model)
-    return model, tokenizer, base_path, details
-
-
-def train_once(settings: TrainSettings, method: str, prepare, name: str, load_kwargs: dict,
-               callbacks: tuple = ()) -> tuple[dict, training.Run, object, object]:
-    """Load the base, apply the method, train; returns (metrics, run, model, tokenizer), unsaved."""
-    run = training.start_run(settings, method, name)
-    model, tokenizer, base_path, details = load_prepared(settings, prepare, run.device, load_kwargs,
-                                                         run.precision)
-    metrics = training.train(run, model, tokenizer, base_path, details, callbacks=callbacks)
+def train_unsaved(settings: TrainSettings, method: str, prepare, load_kwargs: dict,
+                  callbacks: tuple = ()) -> tuple[dict, runs.Run, object, object]:
+    """A search run, set up, loaded, fitted, its checkpoints dropped: (metrics, run, model,
+    tokenizer)."""
+    run = runs.start_run(settings, method, method)
+    model, tokenizer, details = runs.load_prepared(run, prepare, load_kwargs)
+    metrics = loop.fit(run, model, tokenizer, details, callbacks=callbacks)
+    checkpoints.discard(run)
     return metrics, run, model, tokenizer
 
 
-def train_and_save(settings: TrainSettings, method: str, prepare, name: str, load_kwargs: dict,
-                   extra: dict, callbacks: tuple = ()) -> dict:
-    """train_once, then write the run's folder; returns its metrics only, so the model is let go."""
-    metrics, run, model, tokenizer = train_once(settings, method, prepare, name, load_kwargs,
-                                                callbacks)
-    return training.save_outputs(run, model, tokenizer, {**metrics, **extra})
-
-
-def validation_score(run: training.Run, model, tokenizer) -> tuple[float, str, str]:
+def validation_score(run: runs.Run, model, tokenizer) -> tuple[float, str, str]:
     """(headline score in %, its field, its label) on data/valid.jsonl, decoded as evaluate.py does."""
     rows = run.valid_rows
     stop = common.turn_marker(run.template)
@@ -122,7 +113,7 @@ def validation_score(run: training.Run, model, tokenizer) -> tuple[float, str, s
     return summary[field], field, label
 
 
-def validation_nll(run: training.Run, model, tokenizer) -> list[tuple[float, int]]:
+def validation_nll(run: runs.Run, model, tokenizer) -> list[tuple[float, int]]:
     """Each validation question's (summed answer NLL, answer tokens), as evaluate.py scores eval.
 
     The same tokenisation (never cut to the context; the EOS token not scored, as for
@@ -157,12 +148,11 @@ def try_rate(settings: TrainSettings, method: str, prepare, load_kwargs: dict, c
     trial = settings.replace(lr=lr, epochs=settings.search_epochs, max_steps=None,
                              resume=False, seeds=1)
     try:
-        metrics, run, model, tokenizer = train_once(trial, method, prepare, method,
-                                                    load_kwargs, callbacks=callbacks)
-        training.discard_checkpoints(run)
-    except training.Diverged as exc:
+        metrics, run, model, tokenizer = train_unsaved(trial, method, prepare, load_kwargs,
+                                                       callbacks)
+    except steps.Diverged as exc:
         # The diverged run's checkpoints must not be resumed from by a later command.
-        shutil.rmtree(Path(settings.output_dir) / "checkpoints" / method, ignore_errors=True)
+        shutil.rmtree(RunPaths(settings.output_dir, method).checkpoints, ignore_errors=True)
         print(f"{method}: lr {lr:g}: diverged ({exc}); never chosen")
         return {"lr": lr, "score": None, "diverged": True, "valid_loss": None,
                 "valid_nll": None, "error": str(exc)}, None
@@ -233,12 +223,12 @@ def search_learning_rate(settings: TrainSettings, method: str, prepare, load_kwa
 
     A winner at an end of the grid widens it (wider_rate), until the winner is
     interior, MAX_WIDENINGS rates were added or the added rate diverged.  A rate whose
-    run raises training.Diverged is recorded as diverged (score and NLL null) and
+    run raises steps.Diverged is recorded as diverged (score and NLL null) and
     never chosen; when every rate of the grid diverges the search stops with one
     PipelineError.
     """
     initial = lr_grid(settings)
-    results, shared, rank = [], None, training.process_rank()
+    results, shared, rank = [], None, runs.process_rank()
     for number, lr in enumerate(initial, start=1):
         print(f"{method}: learning-rate search {number}/{len(initial)}: lr {lr:g}, "
               f"{settings.search_epochs:g} epoch(s)")
@@ -324,17 +314,47 @@ def previous_search(settings: TrainSettings, method: str) -> dict | None:
 
 def remove_stale_seeds(output_dir: Path, method: str, keep: set[str]) -> None:
     """Delete <method>-seed<N>/ folders this run does not make, so no old seed is mixed in."""
-    for folder in output_dir.glob(f"{method}-seed*"):
-        if folder.is_dir() and folder.name not in keep:
+    for folder in runpaths.seed_folders(output_dir, method):
+        if folder.name not in keep:
             shutil.rmtree(folder)
 
 
-def is_finished(folder: Path, identity: str, seed: int) -> bool:
-    """Whether folder holds a completed run with this identity and seed (skipped by --resume)."""
-    if not runpaths.is_complete(folder):
+def is_finished(paths: RunPaths, identity: str, seed: int) -> bool:
+    """Whether a run's folder holds a completed run with this identity and seed."""
+    if not runpaths.is_complete(paths.run):
         return False
-    metrics = common.read_json(folder / "metrics.json")
+    metrics = common.read_json(paths.metrics)
     return metrics.get("run_id") == identity and metrics["args"]["seed"] == seed
+
+
+def resume_action(settings: TrainSettings, paths: RunPaths, identity: str,
+                  any_finished: bool) -> str:
+    """The resume rule, for one seed: "skip", "continue" or "start".
+
+    Without --resume every seed starts.  With it, a seed whose folder holds this run's
+    finished result (same run_id and seed) is skipped; the seed that was interrupted
+    continues from the method's checkpoint; a seed never begun starts afresh.  With
+    nothing finished and no checkpoint, the first seed "continues", so start_run says
+    there is nothing to resume.
+    """
+    if not settings.resume:
+        return "start"
+    if is_finished(paths, identity, settings.seed):
+        return "skip"
+    if checkpoints.listed(paths) or not any_finished:
+        return "continue"
+    return "start"
+
+
+def choose_rate(settings: TrainSettings, method: str, prepare, load_kwargs: dict,
+                callbacks: tuple) -> dict | None:
+    """With --tune-lr, the search (a finished one reused under --resume); else None."""
+    if settings.search_only and not settings.tune_lr:
+        raise common.PipelineError("--search-only needs --tune-lr (there is no search to run)")
+    if not settings.tune_lr:
+        return None
+    search = previous_search(settings, method) if settings.resume else None
+    return search or search_learning_rate(settings, method, prepare, load_kwargs, callbacks)
 
 
 def train_method(settings: TrainSettings, method: str, prepare, callbacks: tuple = (),
@@ -343,62 +363,36 @@ def train_method(settings: TrainSettings, method: str, prepare, callbacks: tuple
 
     prepare(model, settings) -> (model, details) applies the method to a freshly
     loaded base model; load_kwargs go to models.load_model (quantize_4bit=True);
-    callbacks run after every step (training.Callback).
+    callbacks run after every step (runs.Callback).
     """
+    main_process = runs.process_rank() == 0
     # One process at a time writes a method's runs (rank 0 holds the lock for all ranks).
-    with runpaths.method_lock(RunPaths(settings.output_dir, method),
-                              take=training.process_rank() == 0):
-        return train_locked(settings, method, prepare, callbacks, load_kwargs)
-
-
-def train_locked(settings: TrainSettings, method: str, prepare, callbacks: tuple,
-                 load_kwargs: dict) -> list[dict]:
-    """train_method's work, while it holds the method's lock."""
-    # Choose the model once per command (the default may fall back to the offline preset,
-    # said in one line), so every seed, checkpoint, run_id and metrics.json records the
-    # model actually used; the request is kept as model_requested.
-    requested = settings.model
-    model = models.choose_model(requested, announce=training.process_rank() == 0)
-    # Resolve --precision once, so the run's identity, its search and metrics.json all record
-    # what was computed (auto differs between machines).
-    precision = models.resolve_precision(models.pick_device(settings.device), settings.precision,
-                                         announce=training.process_rank() == 0)
-    settings = settings.replace(model=model, precision=precision,
-                                model_requested="default" if requested is None else requested)
-    extra = {"model_requested": settings.model_requested}
-    if settings.search_only and not settings.tune_lr:
-        raise common.PipelineError("--search-only needs --tune-lr (there is no search to run)")
-    if settings.tune_lr:
-        search = previous_search(settings, method) if settings.resume else None
-        search = search or search_learning_rate(settings, method, prepare, load_kwargs,
-                                                callbacks)
-        if settings.search_only:
-            return []
-        settings = settings.replace(lr=search["chosen_lr"])
-        extra["lr_search"] = {k: search[k] for k in ("grid", "chosen_lr", "metric", "budget")}
-    output_dir = Path(settings.output_dir)
-    seeds = [settings.seed + i for i in range(settings.seeds)]
-    names = [run_name(method, i, seed) for i, seed in enumerate(seeds)]
-    if training.process_rank() == 0:
-        remove_stale_seeds(output_dir, method, set(names))
-    identity = run_id(settings, method)
-    finished = []
-    for name, seed in zip(names, seeds):
-        if settings.seeds > 1:
-            print(f"{method}: seed {seed} ({names.index(name) + 1} of {len(seeds)}) -> "
-                  f"{output_dir / name}/")
-        if settings.resume and is_finished(output_dir / name, identity, seed):
-            print(f"{method}: {output_dir / name}/ is already complete; skipped")
-            finished.append(common.read_json(output_dir / name / "metrics.json"))
-            continue
-        # --resume continues the seed that was interrupted and starts the ones never begun;
-        # with nothing finished and no checkpoint, start_run says there is nothing to resume.
-        resume = settings.resume and (bool(training.checkpoints(output_dir, method))
-                                      or not finished)
-        seed_settings = settings.replace(seed=seed, resume=resume)
-        # Keep only the metrics: holding on to this seed's model while the next one trains
-        # would add its weights to the next run's peak memory.
-        metrics = train_and_save(seed_settings, method, prepare, name, load_kwargs,
-                                 extra={**extra, "run_id": identity}, callbacks=callbacks)
-        finished.append(metrics)
-    return finished
+    with runpaths.method_lock(RunPaths(settings.output_dir, method), take=main_process):
+        settings = runs.resolve(settings)  # the model, device and precision, once
+        extra = {"model_requested": settings.model_requested}
+        search = choose_rate(settings, method, prepare, load_kwargs, callbacks)
+        if search is not None:
+            if settings.search_only:
+                return []
+            settings = settings.replace(lr=search["chosen_lr"])
+            extra["lr_search"] = {k: search[k] for k in ("grid", "chosen_lr", "metric", "budget")}
+        seeds = [settings.seed + i for i in range(settings.seeds)]
+        seed_paths = [RunPaths(settings.output_dir, method, runpaths.run_name(method, i, seed))
+                      for i, seed in enumerate(seeds)]
+        if main_process:
+            remove_stale_seeds(Path(settings.output_dir), method, {p.name for p in seed_paths})
+        identity = run_id(settings, method)
+        finished = []
+        for number, (paths, seed) in enumerate(zip(seed_paths, seeds), start=1):
+            if settings.seeds > 1:
+                print(f"{method}: seed {seed} ({number} of {len(seeds)}) -> {paths.run}/")
+            seed_settings = settings.replace(seed=seed)
+            action = resume_action(seed_settings, paths, identity, bool(finished))
+            if action == "skip":
+                print(f"{method}: {paths.run}/ is already complete; skipped")
+                finished.append(common.read_json(paths.metrics))
+                continue
+            finished.append(train_run(seed_settings.replace(resume=action == "continue"),
+                                      method, prepare, paths.name, load_kwargs,
+                                      {**extra, "run_id": identity}, callbacks))
+        return finished

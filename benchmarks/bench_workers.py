@@ -3,7 +3,7 @@
     python benchmarks/bench_workers.py '{"task": "train", "recipe": "ours", ...}'
 
 Tasks: train (this project's step, each model prepared by its script's prepare() and
-stepped by training.Trainer as finetune_*.py do, or the original recipe's), trl (TRL's
+stepped by steps.Trainer as finetune_*.py do, or the original recipe's), trl (TRL's
 SFTTrainer at its best settings on the same prepared model, rows and batch) and eval (the
 original's one question at a time, or generation.generate_answers as evaluate.py calls
 it).  A step is timed from collating its batch to the zeroed gradients; on CUDA every
@@ -26,11 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import batches  # noqa: E402
 import common  # noqa: E402
 import generation  # noqa: E402
 import memory  # noqa: E402
 import models  # noqa: E402
-import training  # noqa: E402
+import runs  # noqa: E402
+import steps  # noqa: E402
 from settings import TrainSettings  # noqa: E402
 
 # --- The original recipe, as the original project ran it ----------------------
@@ -206,7 +208,7 @@ class OriginalStep:
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=ORIGINAL_LR, weight_decay=0.0)
-        self.scheduler = training.linear_schedule(self.optimizer, total_steps, 0.0)
+        self.scheduler = steps.linear_schedule(self.optimizer, total_steps, 0.0)
 
     def step(self, micro: list[dict]) -> dict:
         batch = micro[0]
@@ -233,13 +235,13 @@ def prepared(config: dict, device):
                                             precision)
     warm, timed = ours_batches(tokenizer, rows, model, config["batch_size"], config["warmup"],
                                config["steps"])
-    run = training.Run(method=config["method"], settings=settings,
-                       accelerator=training.make_accelerator(device.type, precision),
-                       template={}, train_rows=[], valid_rows=[])
-    collate = functools.partial(training.step_batch, pad_id=tokenizer.pad_token_id,
+    run = runs.Run(method=config["method"], settings=settings,
+                   accelerator=runs.make_accelerator(device.type, precision),
+                   model_path=config["model_dir"], template={}, train_rows=[], valid_rows=[])
+    collate = functools.partial(batches.step_batch, pad_id=tokenizer.pad_token_id,
                                 max_length=models.context_length(model),
                                 sync_free=run.sync_free, multiple=run.pad_multiple)
-    return training.Trainer(run, model, total_steps), warm, timed, collate
+    return steps.Trainer(run, model, total_steps), warm, timed, collate
 
 
 def summarise_steps(steps: list[dict]) -> dict:
@@ -262,7 +264,7 @@ def task_train(config: dict, device) -> dict:
         for examples in warm + timed * config["repeats"]:
             sync(device)
             started = time.perf_counter()
-            batch = training.to_device(collate(examples), device)
+            batch = batches.to_device(collate(examples), device)
             loss = stepper.step([batch])["loss"]
             sync(device)  # the optimiser's kernels may still be queued after the loss was read
             done.append({"seconds": time.perf_counter() - started, "examples": len(examples),

@@ -1,6 +1,8 @@
 """Shared fixtures: an offline model cache, and a small learnable Q&A data set (helpers.py)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,11 +49,9 @@ def cpu_tests_name_their_device():
     On a machine with CUDA, auto means CUDA: a test of the CPU path that left its
     device to auto would run on the GPU there and fail for reasons of its own (bf16
     rounding, non-deterministic kernels).  Refusing auto here, on the CPU, catches such a
-    test before a GPU machine does.  Every module holding models.pick_device by name is
+    test before a CUDA machine does.  Every module holding models.pick_device by name is
     patched; scripts the tests start as subprocesses are not (they say --device cpu).
     """
-    import sys
-
     import models
 
     original = models.pick_device
@@ -70,3 +70,12 @@ def cpu_tests_name_their_device():
             patch.setattr(module, "pick_device", pick_device)
     yield
     patch.undo()
+
+
+@pytest.fixture
+def sleeper():
+    """A live process that is not this one (the pid of the other run)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc
+    proc.kill()
+    proc.wait()

@@ -4,7 +4,9 @@ pyproject.toml puts the repository and this folder on pytest's pythonpath, so
 tests import the project's modules and these helpers by name.
 """
 
+import errno
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -17,6 +19,8 @@ import finetune
 import finetune_bitfit
 import finetune_lora
 import finetune_qlora
+import loop
+import runpaths
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"full": finetune, "lora": finetune_lora, "qlora": finetune_qlora,
@@ -77,14 +81,15 @@ def train_args(script, data_dir, out, *extra):
 
 def tiny_plan(data_dir, out):
     """A 2-step tiny-gpt2 full fine-tuning run on the CPU and its plan: (run, plan, model)."""
+    import batches
     import models
-    import training
+    import runs
     from settings import TrainSettings
 
     settings = TrainSettings.from_args(train_args(finetune, data_dir, out))
-    run = training.start_run(settings, "full")
-    model, tokenizer, _ = models.load_model(settings.model, run.device)
-    return run, training.plan_training(run, model, tokenizer), model
+    run = runs.start_run(settings, "full")
+    model, tokenizer, _ = models.load_model(run.model_path, run.device)
+    return run, batches.plan_training(run, model, tokenizer), model
 
 
 def stop_at(step):
@@ -122,3 +127,62 @@ def ours(reads: list[tuple[str, str]]) -> list[str]:
     such read (tests/test_sync_free.py).
     """
     return [name for name, path in reads if not path.endswith("transformers/masking_utils.py")]
+
+
+def finished_files(folder: Path) -> dict[str, bytes]:
+    """Every file of a run folder, by name (to show it was left as it was)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def hidden(folder: Path) -> list[str]:
+    """Temporary (dot) files and folders left in a folder."""
+    return sorted(p.name for p in folder.rglob(".*"))
+
+
+def no_space(names, real):
+    """A write_json that fails with a full disk for the named files."""
+    def write(path, obj):
+        if Path(path).name in names:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, obj)
+    return write
+
+
+def write_lock(output_dir: Path, method: str, pid: int) -> Path:
+    path = runpaths.lock_file(output_dir, method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "host": os.uname().nodename,
+                                "started": "2026-12-04T10:00:00",
+                                "command": "finetune.py --save-every 2"}))
+    return path
+
+
+def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
+    """Run a script's main() in-process; spy(model, stage) sees the model before and after."""
+    args = SCRIPTS[method].parse_args(
+        ["--device", "cpu", "--model", model, "--data-dir", str(data_dir),
+         "--output-dir", str(out_dir),
+         "--batch-size", "8", "--max-steps", "6", *extra])
+    if spy is None:
+        SCRIPTS[method].main(args)
+        return None
+    original = loop.fit
+
+    def wrapped(run, model_, *args, **kwargs):
+        spy(model_, "before")
+        metrics = original(run, model_, *args, **kwargs)
+        spy(model_, "after")
+        return metrics
+
+    loop.fit = wrapped
+    try:
+        SCRIPTS[method].main(args)
+    finally:
+        loop.fit = original
+
+
+def strict_json(text):
+    """Parse JSON as a strict reader does: NaN and Infinity are errors."""
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)

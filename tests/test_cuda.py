@@ -5,6 +5,7 @@ on a GPU machine these are the tests of the GPU.  Each run names --device cuda.
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import finetune_lora
 import finetune_qlora
 import generation
 import models
-import tuning
+import runs
 from helpers import run_and_expect_exit, stop_at, write_split
 from settings import TrainSettings
 
@@ -51,8 +52,9 @@ def test_bf16_autocast_trains_fp32_weights_close_to_the_cpu(data_dir, tmp_path):
 def test_nf4_base_lives_on_the_gpu_and_qlora_trains(data_dir, tmp_path):
     settings = TrainSettings.from_args(finetune_qlora.parse_args(
         ["--device", "cuda", "--model", "tiny-llama", "--dropout", "0"]))
-    model, _, _, _ = tuning.load_prepared(settings, finetune_qlora.prepare, CUDA,
-                                          {"quantize_4bit": True})
+    run = SimpleNamespace(settings=settings, model_path=models.resolve_model("tiny-llama"),
+                          device=CUDA, precision="fp32")
+    model, _, _ = runs.load_prepared(run, finetune_qlora.prepare, {"quantize_4bit": True})
     packed = [p for p in model.parameters() if p.__class__.__name__ == "Params4bit"]
     assert packed and all(p.device.type == "cuda" and p.dtype == torch.uint8 for p in packed)
     del model
@@ -148,26 +150,27 @@ def test_a_cuda_step_waits_for_the_gpu_only_where_transformers_looks(data_dir, t
     """
     import warnings
 
-    import training
+    import batches
+    import runs
+    import steps
 
     settings = TrainSettings.from_args(finetune_lora.parse_args(
         ["--device", "cuda", "--model", "tiny-llama", "--data-dir", str(data_dir),
          "--output-dir", str(tmp_path), "--batch-size", "8", "--max-steps", "4"]))
-    run = training.start_run(settings, "lora")
-    model, tokenizer, _, _ = tuning.load_prepared(settings, finetune_lora.prepare, run.device,
-                                                  {}, run.precision)
-    plan = training.plan_training(run, model, tokenizer)
-    trainer = training.Trainer(run, model, plan.total_steps)
+    run = runs.start_run(settings, "lora")
+    model, tokenizer, _ = runs.load_prepared(run, finetune_lora.prepare, {})
+    plan = batches.plan_training(run, model, tokenizer)
+    trainer = steps.Trainer(run, model, plan.total_steps)
     assert run.sync_free
-    batches = training.epoch_batches(run, plan, 0)
-    trainer.update(training.micro_batches(plan, batches[:1], CUDA, True))  # allocates AdamW state
+    order = batches.epoch_batches(run, plan, 0)
+    trainer.update(batches.micro_batches(plan, order[:1], CUDA, True))  # allocates AdamW state
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for i in (1, 2):
-                trainer.update(training.micro_batches(plan, batches[i:i + 1], CUDA, True))
+                trainer.update(batches.micro_batches(plan, order[i:i + 1], CUDA, True))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     waits = [(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message)]

@@ -41,7 +41,7 @@ def launcher(name: str) -> list[str]:
     """The command that starts 2 CPU processes: torchrun, or accelerate launch.
 
     accelerate's setting for several processes on one machine is --multi_gpu (it
-    starts them through torchrun); without CUDA, training.make_accelerator asks
+    starts them through torchrun); without CUDA, runs.make_accelerator asks
     for the CPU and the processes talk over gloo.
     """
     port = str(free_port())

@@ -1,6 +1,7 @@
 """The memory options on the CPU: --gradient-checkpointing (the same gradients) and --optim adamw_8bit."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ import torch
 import answer_loss
 import common
 import models
-import training
+import runs
+import steps
 import tuning
 from helpers import SCRIPTS, train_args
 from settings import TrainSettings
@@ -26,8 +28,10 @@ def one_step_gradients(method, data_dir, checkpointing):
     argv += ["--gradient-checkpointing"] if checkpointing else []
     settings = TrainSettings.from_args(script.parse_args(argv))
     torch.manual_seed(0)
-    model, tokenizer, _, _ = tuning.load_prepared(
-        settings, script.prepare, torch.device("cpu"), {"quantize_4bit": method == "qlora"})
+    run = SimpleNamespace(settings=settings, model_path=models.resolve_model("tiny-llama"),
+                          device=torch.device("cpu"), precision="fp32")
+    model, tokenizer, _ = runs.load_prepared(run, script.prepare,
+                                             {"quantize_4bit": method == "qlora"})
     calls = {}
     for name, module in models.causal_lm(model).named_modules():
         if name.endswith(".mlp"):
@@ -95,14 +99,14 @@ def test_8bit_adamw_keeps_8bit_moments_on_the_cpu():
 
     settings = TrainSettings(optim="adamw_8bit", lr=1e-2)
     weight = torch.nn.Parameter(torch.randn(128, 64))  # 8192 elements: above min_8bit_size
-    optimizer = training.make_optimizer([weight], settings)
+    optimizer = steps.make_optimizer([weight], settings)
     assert isinstance(optimizer, bnb.optim.AdamW8bit)
     before = weight.detach().clone()
     weight.sum().backward()
     optimizer.step()
     assert optimizer.state[weight]["state1"].dtype == torch.uint8
     assert not torch.equal(weight.detach(), before)
-    assert isinstance(training.make_optimizer([weight], TrainSettings()), torch.optim.AdamW)
+    assert isinstance(steps.make_optimizer([weight], TrainSettings()), torch.optim.AdamW)
 
 
 def test_full_finetuning_with_8bit_adamw_learns_as_adamw_does(data_dir, tmp_path):

@@ -9,8 +9,8 @@ import torch
 
 import evaluate
 import generation
+import loop
 import models
-import training
 from helpers import SCRIPTS, write_split
 
 
@@ -23,17 +23,17 @@ def train(method, data_dir, out, *extra, model="tiny-gpt2", hook=None):
     if hook is None:
         script.main(args)
     else:
-        original = training.train
+        original = loop.fit
 
         def wrapped(run, model_, *rest, **kwargs):
             hook(model_)
             return original(run, model_, *rest, **kwargs)
 
-        training.train = wrapped
+        loop.fit = wrapped
         try:
             script.main(args)
         finally:
-            training.train = original
+            loop.fit = original
     return json.loads((out / method / "metrics.json").read_text())
 
 

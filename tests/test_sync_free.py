@@ -12,11 +12,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import answer_loss
+import batches
 import common
 import finetune
 import finetune_lora
 import models
-import training
+import runs
+import steps
 from helpers import count_reads, ours, tiny_plan, train_args
 from settings import TrainSettings
 
@@ -87,15 +89,15 @@ class Waits(TorchDispatchMode):
 def two_steps(data_dir, tmp_path, monkeypatch, sync_free):
     """(waits, reads, rows) of two whole steps on the exact or the sync-free path."""
     run, plan, model = tiny_plan(data_dir, tmp_path)
-    trainer = training.Trainer(run, model, plan.total_steps)
-    batches = training.epoch_batches(run, plan, 0)
-    micro = [training.micro_batches(plan, batches[i:i + 1], run.device, sync_free=sync_free)
+    trainer = steps.Trainer(run, model, plan.total_steps)
+    order = batches.epoch_batches(run, plan, 0)
+    micro = [batches.micro_batches(plan, order[i:i + 1], run.device, sync_free=sync_free)
              for i in (0, 1)]
     reads = count_reads(monkeypatch)
     with Waits() as waits:
         pending = [trainer.update(m) for m in micro]
     monkeypatch.undo()
-    rows = training.read_steps(trainer, tuple(pending), plan.steps_per_epoch)
+    rows = steps.read_steps(trainer, tuple(pending), plan.steps_per_epoch)
     assert [row["tokens"] for row in rows] == [int(m[0]["attention_mask"].sum()) for m in micro]
     return waits.seen, list(reads), rows
 
@@ -114,14 +116,14 @@ def test_a_sync_free_step_waits_only_for_transformers_check_of_its_positions(
 
 def test_micro_batches_pad_to_the_compile_multiples_but_never_past_the_context(data_dir, tmp_path):
     run, plan, _ = tiny_plan(data_dir, tmp_path)
-    batches = training.epoch_batches(run, plan, 0)
-    (batch,) = training.micro_batches(plan, batches[:1], CPU, True, (16, 64))
-    longest = max(plan.lengths[i] for i in batches[0])
+    order = batches.epoch_batches(run, plan, 0)
+    (batch,) = batches.micro_batches(plan, order[:1], CPU, True, (16, 64))
+    longest = max(plan.lengths[i] for i in order[0])
     assert batch["input_ids"].shape[1] == -(-longest // 16) * 16
     assert len(batch["positions"]) % 64 == 0
     assert int((batch["targets"] != -100).sum()) == int((batch["labels"][:, 1:] != -100).sum())
     plan.max_length = longest + 1  # the context ends before the next multiple
-    (batch,) = training.micro_batches(plan, batches[:1], CPU, True, (16, 64))
+    (batch,) = batches.micro_batches(plan, order[:1], CPU, True, (16, 64))
     assert batch["input_ids"].shape[1] == longest + 1
 
 
@@ -142,11 +144,27 @@ def test_a_compiled_run_trains_as_the_uncompiled_one(data_dir, tmp_path):
     assert histories["default"] == pytest.approx(histories["off"], rel=1e-4)
 
 
-@pytest.mark.parametrize("mode, expected", [("off", (False, (1, 1))),
-                                            ("default", (True, (1, 1))),
-                                            ("reduce-overhead", (True, (16, 64)))])
+@pytest.mark.parametrize("mode, sync_free, padded", [("off", False, False),
+                                                     ("default", True, False),
+                                                     ("reduce-overhead", True, True)])
 def test_only_cuda_graphs_pad_and_any_compilation_is_sync_free_on_the_cpu(
-        mode, expected, data_dir, tmp_path):
+        mode, sync_free, padded, data_dir, tmp_path):
+    """The batches a run's steps take: label positions from the host once compiled, and
+    widths and positions padded to few shapes only under CUDA graphs."""
     settings = TrainSettings.from_args(train_args(finetune, data_dir, tmp_path, "--compile", mode))
-    run = training.start_run(settings, "full")
-    assert (run.sync_free, run.pad_multiple) == expected
+    run = runs.start_run(settings, "full")
+    model, tokenizer, _ = models.load_model(run.model_path, run.device)
+    plan = batches.plan_training(run, model, tokenizer)
+    order = batches.epoch_batches(run, plan, 0)
+    widths, counts = set(), set()
+    for indices in order[:6]:
+        (batch,) = batches.micro_batches(plan, [indices], CPU, run.sync_free, run.pad_multiple)
+        assert ("positions" in batch) == sync_free
+        longest = max(plan.lengths[i] for i in indices)
+        width = batch["input_ids"].shape[1]
+        assert width >= longest
+        assert (width == longest) == (not padded or longest % 16 == 0)
+        widths.add(width)
+        counts.add(len(batch["positions"]) if sync_free else 0)
+    if padded:  # few shapes: widths in steps of 16, label positions in steps of 64
+        assert all(w % 16 == 0 for w in widths) and all(c % 64 == 0 for c in counts)

@@ -1,6 +1,7 @@
 """tuning.py: the learning-rate search on the validation split, several seeds, and evaluate.py on them."""
 
 import argparse
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -11,7 +12,7 @@ import evaluate
 import finetune_bitfit
 import finetune_lora
 import tuning
-from settings import TrainSettings
+from settings import TrainSettings, option
 
 
 def lora_args(data_dir, out, *extra):
@@ -21,11 +22,16 @@ def lora_args(data_dir, out, *extra):
                                      "--max-steps", "4", *extra])
 
 
-def test_default_grid_is_the_scripts_rate_and_a_3x_step_either_way():
-    rate = finetune_lora.DEFAULT_LR
-    rates = [rate * f for f in tuning.GRID_FACTORS]
-    assert len(rates) == 3 and max(rates) / min(rates) >= 9
-    assert min(rates) < rate < max(rates) and rate in rates
+def test_default_grid_is_the_scripts_rate_and_a_3x_step_either_way(tmp_path):
+    for script in (finetune_lora, finetune_bitfit):
+        rate = script.DEFAULT_LR
+        rates = tuning.lr_grid(TrainSettings.from_args(script.parse_args([])))
+        assert len(rates) == 3 and rates == sorted(rates) and rate in rates
+        assert rates[0] < rate < rates[-1]
+        assert 2.5 <= rate / rates[0] <= 3.5 and 2.5 <= rates[-1] / rate <= 3.5  # ~3x each way
+    # --lr moves the grid with it
+    moved = tuning.lr_grid(TrainSettings.from_args(finetune_lora.parse_args(["--lr", "1e-3"])))
+    assert moved == pytest.approx([3e-4, 1e-3, 3e-3])
 
 
 def test_lr_grid_gives_the_option_when_set(tmp_path):
@@ -147,15 +153,15 @@ def test_resume_reuses_a_finished_search(tuned, capsys):
 
 
 def diverge_on_calls(calls: set):
-    """A training callback that raises training.Diverged on the listed calls (1 = first step)."""
-    import training
+    """A training callback that raises steps.Diverged on the listed calls (1 = first step)."""
+    import steps
 
     count = [0]
 
     def callback(step, control):
         count[0] += 1
         if count[0] in calls:
-            raise training.Diverged(f"loss nan at step {step}")
+            raise steps.Diverged(f"loss nan at step {step}")
     return callback
 
 
@@ -232,24 +238,23 @@ def fake_search(monkeypatch, nll_of, score_of=lambda lr: 50.0, diverges=lambda l
     """Stand in for training and scoring: each rate's per-question NLL and key accuracy.
 
     nll_of(lr) gives the summed NLL per question (TOKENS answer tokens each); a rate
-    for which diverges(lr) is true raises training.Diverged.  Returns the rates
+    for which diverges(lr) is true raises steps.Diverged.  Returns the rates
     trained, in order.
     """
-    import training
+    import steps
 
     rows = [{"prompt": f"q{i}", "completion": "a", "group": g} for i, g in enumerate(GROUPS)]
     trained = []
 
-    def train_once(settings, method, prepare, name, load_kwargs, callbacks=()):
+    def train_unsaved(settings, method, prepare, load_kwargs, callbacks=()):
         trained.append(settings.lr)
         if diverges(settings.lr):
-            raise training.Diverged(f"loss nan at lr {settings.lr:g}")
+            raise steps.Diverged(f"loss nan at lr {settings.lr:g}")
         metrics = {"valid_loss": [{"step": 1, "loss": 1.0}], "train_loss": 1.0,
                    "train_seconds": 0.0, "steps": 1, "precision": "fp32"}
         return metrics, SimpleNamespace(settings=settings, valid_rows=rows), object(), None
 
-    monkeypatch.setattr(tuning, "train_once", train_once)
-    monkeypatch.setattr(training, "discard_checkpoints", lambda run: None)
+    monkeypatch.setattr(tuning, "train_unsaved", train_unsaved)
     monkeypatch.setattr(tuning, "validation_nll", lambda run, model, tokenizer: list(
         zip(nll_of(run.settings.lr), TOKENS)))
     monkeypatch.setattr(tuning, "validation_score", lambda run, model, tokenizer: (
@@ -441,3 +446,41 @@ def test_report_draws_nll_with_bars_and_old_searches_without(monkeypatch, tmp_pa
     (tmp_path / "old" / "search" / "full.json").write_text(json.dumps(old))
     table = report.search_table({"lr_search": {"full": old}}, tmp_path / "old")
     assert "(validation loss)" in table and "best key-answer accuracy" in table
+
+
+def test_a_new_unmarked_setting_leaves_run_id_unchanged(data_dir):
+    @dataclasses.dataclass(frozen=True)
+    class WithMore(TrainSettings):
+        colour: str = option("red", "an option that does not define the run")
+        width: int = option(3, "one that does", identity=True)
+
+    base = dict(model="tiny-gpt2", data_dir=str(data_dir), method_options={"rank": 8})
+    plain = tuning.run_id(TrainSettings(**base), "lora")
+    assert tuning.run_id(WithMore(**base), "lora") != plain
+    assert tuning.run_id(WithMore(**base, colour="blue"), "lora") == \
+        tuning.run_id(WithMore(**base), "lora")
+    # Seeds and where the files go never define the run; the rate does.
+    assert tuning.run_id(TrainSettings(**base, seed=7, output_dir="elsewhere"), "lora") == plain
+    assert tuning.run_id(TrainSettings(**base, lr=1.0), "lora") != plain
+
+
+def test_the_resume_rule_skips_finished_seeds_continues_the_interrupted_and_starts_the_rest(
+        tmp_path):
+    import runpaths
+    from runpaths import RunPaths
+
+    settings = TrainSettings(output_dir=str(tmp_path), seed=42, resume=True)
+    done, next_seed = RunPaths(tmp_path, "lora"), RunPaths(tmp_path, "lora", "lora-seed43")
+    assert tuning.resume_action(settings.replace(resume=False), done, "id", False) == "start"
+    # nothing finished, no checkpoint: "continue", so start_run says there is nothing to resume
+    assert tuning.resume_action(settings, done, "id", False) == "continue"
+    done.run.mkdir(parents=True)
+    (done.run / runpaths.COMPLETED).write_text("")
+    done.metrics.write_text(json.dumps({"run_id": "id", "args": {"seed": 42}}))
+    assert tuning.resume_action(settings, done, "id", False) == "skip"
+    assert tuning.resume_action(settings, done, "another id", False) == "continue"
+    seed43 = settings.replace(seed=43)
+    assert tuning.resume_action(seed43, next_seed, "id", True) == "start"  # never begun
+    done.checkpoint(3).mkdir(parents=True)
+    (done.checkpoint(3) / "state.json").write_text("{}")
+    assert tuning.resume_action(seed43, next_seed, "id", True) == "continue"  # interrupted

@@ -1,15 +1,22 @@
 """Interruption, resume and determinism: a run stopped and resumed ends where an unbroken one does."""
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import common
-import training
 import evaluate
-from helpers import SCRIPTS, stop_at
+import finetune
+import runpaths
+from helpers import (SCRIPTS, hidden, run_and_expect_exit, stop_at, strict_json,
+                     train_args)
+from runpaths import RunPaths
 
 TIMING_KEYS = {"train_seconds", "train_tokens_per_s", "seconds_per_100_examples",
                "peak_memory_mb", "args", "size_on_disk_mb"}
@@ -40,7 +47,7 @@ def test_interrupted_then_resumed_run_matches_an_unbroken_one(method, data_dir, 
         train(method, data_dir, tmp_path / "broken", callbacks=[stop_at(4)])
     # Interrupted: a checkpoint of its own, and no folder that looks finished.
     assert not (tmp_path / "broken" / method).exists()
-    saved = training.checkpoints(tmp_path / "broken", method)
+    saved = checkpoints.listed(RunPaths(tmp_path / "broken", method))
     assert [p.name for p in saved] == ["step-0000003", "step-0000004"]
     assert not [p for p in (tmp_path / "broken").iterdir() if p.name.startswith(".")]
 
@@ -53,7 +60,8 @@ def test_interrupted_then_resumed_run_matches_an_unbroken_one(method, data_dir, 
     mb = json.loads((tmp_path / "broken" / method / "metrics.json").read_text())
     assert [h["loss"] for h in ma["history"]] == [h["loss"] for h in mb["history"]]
     assert ma["valid_loss"] == mb["valid_loss"]
-    assert not training.checkpoints(tmp_path / "broken", method)  # cleaned up once finished
+    # cleaned up once finished
+    assert not checkpoints.listed(RunPaths(tmp_path / "broken", method))
 
 
 def test_the_run_that_builds_the_tiny_model_trains_like_later_runs(data_dir, tmp_path,
@@ -70,7 +78,7 @@ def test_the_run_that_builds_the_tiny_model_trains_like_later_runs(data_dir, tmp
 def test_checkpoints_keep_only_the_last_few(data_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train("lora", data_dir, tmp_path, "--keep-checkpoints", "2", callbacks=[stop_at(9)])
-    assert [p.name for p in training.checkpoints(tmp_path, "lora")] == ["step-0000006",
+    assert [p.name for p in checkpoints.listed(RunPaths(tmp_path, "lora"))] == ["step-0000006",
                                                                      "step-0000009"]
 
 
@@ -109,3 +117,36 @@ def test_same_command_twice_gives_identical_metrics_and_predictions(data_dir, tm
                      (out / "lora" / "predictions.jsonl").read_text(),
                      (out / "base" / "predictions.jsonl").read_text()))
     assert runs[0] == runs[1]
+
+
+def test_resume_refuses_a_changed_rate_and_keeps_the_checkpoint(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        common.run_main(lambda a: finetune.main(a, callbacks=[stop_at(1)]),
+                        train_args(finetune, data_dir, tmp_path))
+    line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path,
+                                                         "--resume", "--lr", "1e-5"), capsys)
+    assert "made with lr=0.00015, this run has 1e-05" in line
+    assert [p.name for p in checkpoints.listed(RunPaths(tmp_path, "full"))] == ["step-0000001"]
+    assert not runpaths.lock_file(tmp_path, "full").exists()
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(data_dir, tmp_path,
+                                                                       capsys, monkeypatch):
+    calls = []
+
+    def write(path, obj):
+        calls.append(Path(path).name)
+        if calls.count("state.json") == 2:  # the second checkpoint
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        common.write_json(path, obj)
+
+    monkeypatch.setattr(checkpoints, "write_json", write)
+    line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path,
+                                                         "--save-every", "1", "--max-steps", "4"),
+                               capsys)
+    assert "checkpoints" in line and "No space left on device" in line
+    kept = checkpoints.listed(RunPaths(tmp_path, "full"))
+    assert [p.name for p in kept] == ["step-0000001"]
+    assert strict_json((kept[0] / "state.json").read_text())["step"] == 1
+    assert hidden(tmp_path) == []
+    assert not (tmp_path / "full").exists()

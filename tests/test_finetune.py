@@ -1,7 +1,6 @@
 """The four fine-tuning scripts, end to end on tiny models (seconds each)."""
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -10,37 +9,12 @@ import torch
 import answer_loss
 import common
 import models
-import training
-from helpers import SCRIPTS, count_reads, ours, tiny_plan
+from helpers import run_script
 
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 COMMON_FILES = {"COMPLETED", "metrics.json", "training_metrics.png", "tokenizer.json",
                 "tokenizer_config.json"}
-
-
-def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
-    """Run a script's main() in-process; spy(model, stage) sees the model before and after."""
-    args = SCRIPTS[method].parse_args(
-        ["--device", "cpu", "--model", model, "--data-dir", str(data_dir),
-         "--output-dir", str(out_dir),
-         "--batch-size", "8", "--max-steps", "6", *extra])
-    if spy is None:
-        SCRIPTS[method].main(args)
-        return None
-    original = training.train
-
-    def wrapped(run, model_, *args, **kwargs):
-        spy(model_, "before")
-        metrics = original(run, model_, *args, **kwargs)
-        spy(model_, "after")
-        return metrics
-
-    training.train = wrapped
-    try:
-        SCRIPTS[method].main(args)
-    finally:
-        training.train = original
 
 
 def snapshot(model):
@@ -218,19 +192,6 @@ def test_loss_goes_down_on_learnable_data(data_dir, tmp_path):
     assert metrics["valid_loss"][-1]["loss"] < losses[0]
 
 
-def test_training_never_reads_the_eval_split(data_dir, tmp_path, monkeypatch):
-    """The held-out loss during training comes from valid.jsonl; eval.jsonl is not opened."""
-    (data_dir / "eval.jsonl").unlink()
-    read = []
-    original = common.load_split
-    monkeypatch.setattr(training, "load_split",
-                        lambda folder, split: read.append(split) or original(folder, split))
-    run_script("lora", data_dir, tmp_path / "out", "--max-steps", "2")
-    assert sorted(read) == ["train", "valid"]
-    metrics = json.loads((tmp_path / "out" / "lora" / "metrics.json").read_text())
-    assert [v["step"] for v in metrics["valid_loss"]] == [2]
-
-
 def test_selected_position_loss_equals_full_loss(data_dir):
     """LM-head logits only where labels exist give the model's own full loss (to 1e-5)."""
     device = torch.device("cpu")
@@ -284,36 +245,3 @@ def test_length_grouped_batches_cover_every_example_once_and_are_deterministic()
 
 
 # --- the loop reads the device's numbers only where it needs them -------------------------
-
-def test_a_step_returns_tensors_that_are_read_only_when_asked(data_dir, tmp_path, monkeypatch):
-    run, plan, model = tiny_plan(data_dir, tmp_path)
-    trainer = training.Trainer(run, model, plan.total_steps)
-    batches = training.epoch_batches(run, plan, 0)
-    micro = [training.micro_batches(plan, batches[i:i + 1], run.device) for i in (0, 1)]
-    reads = count_reads(monkeypatch)
-    pending = tuple(trainer.update(m) for m in micro)
-    assert ours(reads) == []  # two whole steps, forward to optimiser update, without one read
-    assert all(isinstance(stats.numbers, torch.Tensor) for stats in pending)
-    rows = training.read_steps(trainer, pending, plan.steps_per_epoch)
-    assert ours(reads) == ["tolist"]  # both steps in one read
-    monkeypatch.undo()
-    assert [row["step"] for row in rows] == [1, 2]
-    tokens = [int(m[0]["attention_mask"].sum()) for m in micro]
-    assert [row["tokens"] for row in rows] == tokens
-    assert all(math.isfinite(row["loss"]) and row["loss"] > 0 for row in rows)
-
-
-def test_the_loop_reads_at_log_steps_epoch_ends_and_the_end(data_dir, tmp_path, monkeypatch):
-    """48 examples in batches of 8: epochs end at steps 6 and 12, the log interval is 10."""
-    sizes = []
-    original = training.read_steps
-
-    def spy(trainer, pending, steps_per_epoch):
-        sizes.append([stats.step for stats in pending])
-        return original(trainer, pending, steps_per_epoch)
-
-    monkeypatch.setattr(training, "read_steps", spy)
-    run_script("full", data_dir, tmp_path / "out", "--max-steps", "12")
-    assert sizes == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10], [11, 12]]
-    metrics = json.loads((tmp_path / "out" / "full" / "metrics.json").read_text())
-    assert [h["step"] for h in metrics["history"]] == list(range(1, 13))
