@@ -1,7 +1,8 @@
 """evaluate.py and the answer loss and generation it relies on (text metrics: test_scoring.py)."""
 
 import json
-import math
+import errno
+import os
 
 import numpy as np
 import pytest
@@ -12,11 +13,13 @@ import answer_loss
 import common
 import generation
 import models
+import runpaths
 import evaluate
 import scoring
 import finetune
 from helpers import write_split
 from helpers import SCRIPTS
+from helpers import run_and_expect_exit, write_lock
 
 # --- Answer perplexity from a model -----------------------------------------
 
@@ -328,3 +331,41 @@ def test_batched_generation_equals_one_at_a_time_on_a_llama_model():
         alone.append(generation.clean_answer(text, None))
     assert batched == alone
     assert len({len(common.prompt_ids(tokenizer, p)) for p in prompts}) > 1  # padding happened
+
+
+# --- bad input and misuse: one line, exit status 2, nothing lost ---------------------
+
+
+def test_evaluate_with_no_trained_methods(data_dir, tmp_path, capsys):
+    args = evaluate.parse_args(["--device", "cpu", "--data-dir", str(data_dir), "--output-dir",
+                                str(tmp_path)])
+    line = run_and_expect_exit(evaluate.main, args, capsys)
+    assert "no finished fine-tuning runs" in line and "finetune_lora.py" in line
+
+
+def test_evaluate_skips_a_method_being_written(tmp_path, capsys, sleeper):
+    for name in ("full", "lora"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"run_id": name}))
+        (tmp_path / name / runpaths.COMPLETED).write_text("done\n")
+    write_lock(tmp_path, "lora", sleeper.pid)
+    found = evaluate.find_methods(tmp_path, None)
+    assert list(found) == ["full"]
+    out = capsys.readouterr().out
+    assert "skipping lora" in out and f"pid {sleeper.pid}" in out
+
+
+def test_a_full_disk_while_writing_predictions_keeps_the_previous_ones(tmp_path, monkeypatch):
+    evaluate.save_records(tmp_path, [{"prediction": "4"}], "old")
+    before = (tmp_path / runpaths.PREDICTIONS).read_text()
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(common, "write_text_atomic", full)
+    with pytest.raises(common.PipelineError) as caught:
+        evaluate.save_records(tmp_path, [{"prediction": "5"}], "new")
+    assert str(tmp_path / runpaths.PREDICTIONS) in str(caught.value)
+    assert "MB free" in str(caught.value)
+    assert (tmp_path / runpaths.PREDICTIONS).read_text() == before
+    assert not (tmp_path / runpaths.FINGERPRINT).exists()  # so they are scored again

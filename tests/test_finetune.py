@@ -1,6 +1,8 @@
 """The four fine-tuning scripts, end to end on tiny models (seconds each)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,8 +10,12 @@ import torch
 
 import answer_loss
 import common
+import finetune
+import finetune_lora
+import finetune_qlora
 import models
 from helpers import run_script
+from helpers import ROOT, run_and_expect_exit, train_args
 
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
@@ -245,3 +251,60 @@ def test_length_grouped_batches_cover_every_example_once_and_are_deterministic()
 
 
 # --- the loop reads the device's numbers only where it needs them -------------------------
+
+
+# --- bad input and misuse: one line, exit status 2, nothing lost ---------------------
+
+
+def cli(script, *args, cwd=ROOT):
+    """Run a script as a user would; return (exit status, stderr)."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+def test_qlora_without_4bit_support(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now fails
+    line = run_and_expect_exit(finetune_qlora.main,
+                               train_args(finetune_qlora, data_dir, tmp_path), capsys)
+    assert "4-bit loading needs bitsandbytes" in line
+    assert not (tmp_path / "qlora").exists()
+
+
+def test_example_longer_than_the_context(data_dir, tmp_path, capsys):
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").open()]
+    rows[2]["prompt"] = "User: " + "why " * 400 + "\nAssistant:"
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path), capsys)
+    assert "train.jsonl, line 3" in line and "context" in line
+
+
+def test_long_answers_are_truncated_with_a_count(data_dir, tmp_path, capsys):
+    rows = [json.loads(line) for line in (data_dir / "train.jsonl").open()]
+    rows[0]["completion"] = " " + "yes " * 400
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    finetune.main(train_args(finetune, data_dir, tmp_path))
+    assert "1 of 48 examples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", [["--batch-size", "0"], ["--epochs", "-1"], ["--lr", "0"],
+                                    ["--max-steps", "x"], ["--bogus-flag"]])
+def test_impossible_options_are_refused(option, data_dir, tmp_path):
+    status, err = cli("finetune_lora.py", "--model", "tiny-gpt2", "--data-dir", str(data_dir),
+                      "--output-dir", str(tmp_path), *option)
+    assert status == 2 and "error:" in err
+    assert not (tmp_path / "lora").exists()
+
+
+def test_training_before_the_data_stage_names_the_command(tmp_path, capsys):
+    args = train_args(finetune_lora, tmp_path / "data", tmp_path / "out")
+    line = run_and_expect_exit(finetune_lora.main, args, capsys)
+    assert "train.jsonl" in line and "python split_dataset.py" in line
+
+
+def test_training_without_a_validation_split_names_the_command(data_dir, tmp_path, capsys):
+    (data_dir / "valid.jsonl").unlink()  # a data folder made before valid.jsonl existed
+    line = run_and_expect_exit(finetune_lora.main,
+                               train_args(finetune_lora, data_dir, tmp_path / "out"), capsys)
+    assert "valid.jsonl" in line and "python split_dataset.py" in line
+    assert not (tmp_path / "out").exists()

@@ -4,9 +4,13 @@ import json
 import subprocess
 import sys
 
+import torch
+
 import runpaths
+import finetune
 import steps
 from helpers import ROOT, run_script
+from helpers import run_and_expect_exit, train_args
 
 
 def test_the_loop_reads_at_log_steps_epoch_ends_and_the_end(data_dir, tmp_path, monkeypatch):
@@ -40,3 +44,19 @@ def test_a_diverging_rate_stops_with_one_line_and_marks_nothing_complete(data_di
     assert not (out / "full").exists()
     assert not list(out.rglob(runpaths.COMPLETED))
     assert not (out / ".full.lock").exists()
+
+
+# --- bad input and misuse: one line, exit status 2, nothing lost ---------------------
+
+
+def test_out_of_memory_is_caught_with_advice(data_dir, tmp_path, capsys):
+    def oom(step, control):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def main(args):
+        finetune.main(args, callbacks=[oom])
+
+    line = run_and_expect_exit(main, train_args(finetune, data_dir, tmp_path), capsys)
+    assert "out of CPU memory at batch size 8" in line
+    assert "--batch-size 4 --grad-accum 2" in line and "finetune_qlora.py" in line
+    assert not (tmp_path / "full").exists()

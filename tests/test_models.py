@@ -11,13 +11,17 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 import common
+import evaluate
 import models
 import settings
 from settings import TrainSettings
 import finetune
+import finetune_lora
 from helpers import ROOT
+from helpers import run_and_expect_exit, train_args
 
 NOTE = ("note: distilgpt2 is not cached and the Hugging Face Hub is not reachable; using the "
         "offline preset smollm2-135m instead (pass --model distilgpt2 to insist)")
@@ -155,3 +159,38 @@ def test_make_all_passes_model_only_when_named():
     assert len(lines) == 4 and not any("--model" in line for line in lines)
     lines = make_dry_run("MODEL=distilgpt2")
     assert len(lines) == 4 and all("--model distilgpt2 " in line for line in lines)
+
+
+# --- bad input and misuse: one line, exit status 2, nothing lost ---------------------
+
+
+def test_unknown_model(data_dir, tmp_path, capsys):
+    line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path,
+                                                         "--model", "./no/such/model"), capsys)
+    assert "no such file or folder" in line
+    assert not (tmp_path / "full").exists()
+
+
+def test_hub_model_while_offline_fails_fast_naming_alternatives(data_dir, tmp_path, capsys):
+    started = time.monotonic()
+    line = run_and_expect_exit(finetune.main, train_args(finetune, data_dir, tmp_path, "--model",
+                                                         "someone/not-cached-model"), capsys)
+    assert time.monotonic() - started < 20  # not the stock 50 s retry loop
+    assert "not in the local Hugging Face cache" in line and "smollm2-135m" in line
+
+
+def test_weights_are_never_unpickled(tmp_path):
+    """A folder with only a pickle checkpoint is refused, not loaded."""
+    folder = tmp_path / "pickled"
+    model, tokenizer, path = models.load_model("tiny-gpt2", torch.device("cpu"))
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(common.PipelineError, match="could not load model"):
+        models.load_model(str(folder), torch.device("cpu"))
+
+
+def test_trust_remote_code_is_off_unless_asked():
+    assert finetune_lora.parse_args([]).trust_remote_code is False
+    assert evaluate.parse_args([]).trust_remote_code is False
+    assert finetune_lora.parse_args(["--trust-remote-code"]).trust_remote_code is True

@@ -19,7 +19,6 @@ def test_models_reads_the_offered_names_from_settings():
     import models
 
     assert models.OFFLINE_PRESETS is settings.OFFLINE_PRESETS
-    assert models.DEFAULT_PRECISION == settings.DEFAULT_PRECISION
     parser = settings.training_parser("test", 1e-4, "learning rate")
     assert parser.get_default("precision") == settings.DEFAULT_PRECISION
     for preset in settings.OFFLINE_PRESETS:

@@ -9,10 +9,13 @@ import pytest
 
 import common
 import evaluate
+import finetune
 import finetune_bitfit
 import finetune_lora
+import scoring
 import tuning
 from settings import TrainSettings, option
+from helpers import run_and_expect_exit, train_args
 
 
 def lora_args(data_dir, out, *extra):
@@ -103,7 +106,7 @@ def test_evaluate_reports_the_mean_over_seeds(tuned, tmp_path):
     report = json.loads((out / "comparison.json").read_text())
     lora = next(r for r in report["rows"] if r["method"] == "lora")
     assert lora["seeds"] == 2 and lora["seed_values"] == [42, 43]
-    per_seed = [common.summarise([json.loads(line) for line in (out / name / "predictions.jsonl")
+    per_seed = [scoring.summarise([json.loads(line) for line in (out / name / "predictions.jsonl")
                                   .open()])["token_f1"] for name in ("lora", "lora-seed43")]
     assert lora["token_f1"] == pytest.approx(sum(per_seed) / 2)
     assert report["lr_search"]["lora"]["chosen_lr"] == lora["lr"]
@@ -484,3 +487,12 @@ def test_the_resume_rule_skips_finished_seeds_continues_the_interrupted_and_star
     done.checkpoint(3).mkdir(parents=True)
     (done.checkpoint(3) / "state.json").write_text("{}")
     assert tuning.resume_action(seed43, next_seed, "id", True) == "continue"  # interrupted
+
+
+# --- bad input and misuse: one line, exit status 2, nothing lost ---------------------
+
+
+def test_resume_without_a_checkpoint(data_dir, tmp_path, capsys):
+    line = run_and_expect_exit(finetune.main,
+                               train_args(finetune, data_dir, tmp_path, "--resume"), capsys)
+    assert "no checkpoint" in line
