@@ -39,7 +39,6 @@ those files (`python report.py outputs/` redraws them alone).
 import argparse
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -81,13 +80,13 @@ def parse_args(argv=None):
                              "the CPU and 256 on CUDA); answers do not depend on it")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CUDA when present, else CPU")
-    parser.add_argument("--precision", default=models.DEFAULT_PRECISION,
-                        choices=list(models.PRECISIONS),
+    parser.add_argument("--precision", default=settings.DEFAULT_PRECISION,
+                        choices=list(settings.PRECISIONS),
                         help="auto: bf16 autocast where the hardware computes bf16 natively "
                              "(CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32; fp32 "
                              "gives exactly the answers of an fp32 evaluation, bf16 insists "
                              "(answers may differ where two tokens nearly tie); default "
-                             f"{models.DEFAULT_PRECISION}")
+                             f"{settings.DEFAULT_PRECISION}")
     parser.add_argument("--alpha", type=float, default=verdict.ALPHA,
                         help="every statement of the verdict holds together with probability "
                              f"1 - alpha (default {verdict.ALPHA:g})")
@@ -115,10 +114,7 @@ def parse_args(argv=None):
 def seed_folders(output_dir: Path, method: str, primary: dict) -> list[Path]:
     """A method's extra seed runs: outputs/<method>-seed<N>/ with the primary run's settings."""
     folders = []
-    for folder in sorted(output_dir.glob(f"{method}-seed*"),
-                         key=lambda f: int(re.sub(r"\D", "", f.name.rsplit("-seed", 1)[1]) or 0)):
-        if not re.fullmatch(rf"{method}-seed\d+", folder.name):
-            continue
+    for folder in runpaths.seed_folders(output_dir, method):
         if not runpaths.is_complete(folder):
             print(f"warning: skipping {folder}: no COMPLETED marker (its run did not finish)")
             continue
@@ -209,7 +205,7 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
 
 PREDICTIONS = runpaths.PREDICTIONS
 FINGERPRINT = runpaths.FINGERPRINT
-MODEL_FILES = ("*.safetensors", "config.json", "adapter_config.json", "metrics.json")
+MODEL_FILES = ("*.safetensors", "config.json", "adapter_config.json", runpaths.METRICS)
 
 
 def folder_digest(folder: Path) -> str:

@@ -19,8 +19,7 @@ import torch
 from common import PipelineError, staged_dir
 from memory import release_free_heap
 # The names the options offer live in settings (torch-free), so --help needs no torch.
-from settings import (DEFAULT_MODEL, DEFAULT_PRECISION, FALLBACK_MODEL, OFFLINE_PRESETS,  # noqa: F401
-                      PRECISIONS)
+from settings import DEFAULT_MODEL, FALLBACK_MODEL, OFFLINE_PRESETS, PRECISIONS
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when a tiny model's recipe changes, so stale cached copies are rebuilt.
