@@ -235,9 +235,8 @@ def prepared(config: dict, device):
                                             precision)
     warm, timed = ours_batches(tokenizer, rows, model, config["batch_size"], config["warmup"],
                                config["steps"])
-    run = runs.Run(method=config["method"], settings=settings,
-                   accelerator=runs.make_accelerator(device.type, precision),
-                   model_path=config["model_dir"], template={}, train_rows=[], valid_rows=[])
+    accelerator = runs.make_accelerator(device.type, precision)
+    run = runs.Run(config["method"], settings, accelerator, config["model_dir"], {}, [], [])
     collate = functools.partial(batches.step_batch, pad_id=tokenizer.pad_token_id,
                                 max_length=models.context_length(model),
                                 sync_free=run.sync_free, multiple=run.pad_multiple)

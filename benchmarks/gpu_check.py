@@ -88,7 +88,7 @@ def memory_row(shape: str, method: str, checkpointing: bool, device, precision: 
     from transformers import AutoModelForCausalLM
 
     import models
-    import steps
+    from steps import make_optimizer
     from answer_loss import answer_loss_at
     from settings import TrainSettings
 
@@ -111,8 +111,7 @@ def memory_row(shape: str, method: str, checkpointing: bool, device, precision: 
         models.enable_gradient_checkpointing(model)
     model.train()
     trainable, total = models.count_parameters(model)
-    optimizer = steps.make_optimizer([p for p in model.parameters() if p.requires_grad],
-                                        settings)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], settings)
     data = step_batch(batch, seq_len, len(tokenizer), device)
     if cuda:
         torch.cuda.synchronize()
