@@ -561,10 +561,14 @@ def disagreement_table(all_runs: dict[str, list[list[dict]]]) -> str:
 def build_report(output_dir: Path, comparison: dict, all_runs: dict[str, list[list[dict]]],
                  folders: dict[str, list[str]]) -> str:
     """The page's HTML."""
-    curves = "".join(
-        f"<div><h3>{m}</h3>"
-        f"{image(runpaths.RunPaths(output_dir, m, names[0]).training_plot, m + ' training')}</div>"
-        for m, names in folders.items() if m != "base")
+    plots = {m: image(runpaths.RunPaths(output_dir, m, names[0]).training_plot, m + " training")
+             for m, names in folders.items() if m != "base"}
+    # A published folder keeps no curves (evaluate.py --publish): say so, not empty headings.
+    curves = ('<div class="grid">' + "".join(f"<div><h3>{m}</h3>{img}</div>"
+                                             for m, img in plots.items() if img) + "</div>"
+              if any(plots.values()) else
+              "<p>Not kept in this folder: each run's curve is training_metrics.png in the "
+              "run's own folder where it was trained.</p>")
     lr_chart = image(output_dir / "lr_search.png", "learning-rate search")
     note = comparison["perplexity"]
     return f"""<!doctype html>
@@ -592,7 +596,7 @@ Means over seeds; intervals: {html.escape(comparison['intervals'])}.
 {image(output_dir / 'quality_vs_cost.png', 'quality against cost')}
 <h2>By kind of held-out question</h2>{breakdown_table(comparison, 'eval_kind')}
 <h2>By category</h2>{breakdown_table(comparison, 'category')}
-<h2>Training curves</h2><div class="grid">{curves}</div>
+<h2>Training curves</h2>{curves}
 <h2>Where the methods disagree</h2>{disagreement_table(all_runs)}
 </main><script>{FILTER_SCRIPT}</script></body></html>
 """

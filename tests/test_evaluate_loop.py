@@ -138,6 +138,7 @@ def test_report_is_one_self_contained_page_with_everything(scored):
         assert f"<td>{name}</td><td>{entry['seeds']}</td>" in page
     assert "No search ran" in page  # these runs used their scripts' rates
     assert "By category" in page and "By kind of held-out question" in page
+    assert "Not kept in this folder" not in page
 
 
 def test_report_lists_exactly_the_questions_where_methods_disagree(scored):
@@ -171,7 +172,9 @@ def test_published_scores_rebuild_the_same_verdict_without_models(scored, tmp_pa
     rebuilt = json.loads((published / "comparison.json").read_text())
     assert without_paths(rebuilt) == without_paths(report)
     assert (published / "comparison.md").read_text() == (out / "comparison.md").read_text()
-    assert (published / "report.html").exists()
+    page = (published / "report.html").read_text()
+    curves = page.split("<h2>Training curves</h2>")[1].split("<h2>")[0]
+    assert "<h3>" not in curves and "Not kept in this folder" in curves  # no empty headings
 
 
 def test_compare_only_alpha_reaches_every_statement(scored, tmp_path):
