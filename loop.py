@@ -82,13 +82,13 @@ def valid_loss(trainer: Trainer, plan: Plan) -> float:
     sharded = run.sharded
     try:
         if sharded:
-            trainer.loss_module.unshard()
+            trainer.sharded.unshard()
         shard = plan.valid if sharded else plan.valid[run.rank::run.world]
         nll, count = answer_nll(model, shard, plan.pad_id, run.device,
                                 batch_size=run.settings.batch_size * 2, precision=run.precision)
     finally:
         if sharded:
-            trainer.loss_module.reshard()
+            trainer.sharded.reshard()
         for layer in layers:
             layer.support_avx512bf16_for_cpu = True
     if not sharded:

@@ -116,7 +116,7 @@ def process_rank() -> int:
 
 
 def sharding_requested() -> bool:
-    """Whether the processes were started for FSDP (accelerate launch --config_file configs/fsdp.yaml)."""
+    """Whether the processes were started for FSDP (accelerate launch with configs/fsdp.yaml)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 

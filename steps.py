@@ -54,6 +54,9 @@ class Trainer:
             raise PipelineError(f"{run.method}: the model has no trainable parameters")
         optimizer = make_optimizer(params, settings)
         self.loss_module, self.optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
+        self.sharded = self.loss_module if run.sharded else None  # the FSDP2 root module
+        if run.sharded:
+            check_sharded(self.loss_module)
         if settings.compile != "off":
             # dynamic: one compilation serves every batch width and label count
             self.loss_module = torch.compile(
@@ -62,7 +65,6 @@ class Trainer:
         self.cuda_graphs = settings.compile == "reduce-overhead"
         self.params = params
         if run.sharded:
-            check_sharded(self.loss_module)
             # fully_shard replaced the parameters with sharded ones: clip and skip those
             self.params = [p for p in self.loss_module.parameters() if p.requires_grad]
         self.scheduler = linear_schedule(optimizer, total_steps, settings.warmup_ratio)
