@@ -226,7 +226,7 @@ def load_prepared(run: Run, prepare, load_kwargs: dict) -> tuple:
         run.model_path, run.device, trust_remote_code=settings.trust_remote_code,
         precision=run.precision, **load_kwargs)
     model, details = prepare(model, settings)
-    if not run.sharded:  # FSDP2 shards each layer's tensors in one dtype: the frozen stay fp32
+    if not sharding_requested():  # FSDP2 shards a layer's tensors in one dtype: frozen stay fp32
         models.store_frozen_in_bf16(model, run.precision)  # after prepare: "frozen" is known
     if settings.gradient_checkpointing:  # after prepare: PEFT wraps the model it is given
         models.enable_gradient_checkpointing(model)
