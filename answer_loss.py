@@ -32,6 +32,9 @@ class AnswerLoss(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        # FSDP's transformer-based wrapping reads the block classes (GPT2Block,
+        # LlamaDecoderLayer) from the module prepared: the model's own list.
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, labels, positions=None, targets=None):
         if positions is None:

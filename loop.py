@@ -77,14 +77,22 @@ def valid_loss(trainer: Trainer, plan: Plan) -> float:
     layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
     for layer in layers:
         layer.support_avx512bf16_for_cpu = False
+    # Sharded, every forward pass is collective: each process scores the whole split (the
+    # same batches), with the root's own shards (embeddings, head) gathered meanwhile.
+    sharded = run.sharded
     try:
-        shard = plan.valid[run.rank::run.world]
+        if sharded:
+            trainer.sharded.unshard()
+        shard = plan.valid if sharded else plan.valid[run.rank::run.world]
         nll, count = answer_nll(model, shard, plan.pad_id, run.device,
                                 batch_size=run.settings.batch_size * 2, precision=run.precision)
     finally:
+        if sharded:
+            trainer.sharded.reshard()
         for layer in layers:
             layer.support_avx512bf16_for_cpu = True
-    nll, count = trainer.reduce_sum(nll, count)
+    if not sharded:
+        nll, count = trainer.reduce_sum(nll, count)
     return nll / max(count, 1)
 
 

@@ -66,7 +66,7 @@ def run_metrics(run, model, plan, state, peak: PeakMemory, details: dict | None)
     }
 
 
-def write_outputs(run, model, tokenizer, metrics: dict) -> dict:
+def write_outputs(run, model, tokenizer, metrics: dict, state_dict: dict | None = None) -> dict:
     """Write outputs/<run name>/ in a temporary folder and move it into place when complete.
 
     Returns the metrics as written (with the folder's size on disk).
@@ -77,7 +77,8 @@ def write_outputs(run, model, tokenizer, metrics: dict) -> dict:
         with staged_dir(final) as tmp:
             # a whole model saves the base's fp32 weights, not the bf16 copies it trained with
             restore_frozen_fp32(model, metrics["base_model_path"], run.settings.trust_remote_code)
-            model.save_pretrained(tmp)  # the full model, or only the adapter for LoRA/QLoRA
+            # the full model, or only the adapter for LoRA/QLoRA; sharded, the gathered weights
+            model.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             metrics = {**metrics, "size_on_disk_mb": folder_size_mb(tmp)}
             write_json(tmp / paths.metrics.name, metrics)
@@ -94,8 +95,10 @@ def write_outputs(run, model, tokenizer, metrics: dict) -> dict:
 
 def save_outputs(run, model, tokenizer, metrics: dict) -> dict:
     """Write the finished run's folder (one process) and drop its checkpoints; returns its metrics."""
+    # Sharded, every process takes part in gathering the weights; rank 0 receives them whole.
+    state_dict = dict(run.accelerator.get_state_dict(model)) if run.sharded else None
     if run.rank == 0:
-        metrics = write_outputs(run, model, tokenizer, metrics)
+        metrics = write_outputs(run, model, tokenizer, metrics, state_dict)
         ckpt_dir = run.paths.checkpoints
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         with contextlib.suppress(OSError):  # leave no empty checkpoints/ folder behind

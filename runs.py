@@ -84,6 +84,11 @@ class Run:
         return self.accelerator.num_processes
 
     @property
+    def sharded(self) -> bool:
+        """Whether accelerate shards the model over the processes (FSDP2, configs/fsdp.yaml)."""
+        return sharding_requested()
+
+    @property
     def precision(self) -> str:
         """"bf16" (autocast) or "fp32": what the accelerator computes in."""
         return "bf16" if self.accelerator.mixed_precision == "bf16" else "fp32"
@@ -110,6 +115,28 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def sharding_requested() -> bool:
+    """Whether the processes were started for FSDP (accelerate launch with configs/fsdp.yaml)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def force_fsdp_on_cpu(accelerator, plugin) -> None:
+    """Make accelerate honour FSDP on CPU processes (gloo), as it does on GPUs.
+
+    accelerate 1.15.0, accelerate/state.py, AcceleratorState.__init__ (about line 986):
+    FSDP is enabled only `elif self.distributed_type in [MULTI_GPU, MULTI_MLU, ..., MULTI_HPU,
+    MULTI_NEURON]`; MULTI_CPU is absent, so CPU processes silently become DDP.  torch's
+    fully_shard itself runs on a CPU mesh.  Both shared states are set: every new
+    AcceleratorState() (reduce, a scheduler's wrapper) re-copies PartialState's.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
 def make_accelerator(device_choice: str = "auto", precision: str = "fp32"):
     """An Accelerator for --device and --precision: bf16 autocast (models.autocast_dtype) or fp32.
 
@@ -128,8 +155,21 @@ def make_accelerator(device_choice: str = "auto", precision: str = "fp32"):
         AcceleratorState._reset_state(reset_partial_state=False)
     # device_placement off: models.load_model has put the model on its device already (a
     # 4-bit model must not be moved again), and batches are moved by the loop.
-    return Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
-                       device_placement=False)
+    plugin = None
+    if sharding_requested():
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()  # read from the launch's FSDP_* settings
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="bf16" if bf16 else "no",
+                              device_placement=False, fsdp_plugin=plugin)
+    if plugin is not None and device.type == "cpu" and accelerator.num_processes > 1:
+        force_fsdp_on_cpu(accelerator, plugin)
+    if plugin is not None and not accelerator.is_fsdp2:
+        raise PipelineError(f"FSDP was asked for, but accelerate runs "
+                            f"{accelerator.distributed_type} with fsdp_version "
+                            f"{plugin.fsdp_version}: use configs/fsdp.yaml (fsdp_version 2) "
+                            "with --num_processes 2 or more")
+    return accelerator
 
 
 def resolve(settings: TrainSettings, announce: bool | None = None) -> TrainSettings:
@@ -186,7 +226,8 @@ def load_prepared(run: Run, prepare, load_kwargs: dict) -> tuple:
         run.model_path, run.device, trust_remote_code=settings.trust_remote_code,
         precision=run.precision, **load_kwargs)
     model, details = prepare(model, settings)
-    models.store_frozen_in_bf16(model, run.precision)  # after prepare: only then is "frozen" known
+    if not sharding_requested():  # FSDP2 shards a layer's tensors in one dtype: frozen stay fp32
+        models.store_frozen_in_bf16(model, run.precision)  # after prepare: "frozen" is known
     if settings.gradient_checkpointing:  # after prepare: PEFT wraps the model it is given
         models.enable_gradient_checkpointing(model)
     return model, tokenizer, details

@@ -54,6 +54,9 @@ class Trainer:
             raise PipelineError(f"{run.method}: the model has no trainable parameters")
         optimizer = make_optimizer(params, settings)
         self.loss_module, self.optimizer = accelerator.prepare(AnswerLoss(model), optimizer)
+        self.sharded = self.loss_module if run.sharded else None  # the FSDP2 root module
+        if run.sharded:
+            check_sharded(self.loss_module)
         if settings.compile != "off":
             # dynamic: one compilation serves every batch width and label count
             self.loss_module = torch.compile(
@@ -61,10 +64,16 @@ class Trainer:
                 mode=None if settings.compile == "default" else settings.compile)
         self.cuda_graphs = settings.compile == "reduce-overhead"
         self.params = params
+        if run.sharded:
+            # fully_shard replaced the parameters with sharded ones: clip and skip those
+            self.params = [p for p in self.loss_module.parameters() if p.requires_grad]
         self.scheduler = linear_schedule(optimizer, total_steps, settings.warmup_ratio)
         accelerator.register_for_checkpointing(self.scheduler)
-        accelerator.register_save_state_pre_hook(self._save_trainable)
-        accelerator.register_load_state_pre_hook(self._load_trainable)
+        if not run.sharded:
+            # Sharded, accelerate saves and loads the model's shards itself (before any hook
+            # runs, which then get empty lists): a checkpoint holds the whole sharded model.
+            accelerator.register_save_state_pre_hook(self._save_trainable)
+            accelerator.register_load_state_pre_hook(self._load_trainable)
 
     def _save_trainable(self, models, weights, output_dir) -> None:
         """accelerate hook: write the trainable tensors ourselves; the full model is not saved."""
@@ -114,6 +123,8 @@ class Trainer:
                 accelerator.backward(nll / per_process)
             step_nll = step_nll + nll.detach().double()  # float64, as the sum of Python floats was
         grad_norm = accelerator.clip_grad_norm_(self.params, run.settings.max_grad_norm)
+        if run.sharded:  # a DTensor over the shards: the global norm as a plain tensor
+            grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         tokens = sum(b["attention_mask"].sum() for b in micro).double()
         step_nll, tokens = self.reduce_sum_tensor(torch.stack([step_nll, tokens]))
@@ -157,6 +168,15 @@ class Trainer:
         return Diverged(f"training diverged at step {step} with --lr {s.lr:g}: {found}; nothing "
                         f"was saved as complete{where}; start afresh with a lower rate, e.g. "
                         f"--lr {s.lr / 10:g}")
+
+
+def check_sharded(module) -> None:
+    """Stop unless accelerate really wrapped the module with FSDP2 (never a silent DDP run)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        raise PipelineError(f"FSDP was asked for, but accelerate prepared a "
+                            f"{type(module).__name__}, not an FSDP2 module")
 
 
 def make_optimizer(params: list, settings: TrainSettings):
