@@ -366,10 +366,10 @@ def train_method(settings: TrainSettings, method: str, prepare, callbacks: tuple
     callbacks run after every step (runs.Callback).
     """
     if load_kwargs.get("quantize_4bit") and runs.sharding_requested():
-        raise common.PipelineError("QLoRA under FSDP needs the 4-bit weights stored in the compute "
-                            "dtype (bnb_4bit_quant_storage), which models.nf4_config does not "
-                            "set and no test here covers; run finetune_qlora.py without "
-                            "configs/fsdp.yaml")
+        raise common.PipelineError("QLoRA under FSDP needs the 4-bit weights stored in the "
+                                   "compute dtype (bnb_4bit_quant_storage), which "
+                                   "models.nf4_config does not set and no test here covers; "
+                                   "run finetune_qlora.py without configs/fsdp.yaml")
     main_process = runs.process_rank() == 0
     # One process at a time writes a method's runs (rank 0 holds the lock for all ranks).
     with runpaths.method_lock(RunPaths(settings.output_dir, method), take=main_process):
