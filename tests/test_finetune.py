@@ -289,10 +289,19 @@ def test_long_answers_are_truncated_with_a_count(data_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("option", [["--batch-size", "0"], ["--epochs", "-1"], ["--lr", "0"],
                                     ["--max-steps", "x"], ["--bogus-flag"]])
-def test_impossible_options_are_refused(option, data_dir, tmp_path):
+def test_impossible_options_are_refused(option, data_dir, tmp_path, capsys):
+    """Refused while parsing, before anything loads (in-process: a script start costs seconds)."""
+    with pytest.raises(SystemExit) as exc:
+        finetune_lora.parse_args(["--model", "tiny-gpt2", "--data-dir", str(data_dir),
+                                  "--output-dir", str(tmp_path), *option])
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "lora").exists()
+
+
+def test_an_unknown_flag_stops_the_script_as_a_user_runs_it(data_dir, tmp_path):
     status, err = cli("finetune_lora.py", "--model", "tiny-gpt2", "--data-dir", str(data_dir),
-                      "--output-dir", str(tmp_path), *option)
-    assert status == 2 and "error:" in err
+                      "--output-dir", str(tmp_path), "--bogus-flag")
+    assert status == 2 and "error: unrecognized arguments: --bogus-flag" in err
     assert not (tmp_path / "lora").exists()
 
 
