@@ -1,4 +1,6 @@
 # make all   : set up .venv, then data -> four fine-tunes -> evaluation
+# METHODS="full lora dora ia3"  the methods to train (default the mission's four; every
+#                               name: settings.METHODS, e.g. dora rslora pissa loraplus lokr ia3 prompt)
 # make smoke : the whole pipeline on a tiny random model, in about a minute
 # make test  : set up .venv, then the test suite
 # MODEL (unset): distilgpt2 when the Hub or the local cache has it, else the offline
@@ -22,6 +24,7 @@ TUNE   ?= 0
 PRECISION ?= auto
 MARGIN ?= 5
 TRAIN_ARGS ?=
+METHODS ?= full lora qlora bitfit
 EVAL_ARGS ?=
 OUT    ?= outputs
 DATA   ?= data
@@ -47,10 +50,11 @@ data: setup
 	$(PY) split_dataset.py --input $(DATA)/formatted.jsonl --output-dir $(DATA)
 
 train: setup
-	$(PY) finetune.py        $(MODEL_ARG) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
-	$(PY) finetune_lora.py   $(MODEL_ARG) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
-	$(PY) finetune_qlora.py  $(MODEL_ARG) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
-	$(PY) finetune_bitfit.py $(MODEL_ARG) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS)
+	@for method in $(METHODS); do \
+	  command=$$($(PY) settings.py $$method) || exit 1; \
+	  echo "$(PY) $$command $(MODEL_ARG) --epochs $(EPOCHS) ..."; \
+	  $(PY) $$command $(MODEL_ARG) --epochs $(EPOCHS) --data-dir $(DATA) --output-dir $(OUT) $(RUN_ARGS) $(TRAIN_ARGS) || exit 1; \
+	done
 
 evaluate: setup
 	$(PY) evaluate.py --data-dir $(DATA) --output-dir $(OUT) --precision $(PRECISION) --margin $(MARGIN) $(EVAL_ARGS)

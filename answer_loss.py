@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import collate
-from models import autocast_dtype, causal_lm
+from models import autocast_dtype, causal_lm, virtual_prefix
 
 
 class AnswerLoss(torch.nn.Module):
@@ -60,11 +60,32 @@ def labelled_logits(model, input_ids, attention_mask, labels):
     The mask is batch x (length - 1); answer_loss sums over it, scoring sums per row.
     """
     lm = causal_lm(model)
-    hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           use_cache=False).last_hidden_state
+    hidden = hidden_states(model, input_ids, attention_mask)
     targets = labels[:, 1:]
     keep = targets != -100
     return lm.get_output_embeddings()(hidden[:, :-1][keep]), targets[keep], keep
+
+
+def hidden_states(model, input_ids, attention_mask=None):
+    """The transformer's last hidden states at the tokens' own positions, batch x length x hidden.
+
+    Prompt tuning's virtual tokens (models.virtual_prefix) go before each row, with
+    the mask extended over them, and their states are dropped from what is returned:
+    labels and positions keep indexing the tokens alone.
+    """
+    lm = causal_lm(model)
+    prefix = virtual_prefix(model, input_ids.shape[0])
+    if prefix is None:
+        return lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                             use_cache=False).last_hidden_state
+    embeds = lm.get_input_embeddings()(input_ids)
+    embeds = torch.cat([prefix.to(embeds.dtype), embeds], dim=1)
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask],
+                                   dim=1)
+    hidden = lm.base_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                           use_cache=False).last_hidden_state
+    return hidden[:, prefix.shape[1]:]
 
 
 def label_positions(labels: torch.Tensor, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +132,7 @@ def answer_loss_at(model, input_ids, positions, targets):
     GPT-2 with a pad id its padding warning); compiled, it skips both.
     """
     lm = causal_lm(model)
-    hidden = lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = hidden_states(model, input_ids)
     rows = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)
     logits = lm.get_output_embeddings()(rows)
     nll = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from common import PipelineError, is_write_failure, write_failed, write_json
-from models import causal_lm
 from runpaths import RunPaths
 from settings import TrainSettings
 
@@ -49,10 +48,16 @@ def listed(paths: RunPaths) -> list[Path]:
     return sorted(p for p in paths.checkpoints.glob("step-*") if (p / "state.json").exists())
 
 
+def unwrapped(model):
+    """The model inside a DDP wrapper, PEFT's wrapper kept: prompt tuning's trainable prompt
+    lives in PEFT's wrapper, outside the transformer that causal_lm returns."""
+    return getattr(model, "module", model)
+
+
 def trainable_state(model) -> dict:
     """The tensors that training changes, by parameter name (what a checkpoint must hold)."""
     return {name: param.detach().cpu().contiguous().clone()
-            for name, param in causal_lm(model).named_parameters() if param.requires_grad}
+            for name, param in unwrapped(model).named_parameters() if param.requires_grad}
 
 
 def write_trainable(model, output_dir, main_process: bool) -> None:
@@ -67,7 +72,7 @@ def read_trainable(model, input_dir) -> None:
     """Restore the trainable tensors (the load hook's work); the frozen ones came with the base."""
     from safetensors.torch import load_file
 
-    params = dict(causal_lm(model).named_parameters())
+    params = dict(unwrapped(model).named_parameters())
     with torch.no_grad():
         for name, tensor in load_file(Path(input_dir) / "trainable.safetensors").items():
             params[name].copy_(tensor)

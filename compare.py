@@ -28,6 +28,7 @@ import numpy as np
 import common
 import runpaths
 import scoring
+import settings
 import verdict
 
 COST_FIELDS = ("train_loss", "train_seconds", "train_tokens_per_s", "peak_memory_mb",
@@ -44,8 +45,8 @@ PUBLISHED = "predictions.json.gz"
 
 
 def script_for(method: str) -> str:
-    """The command that trains a method."""
-    return "python finetune.py" if method == "full" else f"python finetune_{method}.py"
+    """The command that trains a method (settings.METHODS)."""
+    return f"python {settings.command_for(method)}"
 
 
 # --- Reading the scored runs ---------------------------------------------------

@@ -55,7 +55,7 @@ import settings
 import verdict
 from report import fmt
 
-METHODS = ("full", "lora", "qlora", "bitfit")  # the order of every table and plot
+METHODS = tuple(settings.METHODS)  # the order of every table and plot
 # Bump when scoring, decoding or metric code changes what a run's predictions hold: every
 # saved prediction file then counts as stale and is scored again.
 SCORING_VERSION = "2026-12-04.1"
@@ -176,8 +176,9 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
                   trust_remote_code: bool, precision: str = "fp32"):
     """A model ready to answer: the base, a full model folder, or an adapter on its base.
 
-    A LoRA adapter on an unquantised base is merged into it (W + B·A once), so each
-    forward runs one matmul a layer instead of two; QLoRA keeps its adapter on the 4-bit
+    An adapter on an unquantised base (LoRA and its variants, DoRA, LoKr, IA3) is merged
+    into it (W + B·A once), so each forward runs one matmul a layer instead of two; prompt
+    tuning keeps PEFT's wrapper, whose prompt answer_loss and generation put first; QLoRA keeps its adapter on the 4-bit
     base, as it was trained, whose 4-bit layers dequantise to the precision's dtype.
     At bf16 the matmul weights are then stored in bf16 (models.store_frozen_in_bf16).
     """
@@ -195,7 +196,8 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
         model = AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs)
     else:  # merged in fp32, cast below: W + B·A rounded once, as autocast would round it
         model = AutoPeftModelForCausalLM.from_pretrained(folder, **kwargs).to(device)
-        model = model.merge_and_unload()
+        if not models.virtual_tokens(model):  # a learned prompt has no weights to merge into
+            model = model.merge_and_unload()
     # Nothing trains here: at bf16 every matmul weight is stored as the bf16 copy autocast uses
     models.store_frozen_in_bf16(model.requires_grad_(False), precision)
     return model

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from common import collate, prompt_ids
-from models import autocast_dtype, causal_lm
+from models import autocast_dtype, causal_lm, virtual_prefix
 
 
 def max_new_tokens_for(tokenizer, references: list[str]) -> int:
@@ -133,12 +133,23 @@ def greedy_rows(model, tokenizer, input_ids, attention_mask, max_new_tokens: int
     active = list(range(input_ids.shape[0]))  # the rows in the batch, in batch order
     running = set(active)  # the rows whose answer has not ended
     mask = attention_mask
+    lm = causal_lm(model)
+    prefix = virtual_prefix(model, input_ids.shape[0])
+    if prefix is not None:  # prompt tuning: its virtual tokens stand before the left padding
+        mask = torch.cat([mask.new_ones(prefix.shape[:2]), mask], dim=1)
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    cache = DynamicCache(config=causal_lm(model).config)
+    cache = DynamicCache(config=lm.config)
     ids, pending = input_ids, []
     for step in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       cache=cache, use_cache=True, logits_to_keep=1).logits
+        if prefix is not None and step == 0:  # the prefix enters the cache once, with the prompt
+            embeds = lm.get_input_embeddings()(ids)
+            logits = lm(inputs_embeds=torch.cat([prefix.to(embeds.dtype), embeds], dim=1),
+                        attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=True, logits_to_keep=1).logits
+        else:
+            logits = (lm if prefix is not None else model)(
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                use_cache=True, logits_to_keep=1).logits
         tokens = logits[:, -1].argmax(-1)
         pending.append(tokens)
         if len(pending) == check_every or step == max_new_tokens - 1:

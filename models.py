@@ -450,6 +450,26 @@ def causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def virtual_tokens(model) -> int:
+    """How many learned virtual tokens (prompt tuning) stand before every sequence; 0 for others."""
+    peft = getattr(model, "module", model)
+    config = getattr(peft, "active_peft_config", None)
+    return config.num_virtual_tokens if getattr(config, "is_prompt_learning", False) else 0
+
+
+def virtual_prefix(model, batch_size: int):
+    """Prompt tuning's learned embeddings, batch x virtual tokens x hidden; None for other methods.
+
+    Every forward pass in this project calls the transformer inside PEFT's wrapper
+    (causal_lm), which never sees the prompt PEFT's own forward would prepend; the
+    loss (answer_loss) and decoding (generation) put this prefix before the tokens
+    themselves, as PEFT does: before any padding, with positions counted from it.
+    """
+    if not virtual_tokens(model):
+        return None
+    return getattr(model, "module", model).get_prompt(batch_size=batch_size)
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in the backward pass instead of storing them.
 

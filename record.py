@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,6 +67,36 @@ def run_metrics(run, model, plan, state, peak: PeakMemory, details: dict | None)
     }
 
 
+# An adapter whose initialisation changed the frozen weights (PiSSA: W - B0·A0 stays frozen)
+# carries its starting tensors under this attribute, so it can be saved for the original base.
+INITIAL_ADAPTER = "initial_adapter_state"
+
+
+def remember_initial_adapter(model) -> None:
+    """Keep a PEFT model's adapter tensors as they are now (before training), for saving."""
+    from peft import get_peft_model_state_dict
+
+    setattr(model, INITIAL_ADAPTER, {name: tensor.detach().cpu().clone()
+                                     for name, tensor in get_peft_model_state_dict(model).items()})
+
+
+def save_model(model, folder: Path, state_dict: dict | None = None) -> None:
+    """save_pretrained; an adapter that changed its base is saved as a plain LoRA on the original
+    base (PEFT's conversion: rank 2r, [A; A0] and [B, -B0]), which loads with the standard calls."""
+    initial = getattr(model, INITIAL_ADAPTER, None)
+    if initial is None:
+        model.save_pretrained(folder, state_dict=state_dict)
+        return
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as scratch:
+        start = Path(scratch) / "initial"
+        start.mkdir()
+        save_file(initial, start / "adapter_model.safetensors")
+        model.save_pretrained(folder, state_dict=state_dict,
+                              path_initial_model_for_weight_conversion=str(start))
+
+
 def write_outputs(run, model, tokenizer, metrics: dict, state_dict: dict | None = None) -> dict:
     """Write outputs/<run name>/ in a temporary folder and move it into place when complete.
 
@@ -78,7 +109,7 @@ def write_outputs(run, model, tokenizer, metrics: dict, state_dict: dict | None 
             # a whole model saves the base's fp32 weights, not the bf16 copies it trained with
             restore_frozen_fp32(model, metrics["base_model_path"], run.settings.trust_remote_code)
             # the full model, or only the adapter for LoRA/QLoRA; sharded, the gathered weights
-            model.save_pretrained(tmp, state_dict=state_dict)
+            save_model(model, tmp, state_dict)
             tokenizer.save_pretrained(tmp)
             metrics = {**metrics, "size_on_disk_mb": folder_size_mb(tmp)}
             write_json(tmp / paths.metrics.name, metrics)

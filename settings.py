@@ -16,6 +16,34 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+# --- the methods ------------------------------------------------------------------------
+
+# Every method the project trains: its name (its output folder, its row in every table) and
+# the command that trains it, in the order of every table and chart.  LoRA's variants are
+# options of finetune_lora.py, each under its own name so the verdict compares it as a method.
+METHODS = {
+    "full": "finetune.py",
+    "lora": "finetune_lora.py",
+    "qlora": "finetune_qlora.py",
+    "bitfit": "finetune_bitfit.py",
+    "dora": "finetune_dora.py",
+    "rslora": "finetune_lora.py --rslora",
+    "pissa": "finetune_lora.py --init pissa",
+    "loraplus": "finetune_lora.py --loraplus-ratio 16",
+    "lokr": "finetune_lokr.py",
+    "ia3": "finetune_ia3.py",
+    "prompt": "finetune_prompt.py",
+}
+DEFAULT_METHODS = ("full", "lora", "qlora", "bitfit")  # the mission's four: make all's default
+
+
+def command_for(method: str) -> str:
+    """The script and options that train a method (METHODS), for the Makefile and messages."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
 # --- the models and precisions the options offer (models.py reads them from here) ---------
 
 OFFLINE_PRESETS = ("smollm2-135m", "tiny-gpt2", "tiny-llama")
@@ -236,3 +264,12 @@ def training_parser(description: str, lr: float, lr_help: str) -> argparse.Argum
             default, kwargs["help"] = lr, lr_help
         parser.add_argument("--" + f.name.replace("_", "-"), default=default, **kwargs)
     return parser
+
+
+if __name__ == "__main__":  # make all METHODS=...: `python settings.py dora` prints its command
+    import sys
+
+    try:
+        print(command_for(sys.argv[1] if len(sys.argv) > 1 else ""))
+    except ValueError as exc:
+        sys.exit(f"METHODS: {exc}")

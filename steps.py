@@ -179,8 +179,18 @@ def check_sharded(module) -> None:
                             f"{type(module).__name__}, not an FSDP2 module")
 
 
+def param_groups(params: list, lr: float) -> list[dict]:
+    """One optimiser group per learning rate: lr times a parameter's lr_scale attribute (1 when
+    it has none; LoRA+ gives its B matrices a larger one), each group scheduled alike."""
+    groups: dict[float, list] = {}
+    for param in params:
+        groups.setdefault(float(getattr(param, "lr_scale", 1.0)), []).append(param)
+    return [{"params": group, "lr": lr * scale} for scale, group in sorted(groups.items())]
+
+
 def make_optimizer(params: list, settings: TrainSettings):
     """--optim: torch's AdamW, or bitsandbytes' 8-bit AdamW (which also runs on the CPU)."""
+    params = param_groups(params, settings.lr)
     if settings.optim == "adamw_8bit":
         try:
             import bitsandbytes as bnb

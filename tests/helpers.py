@@ -17,14 +17,22 @@ import torch
 import common
 import finetune
 import finetune_bitfit
+import finetune_dora
+import finetune_ia3
+import finetune_lokr
 import finetune_lora
+import finetune_prompt
 import finetune_qlora
 import loop
 import runpaths
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"full": finetune, "lora": finetune_lora, "qlora": finetune_qlora,
-           "bitfit": finetune_bitfit}
+           "bitfit": finetune_bitfit, "dora": finetune_dora, "ia3": finetune_ia3,
+           "lokr": finetune_lokr, "prompt": finetune_prompt}
+# LoRA's variants: finetune_lora.py with one option each (settings.METHODS)
+VARIANTS = {"rslora": ["--rslora"], "pissa": ["--init", "pissa"],
+            "loraplus": ["--loraplus-ratio", "16"]}
 
 
 def write_split(folder: Path, n_train: int = 48, n_eval: int = 12, n_valid: int = 8,
@@ -159,12 +167,13 @@ def write_lock(output_dir: Path, method: str, pid: int) -> Path:
 
 def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
     """Run a script's main() in-process; spy(model, stage) sees the model before and after."""
-    args = SCRIPTS[method].parse_args(
+    script = SCRIPTS["lora" if method in VARIANTS else method]
+    args = script.parse_args(
         ["--device", "cpu", "--model", model, "--data-dir", str(data_dir),
          "--output-dir", str(out_dir),
-         "--batch-size", "8", "--max-steps", "6", *extra])
+         "--batch-size", "8", "--max-steps", "6", *VARIANTS.get(method, []), *extra])
     if spy is None:
-        SCRIPTS[method].main(args)
+        script.main(args)
         return None
     original = loop.fit
 
@@ -176,7 +185,7 @@ def run_script(method, data_dir, out_dir, *extra, model="tiny-gpt2", spy=None):
 
     loop.fit = wrapped
     try:
-        SCRIPTS[method].main(args)
+        script.main(args)
     finally:
         loop.fit = original
 
