@@ -23,6 +23,7 @@ import base64
 import csv
 import html
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,14 @@ import compare
 import runpaths
 import verdict
 
+# One colour per method in every chart (the four's as before; LoRA's relatives in greens
+# and teals beside LoRA's green, the others apart).
 COLOURS = {"base": "#7f7f7f", "full": "#1f77b4", "lora": "#2ca02c", "qlora": "#9467bd",
-           "bitfit": "#ff7f0e"}
+           "bitfit": "#ff7f0e", "dora": "#17becf", "rslora": "#98df8a", "pissa": "#1b5e20",
+           "loraplus": "#bcbd22", "lokr": "#8c564b", "ia3": "#e377c2", "prompt": "#d62728"}
+# Past this many methods a chart names them in a legend or in panels of its own, not beside
+# each point, where the names would overlap.
+CROWDED = 5
 MEASURES = (("answer_perplexity", "answer perplexity (lower is better)"),
             ("exact_match", "exact match %"), ("key_accuracy", "key-answer accuracy %"),
             ("token_f1", "token F1 %"), ("train_seconds", "training time (s)"),
@@ -281,8 +288,10 @@ def save_figure(fig, path: Path) -> None:
 def plot_comparison(rows: list[dict], path: Path) -> None:
     """One bar panel per measure, methods in the same order and colour; 95% intervals as bars."""
     plt = common.pyplot()
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), constrained_layout=True)
     names = [r["method"] for r in rows]
+    crowded = len(names) > CROWDED
+    fig, axes = plt.subplots(2, 4, figsize=(20 if crowded else 16, 8 if crowded else 7),
+                             constrained_layout=True)
     colours = [COLOURS.get(n, "#333333") for n in names]
     for ax, (key, title) in zip(axes.flat, MEASURES):
         values = [r.get(key) for r in rows]
@@ -297,9 +306,12 @@ def plot_comparison(rows: list[dict], path: Path) -> None:
             top = max(bar.get_height(), (row.get(f"{key}_interval") or [0, 0])[1])
             ax.annotate("n/a" if value is None else fmt(value, 1 if value < 100 else 0),
                         (bar.get_x() + bar.get_width() / 2, top), xytext=(0, 2),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+                        textcoords="offset points", ha="center", va="bottom",
+                        fontsize=6 if crowded else 8, rotation=90 if crowded else 0)
         if key == "trainable_params":  # spans three orders of magnitude
             ax.set_yscale("log")
+        if crowded:
+            ax.tick_params(axis="x", labelrotation=60, labelsize=8)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     seeds = max(r.get("seeds", 1) for r in rows)
@@ -316,23 +328,32 @@ def plot_quality_vs_cost(comparison: dict, path: Path) -> None:
     label = comparison["headline_label"]
     trained = [r for r in rows if r["method"] != "base"]
     base = next((r for r in rows if r["method"] == "base"), None)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(14 if len(trained) > CROWDED else 12, 4.5),
+                             layout="constrained")
     for ax, cost, xlabel in ((axes[0], "train_seconds", "training time (s)"),
                              (axes[1], "peak_memory_mb", "peak training memory (MB)")):
         for r in trained:
             ci = r.get(f"{key}_interval")
             yerr = [[r[key] - ci[0]], [ci[1] - r[key]]] if ci else None
             ax.errorbar(r[cost], r[key], yerr=yerr, fmt="o", ms=10, capsize=4,
-                        color=COLOURS.get(r["method"]), zorder=3)
-            ax.annotate(r["method"], (r[cost], r[key]), textcoords="offset points",
-                        xytext=(8, 6))
+                        color=COLOURS.get(r["method"]), zorder=3, label=r["method"])
+            if len(trained) <= CROWDED:
+                ax.annotate(r["method"], (r[cost], r[key]), textcoords="offset points",
+                            xytext=(8, 6))
         if base is not None:
             ax.axhline(base[key], color=COLOURS["base"], ls="--",
                        label=f"untuned base ({base[key]:.1f}%)")
-            ax.legend(loc="lower right")
+        handles, labels = ax.get_legend_handles_labels()
+        if len(trained) > CROWDED:  # names in one legend beside both panels, not on the points
+            legend = dict(zip(labels, handles))
+        elif base is not None:
+            ax.legend([h for h, t in zip(handles, labels) if t.startswith("untuned")],
+                      [t for t in labels if t.startswith("untuned")], loc="lower right")
         ax.set(xlabel=xlabel, ylabel=f"{label} %",
                title=f"{label} vs {xlabel.split(' (')[0]}")
         ax.grid(alpha=0.3)
+    if len(trained) > CROWDED:
+        fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize=9)
     fig.suptitle("Quality against cost: up and to the left is better (bars: 95% intervals)")
     save_figure(fig, path)
 
@@ -347,8 +368,20 @@ def plot_lr_search(searches: dict[str, dict], path: Path) -> None:
     is drawn, without bars.
     """
     plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    crowded = len(searches) > CROWDED  # one panel per method, where one would hold a tangle
+    if crowded:
+        columns = 4
+        fig, grid = plt.subplots(math.ceil(len(searches) / columns), columns, squeeze=False,
+                                 figsize=(4.2 * columns, 3.4 * math.ceil(len(searches) / columns)),
+                                 constrained_layout=True)
+        for spare in grid.flat[len(searches):]:
+            spare.set_visible(False)
+        panels = dict(zip(searches, grid.flat))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+        panels = dict.fromkeys(searches, ax)
     for name, search in searches.items():
+        ax = panels[name]
         results = [r for r in search["results"] if not r.get("diverged")]
         field = ("valid_nll" if all(r.get("valid_nll") is not None for r in results)
                  else "valid_loss")
@@ -368,13 +401,19 @@ def plot_lr_search(searches: dict[str, dict], path: Path) -> None:
         chosen = next(r for r in results if r["lr"] == search["chosen_lr"])
         ax.scatter([chosen["lr"]], [chosen[field]], s=160, facecolors="none",
                    edgecolors=COLOURS.get(name), linewidths=2, zorder=3)
-    ax.set_xscale("log")
-    ax.set(xlabel="learning rate",
-           ylabel="validation answer NLL per token (lower is better)",
-           title="Learning-rate search on data/valid.jsonl\n(bars: \u00b11.96 SE of the "
-                 "paired difference to the chosen rate, circled)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    title = ("Learning-rate search on data/valid.jsonl\n(bars: \u00b11.96 SE of the "
+             "paired difference to the chosen rate, circled)")
+    for ax in {id(a): a for a in panels.values()}.values():
+        ax.set_xscale("log")
+        ax.set(xlabel="learning rate",
+               ylabel="validation answer NLL per token" + ("" if crowded else
+                                                           " (lower is better)"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8 if crowded else None)
+    if crowded:
+        fig.suptitle(title.replace("\n", " ") + "; lower is better")
+    else:
+        ax.set_title(title)
     save_figure(fig, path)
 
 

@@ -63,6 +63,9 @@ MAX_WIDENINGS = 3
 # A rate whose validation NLL lies within this many standard errors of the chosen rate's is
 # marked a near tie: on this split the data cannot tell the two apart.
 NEAR_TIE_SE = 2
+# The methods FSDP may shard: the two tests/test_fsdp.py checks, and BitFit (plain
+# parameters, as full's); QLoRA and the PEFT methods beyond LoRA are refused in one line.
+SHARDABLE = ("full", "lora", "bitfit")
 METRIC = "valid_answer_nll"
 METRIC_LABEL = "validation answer NLL (nats per answer token)"
 
@@ -370,6 +373,10 @@ def train_method(settings: TrainSettings, method: str, prepare, callbacks: tuple
                                    "compute dtype (bnb_4bit_quant_storage), which "
                                    "models.nf4_config does not set and no test here covers; "
                                    "run finetune_qlora.py without configs/fsdp.yaml")
+    if method not in SHARDABLE and runs.sharding_requested():
+        raise common.PipelineError(f"{method} under FSDP is untried here (tests/test_fsdp.py "
+                                   "shards full fine-tuning and LoRA); run it without "
+                                   "configs/fsdp.yaml")
     main_process = runs.process_rank() == 0
     # One process at a time writes a method's runs (rank 0 holds the lock for all ranks).
     with runpaths.method_lock(RunPaths(settings.output_dir, method), take=main_process):

@@ -10,6 +10,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+import finetune_lora
 import finetune_qlora
 import models
 from helpers import ROOT, run_and_expect_exit, train_args
@@ -144,3 +145,17 @@ def test_qlora_refuses_to_shard_in_one_line(data_dir, tmp_path, capsys, monkeypa
     line = run_and_expect_exit(finetune_qlora.main,
                                train_args(finetune_qlora, data_dir, tmp_path), capsys)
     assert "bnb_4bit_quant_storage" in line and "configs/fsdp.yaml" in line
+
+
+def test_methods_fsdp_has_not_tried_refuse_to_shard_in_one_line(data_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    import finetune_prompt
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    line = run_and_expect_exit(finetune_prompt.main,
+                               train_args(finetune_prompt, data_dir, tmp_path), capsys)
+    assert "prompt under FSDP is untried" in line
+    assert "configs/fsdp.yaml" in line
+    line = run_and_expect_exit(finetune_lora.main,
+                               train_args(finetune_lora, data_dir, tmp_path, "--rslora"), capsys)
+    assert "rslora under FSDP" in line

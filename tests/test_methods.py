@@ -226,3 +226,25 @@ def test_make_refuses_an_unknown_method_in_one_line():
         cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
     assert "METHODS: unknown method 'nope'" in result.stderr
+
+
+def test_evaluate_compares_every_method_trained_and_the_report_stays_readable(data_dir,
+                                                                              tmp_path):
+    import compare
+
+    out = tmp_path / "out"
+    trained = ("lora", "dora", "ia3", "prompt", "pissa", "loraplus")
+    for method in trained:
+        run_script(method, data_dir, out, "--max-steps", "2", model="tiny-llama")
+    evaluate.main(evaluate.parse_args(["--output-dir", str(out), "--data-dir", str(data_dir),
+                                       "--device", "cpu", "--precision", "fp32"]))
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert [r["method"] for r in comparison["rows"]] == ["base", "lora", "dora", "pissa",
+                                                         "loraplus", "ia3", "prompt"]
+    pairs = {tuple(sorted((p["a"], p["b"]))) for p in comparison["pairwise"]}
+    assert len(pairs) == 21  # every two of base and six methods, each tested once
+    assert all(r["trainable_params"] > 0 for r in comparison["rows"] if r["method"] != "base")
+    assert compare.script_for("pissa") == "python finetune_lora.py --init pissa"
+    for name in ("comparison.png", "quality_vs_cost.png", "report.html", "comparison.md"):
+        assert (out / name).stat().st_size > 0
+    assert all(m in (out / "comparison.md").read_text() for m in trained)
