@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"full": finetune, "lora": finetune_lora, "qlora": finetune_qlora,
            "bitfit": finetune_bitfit, "dora": finetune_dora, "ia3": finetune_ia3,
            "lokr": finetune_lokr, "prompt": finetune_prompt}
+FOUR = tuple(SCRIPTS[name] for name in ("full", "lora", "qlora", "bitfit"))  # make all's default
 # LoRA's variants: finetune_lora.py with one option each (settings.METHODS)
 VARIANTS = {"rslora": ["--rslora"], "pissa": ["--init", "pissa"],
             "loraplus": ["--loraplus-ratio", "16"]}

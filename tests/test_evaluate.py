@@ -18,7 +18,7 @@ import evaluate
 import scoring
 import finetune
 from helpers import write_split
-from helpers import SCRIPTS
+from helpers import FOUR, SCRIPTS
 from helpers import run_and_expect_exit, write_lock
 
 # --- Answer perplexity from a model -----------------------------------------
@@ -190,7 +190,7 @@ def trained(tmp_path_factory):
     """Every method trained for a few steps on tiny-gpt2."""
     folder = tmp_path_factory.mktemp("eval")
     data = write_split(folder / "data")
-    for script in SCRIPTS.values():
+    for script in FOUR:
         script.main(script.parse_args(["--device", "cpu", "--model", "tiny-gpt2", "--data-dir",
                                        str(data),
                                        "--output-dir", str(folder / "out"), "--batch-size", "8",

@@ -9,13 +9,13 @@ import compare
 import evaluate
 import finetune_lora
 from helpers import write_split
-from helpers import SCRIPTS
+from helpers import FOUR
 
 TRAIN = ["--device", "cpu", "--model", "tiny-gpt2", "--batch-size", "8", "--max-steps", "3"]
 
 
 def train_all(data, out):
-    for script in SCRIPTS.values():
+    for script in FOUR:
         script.main(script.parse_args([*TRAIN, "--data-dir", str(data), "--output-dir", str(out)]))
 
 
