@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -145,20 +146,32 @@ def test_run_id_follows_the_model_used_not_the_request():
         tuning.run_id(settings, "full")
 
 
-def make_dry_run(*overrides):
+def make_train(tmp_path, *overrides):
+    """The training commands `make train` runs, through a stand-in interpreter that prints them
+    (settings.py, which names each method's command, runs for real)."""
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = settings.py ]; then exec {sys.executable} "$@"; fi\n'
+                    'echo "RUN $*"\n')
+    fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "MAKEFLAGS", "MFLAGS")}
-    proc = subprocess.run(["make", "-n", "all", *overrides], cwd=ROOT, env=env,
+    proc = subprocess.run(["make", "--no-print-directory", "-o", "setup", "-o", ".venv/.installed",
+                           "train", f"PY={fake}", *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return [line for line in proc.stdout.splitlines() if "finetune" in line]
+    return [line[4:] for line in proc.stdout.splitlines() if line.startswith("RUN ")]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_make_all_passes_model_only_when_named():
-    lines = make_dry_run()
-    assert len(lines) == 4 and not any("--model" in line for line in lines)
-    lines = make_dry_run("MODEL=distilgpt2")
+def test_make_trains_the_four_and_passes_model_only_when_named(tmp_path):
+    lines = make_train(tmp_path)
+    assert [line.split()[0] for line in lines] == ["finetune.py", "finetune_lora.py",
+                                                   "finetune_qlora.py", "finetune_bitfit.py"]
+    assert not any("--model" in line for line in lines)
+    lines = make_train(tmp_path, "MODEL=distilgpt2")
     assert len(lines) == 4 and all("--model distilgpt2 " in line for line in lines)
+    lines = make_train(tmp_path, "METHODS=dora rslora")
+    assert [line.split()[0] for line in lines] == ["finetune_dora.py", "finetune_lora.py"]
+    assert lines[1].split()[1] == "--rslora"
 
 
 # --- bad input and misuse: one line, exit status 2, nothing lost ---------------------
