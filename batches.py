@@ -9,7 +9,7 @@ from pathlib import Path
 
 from answer_loss import label_positions
 from common import PipelineError, collate, length_grouped_batches, tokenize_rows
-from models import context_length
+from models import context_length, virtual_tokens
 
 
 @dataclass
@@ -29,7 +29,9 @@ class Plan:
 def plan_training(run, model, tokenizer) -> Plan:
     """Tokenised train/validation examples and the step counts of this run."""
     settings = run.settings
-    max_len = min(settings.max_length or context_length(model), context_length(model))
+    # prompt tuning's virtual tokens take their share of the context
+    room = context_length(model) - virtual_tokens(model)
+    max_len = min(settings.max_length or room, room)
     data_dir = Path(settings.data_dir)
     train = tokenize_rows(tokenizer, run.train_rows, max_len, settings.train_on_prompt,
                           source=str(data_dir / "train.jsonl"))

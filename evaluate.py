@@ -177,9 +177,10 @@ def load_for_eval(name: str, folder: Path, base_path: str, metrics: dict | None,
     """A model ready to answer: the base, a full model folder, or an adapter on its base.
 
     An adapter on an unquantised base (LoRA and its variants, DoRA, LoKr, IA3) is merged
-    into it (W + B·A once), so each forward runs one matmul a layer instead of two; prompt
-    tuning keeps PEFT's wrapper, whose prompt answer_loss and generation put first; QLoRA keeps its adapter on the 4-bit
-    base, as it was trained, whose 4-bit layers dequantise to the precision's dtype.
+    into it (W + B·A once), so each forward runs one matmul a layer instead of two.
+    Prompt tuning keeps PEFT's wrapper, whose prompt answer_loss and generation put
+    first.  QLoRA keeps its adapter on the 4-bit base, as it was trained, whose 4-bit
+    layers dequantise to the precision's dtype.
     At bf16 the matmul weights are then stored in bf16 (models.store_frozen_in_bf16).
     """
     from peft import AutoPeftModelForCausalLM
