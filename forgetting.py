@@ -29,7 +29,7 @@ import common
 PROBE = Path(__file__).resolve().parent / "probe" / "sotu.jsonl"
 # Tokens scored a document at most; also at most half the model's context, leaving room
 # for anything a method prepends (prompt tuning's virtual tokens).
-MAX_TOKENS = 64
+MAX_TOKENS = 48
 # LM-head rows a scoring batch holds at most (each is a vocabulary-wide float32 row).
 BATCH_TOKENS = 2048
 # Bump when how the probe is cut or scored changes: every saved probe.json is scored again.

@@ -60,7 +60,7 @@ def test_a_missing_probe_says_how_to_go_on_without_it(tmp_path):
 
 
 def test_the_cut_is_half_the_context_at_most_and_the_first_token_is_not_scored():
-    assert forgetting.max_tokens(100) == 50
+    assert forgetting.max_tokens(60) == 30
     assert forgetting.max_tokens(8192) == forgetting.MAX_TOKENS
 
     class Words:
