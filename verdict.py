@@ -83,6 +83,11 @@ SE on the log scale, with the seed parts, then exp.  Bonferroni and Holm both
 have simultaneous intervals (Holm's step-down ones are Strassburger & Bretz 2008);
 the gap to the best is reported because it answers the question asked: "how far
 from the best could this method be?"
+
+Forgetting (nll_difference and after): a model's mean NLL per token on the
+general-text probe minus the base's is one ratio of sums over documents,
+linearised and estimated as above with the document as the cluster.  It is
+stated and flagged, never used to choose (FORGETTING_RULE).
 """
 
 from __future__ import annotations
