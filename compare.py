@@ -11,7 +11,10 @@ comparison.json, which report.py renders into every table, chart and page.
 
 The per-question records are each run's predictions.jsonl, or, in a published
 folder, one gzip file (PUBLISHED) holding the question table once and each
-run's own columns beside it.
+run's own columns beside it.  The forgetting figures come the same way from
+each run's probe.json (its NLL on each document of the general-text probe,
+forgetting.py), packed into the same file when published; a folder without
+them is compared as before, forgetting shown as not measured.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ PERPLEXITY_NOTE = ("answer perplexity: exp of the mean negative log-likelihood o
                    "model alike")
 # A published folder's per-question records of every run, in one file (see publish())
 PUBLISHED = "predictions.json.gz"
+NO_PROBE = ("this folder holds no general-text probe scores (evaluate.py scores "
+            "probe/sotu.jsonl unless --no-probe; folders published before 2026-12-06 have none)")
 
 
 def script_for(method: str) -> str:
@@ -78,6 +83,27 @@ def compared_runs(output_dir: Path) -> tuple[dict, dict[str, list[list[dict]]]]:
                                            "`python evaluate.py`", paths.run)
             runs.setdefault(name, []).append(common.read_jsonl(paths.predictions))
     return info, runs
+
+
+def compared_probes(output_dir: Path, info: dict) -> dict[str, list[dict | None]]:
+    """Each compared model's probe records (probe.json), one per seed; None where it has none.
+
+    Only records made on the probe evaluation.json names count: an evaluation run with
+    --no-probe (or before the probe existed) names none, and a record left from another
+    probe, cut or scoring version is not read.
+    """
+    output_dir = Path(output_dir)
+    wanted = info.get("probe")
+    published = (read_published_probes(output_dir) or {}) if wanted else {}
+    probes: dict[str, list[dict | None]] = {}
+    for name, folders in info["runs"].items():
+        for folder in folders:
+            path = runpaths.RunPaths(output_dir, name, folder).probe
+            record = published.get(folder) or (
+                common.read_json(path) if wanted and path.exists() else None)
+            probes.setdefault(name, []).append(
+                record if record is not None and record.get("probe") == wanted else None)
+    return probes
 
 
 def compared_metrics(output_dir: Path, info: dict) -> dict[str, list[dict]]:
@@ -133,18 +159,52 @@ def unpack_records(table: dict) -> dict[str, list[dict]]:
             for folder, rows in table["runs"].items()}
 
 
-def read_published(output_dir: Path) -> dict[str, list[dict]] | None:
-    """Every run's records from a published folder's PUBLISHED file; None when there is none."""
+def pack_probes(probes: dict[str, dict]) -> dict:
+    """Runs' probe records (by folder) as one table: the fields all share once, each run's own.
+
+    The probe, its document ids and token counts are the same for every run, so each
+    run adds little more than its NLL per document; unpack_probes() gives them back.
+    """
+    first = next(iter(probes.values()))
+    shared = {k: v for k, v in first.items() if all(r.get(k) == v for r in probes.values())}
+    return {"shared": shared, "runs": {folder: {k: v for k, v in record.items() if k not in shared}
+                                       for folder, record in probes.items()}}
+
+
+def unpack_probes(table: dict) -> dict[str, dict]:
+    """pack_probes()'s table back as each run's probe record."""
+    return {folder: {**table["shared"], **own} for folder, own in table["runs"].items()}
+
+
+def _published_table(output_dir: Path) -> dict | None:
+    """A published folder's PUBLISHED file, parsed; None when there is none."""
     path = Path(output_dir) / PUBLISHED
     if not path.exists():
         return None
     with gzip.open(path, "rt", encoding="utf-8") as handle:
-        return unpack_records(json.load(handle))
+        return json.load(handle)
 
 
-def write_published(path: Path, runs: dict[str, list[dict]]) -> None:
-    """Write the packed records gzipped, byte-reproducible (no name or time in the header)."""
-    text = json.dumps(pack_records(runs), separators=(",", ":"), ensure_ascii=False)
+def read_published(output_dir: Path) -> dict[str, list[dict]] | None:
+    """Every run's records from a published folder's PUBLISHED file; None when there is none."""
+    table = _published_table(output_dir)
+    return None if table is None else unpack_records(table)
+
+
+def read_published_probes(output_dir: Path) -> dict[str, dict] | None:
+    """Every run's probe record from a published folder; None when it holds none."""
+    table = _published_table(output_dir)
+    return None if table is None or "probes" not in table else unpack_probes(table["probes"])
+
+
+def write_published(path: Path, runs: dict[str, list[dict]],
+                    probes: dict[str, dict] | None = None) -> None:
+    """Write the packed records (and probe records, if any) gzipped, byte-reproducible (no
+    name or time in the header); without probe records the file is what it was before them."""
+    table = pack_records(runs)
+    if probes:
+        table["probes"] = pack_probes(probes)
+    text = json.dumps(table, separators=(",", ":"), ensure_ascii=False)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", filename="",
                                                mtime=0, compresslevel=9) as handle:
@@ -218,6 +278,59 @@ def add_intervals(table: list[dict], all_runs: dict[str, list[list[dict]]]) -> N
         row["seed_sd"] = found["seed_sd"]
 
 
+def forgetting(probes: dict[str, list[dict | None]], best: dict,
+               estimates: verdict.Estimates) -> dict:
+    """What each method forgot: its NLL change on the probe against the base, and the flags.
+
+    A method is measured when every seed's probe record matches the base's (the same
+    probe, documents and tokens); the intervals and pairs are verdict.py's, the
+    document being the cluster.  Each measured method also carries what it learned
+    (its headline gain over the base, verdict.gain_intervals) for the chart.
+    """
+    reference = (probes.get("base") or [None])[0]
+    if reference is None:
+        return {"measured": False, "note": NO_PROBE, "rule": verdict.FORGETTING_RULE}
+    same = ("probe", "ids", "tokens")
+    nll, missing = {"base": np.array([reference["nll"]], dtype=float)}, []
+    for name, records in probes.items():
+        if name == "base":
+            continue
+        if all(r is not None and all(r.get(k) == reference[k] for k in same) for r in records):
+            nll[name] = np.array([r["nll"] for r in records], dtype=float)
+        else:
+            missing.append(name)
+    if len(nll) == 1:
+        return {"measured": False, "note": "no fine-tuned run has probe scores matching the "
+                "base's; run evaluate.py again", "rule": verdict.FORGETTING_RULE}
+    tokens = np.array(reference["tokens"], dtype=float)
+    methods = verdict.forgetting_intervals(nll, tokens)
+    gains = verdict.gain_intervals(estimates)
+    for name, entry in methods.items():
+        entry["seeds"] = int(nll[name].shape[0])
+        entry["learned"] = gains.get(name)
+    pairs = verdict.forgetting_pairs(nll, tokens, best)
+    return {"measured": True, "probe": reference["probe"],
+            "base_nats_per_token": float(sum(reference["nll"]) / tokens.sum()),
+            "unit": "document (each document of the probe is one cluster)",
+            "interval_level": verdict.INTERVAL_LEVEL, "methods": methods,
+            "not_measured": missing, "pairs": pairs,
+            "flags": verdict.forgetting_flags(pairs, best), "rule": verdict.FORGETTING_RULE,
+            "pair_bounds": "two-sided t bounds at the verdict's pair level (Bonferroni over "
+                           "the pairs of methods, at alpha_best)"}
+
+
+def add_forgetting(table: list[dict], found: dict) -> None:
+    """Add each row's forgetting (nats per token) and probe perplexity ratio, with intervals;
+    None for the base and for any method not measured."""
+    methods = found.get("methods") or {}
+    for row in table:
+        entry = methods.get(row["method"])
+        row["forgetting"] = None if entry is None else entry["change"]
+        row["forgetting_interval"] = None if entry is None else entry["interval"]
+        row["probe_ppl_ratio"] = None if entry is None else entry["ratio"]
+        row["probe_ppl_ratio_interval"] = None if entry is None else entry["ratio_interval"]
+
+
 # --- The comparison, from files alone -------------------------------------------
 
 
@@ -245,7 +358,10 @@ def build(output_dir: Path, alpha: float = verdict.ALPHA, margin: float = verdic
     plan = verdict.settle_plan(estimates, best, verdict.cost_order(table))
     searches = read_searches(output_dir, trained)
     sensitivity = verdict.rate_sensitivity(searches)
-    decision = verdict.recommend(table, best, plan, label, verdict.rate_text(sensitivity))
+    forgot = forgetting(compared_probes(output_dir, info), best, estimates)
+    add_forgetting(table, forgot)
+    decision = verdict.recommend(table, best, plan, label, verdict.rate_text(sensitivity),
+                                 verdict.forgetting_lines(forgot, label, alpha))
     if plan is not None:
         plan["commands"] = plan_commands(output_dir, info, trained, plan)
     breakdowns = {name: {"eval_kind": breakdown(runs, "eval_kind"),
@@ -263,7 +379,7 @@ def build(output_dir: Path, alpha: float = verdict.ALPHA, margin: float = verdic
         "intervals": "95% t intervals, cluster-robust over fact groups plus seed variance; "
                      "see verdict.py", "interval_level": verdict.INTERVAL_LEVEL,
         "procedure": procedure, "rows": table, "best": best, "pairwise": pairs, "plan": plan,
-        "rate_sensitivity": sensitivity,
+        "rate_sensitivity": sensitivity, "forgetting": forgot,
         "breakdowns": breakdowns,
         "lr_search": {name: {k: s.get(k) for k in ("grid", "chosen_lr", "metric", "budget")}
                       for name, s in searches.items()},
@@ -319,15 +435,18 @@ def plan_commands(output_dir: Path, info: dict, trained: dict[str, list[dict]],
 def publish(output_dir: Path, target: Path) -> None:
     """Copy what build() reads (no weights) to target, e.g. results/<model>/.
 
-    That is evaluation.json, every compared run's records packed into one PUBLISHED
-    file, each trained run's metrics.json and the compared methods' searches.
+    That is evaluation.json, every compared run's records (and probe records) packed
+    into one PUBLISHED file, each trained run's metrics.json and the compared methods' searches.
     """
     output_dir, target = Path(output_dir), Path(target)
     info, runs = compared_runs(output_dir)
+    probes = compared_probes(output_dir, info)
     with common.staged_dir(target) as tmp:
         shutil.copy2(runpaths.evaluation_file(output_dir), runpaths.evaluation_file(tmp))
         write_published(tmp / PUBLISHED, {folder: records for name, folders in info["runs"].items()
-                                          for folder, records in zip(folders, runs[name])})
+                                          for folder, records in zip(folders, runs[name])},
+                        {folder: record for name, folders in info["runs"].items()
+                         for folder, record in zip(folders, probes[name]) if record is not None})
         for name, folders in info["runs"].items():
             if name == "base":
                 continue

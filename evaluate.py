@@ -27,7 +27,14 @@ outputs/<method>-seed<N>/, made by --seeds) is reported as the mean over its
 seeds, with 95% intervals over questions and seeds; every pair of methods, and
 each method against the base, is compared with a paired test (see verdict.py).
 
-Writes outputs/<run>/predictions.jsonl (outputs/base/ for the untuned model),
+Forgetting: every model is also scored on the general-text probe
+(probe/sotu.jsonl, forgetting.py): its NLL per document of real English prose,
+against the base's on the same tokens, in the same precision, on the same
+(merged or 4-bit) model as the questions.  Each run keeps these in
+outputs/<run>/probe.json with their own fingerprint (the model files, the
+probe's checksum and cut, the precision), so they too are scored once.
+
+Writes outputs/<run>/predictions.jsonl and probe.json (outputs/base/ for the untuned model),
 outputs/evaluation.json (what was compared); compare.py builds
 outputs/comparison.json (the means, intervals, paired tests and the
 recommendation computed from them), it prints the recommendation, then
@@ -46,6 +53,7 @@ import torch
 import answer_loss
 import common
 import compare
+import forgetting
 import generation
 import models
 import report
@@ -95,6 +103,13 @@ def parse_args(argv=None):
                              "method, declared before looking: a method is recommended only "
                              "when it is shown at most this far below the best (default "
                              f"{verdict.MARGIN:g}; README, 'The verdict')")
+    parser.add_argument("--probe", default=str(forgetting.PROBE),
+                        help="the general-text probe that measures forgetting: one JSON object "
+                             "a line with id and text (default: the shipped probe/sotu.jsonl; "
+                             "probe/README.md)")
+    parser.add_argument("--no-probe", action="store_true",
+                        help="do not measure forgetting (the comparison shows it as not "
+                             "measured)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow model code from the Hub to run (off by default)")
     parser.add_argument("--compare-only", action="store_true",
@@ -250,7 +265,46 @@ def save_records(folder: Path, records: list[dict], value: str) -> None:
         raise common.write_failed(folder / PREDICTIONS, exc) from None
 
 
+def save_probe(folder: Path, record: dict) -> None:
+    """Write a run's probe record (its fingerprint inside), atomically."""
+    try:
+        common.write_json(folder / runpaths.PROBE, record)
+    except OSError as exc:
+        raise common.write_failed(folder / runpaths.PROBE, exc) from None
+
+
 # --- Scoring -----------------------------------------------------------------
+
+
+class Probe:
+    """The general-text probe as evaluate.py scores it: documents, tokens, what fingerprints it."""
+
+    def __init__(self, path: Path, documents: list[dict], examples: list[dict], info: dict,
+                 precision: str):
+        self.path, self.documents, self.examples = path, documents, examples
+        self.info, self.precision = info, precision
+
+    @classmethod
+    def load(cls, path: str, tokenizer, base_path: str, precision: str,
+             trust_remote_code: bool = False) -> "Probe":
+        """Read and tokenise the probe once, cut to the base's context (the same for all)."""
+        documents = forgetting.load_probe(path)
+        cut = forgetting.max_tokens(forgetting.base_context(base_path, trust_remote_code))
+        examples = forgetting.probe_examples(tokenizer, documents, cut)
+        info = forgetting.probe_info(path, documents, examples, cut)
+        print(f"probe: {info['documents']} documents, {info['tokens']:,} tokens scored (at most "
+              f"{cut} a document) from {path}")
+        return cls(Path(path), documents, examples, info, precision)
+
+    def fingerprint(self, model_folder: Path) -> str:
+        """What a model's probe scores depend on (forgetting.fingerprint)."""
+        return forgetting.fingerprint(folder_digest(model_folder), self.info, self.precision)
+
+    def score(self, model, name: str, value: str, pad_id: int, device) -> dict:
+        """A model's probe record: its NLL on each document."""
+        nll = forgetting.score_probe(model, self.examples, pad_id, device, self.precision,
+                                     desc=f"{name}: probe")
+        return forgetting.probe_record(self.documents, nll, self.info, value)
 
 
 def evaluate_model(name, model, tokenizer, rows, examples, max_new, stop, args,
@@ -304,6 +358,10 @@ def main(args):
     examples = common.tokenize_rows(tokenizer, rows, 10**9, source="eval.jsonl", label_eos=False)
     max_new = generation.max_new_tokens_for(tokenizer, [r["completion"] for r in rows])
 
+    # The general-text probe: the same documents, cut the same way, for every model
+    probe = None if args.no_probe else Probe.load(args.probe, tokenizer, base_path, precision,
+                                                   args.trust_remote_code)
+
     # Score each run whose predictions are missing or stale; reuse the others
     decoding = {"max_new_tokens": max_new, "stop": stop, "greedy": True,
                 "eos_token_id": tokenizer.eos_token_id,
@@ -313,27 +371,49 @@ def main(args):
     compared: dict[str, list[tuple[Path, dict]]] = {}  # per model: its up-to-date runs
     for name, runs in {"base": [(output_dir / "base", None)], **methods}.items():
         for folder, metrics in runs:
-            value = fingerprint(Path(base_path) if name == "base" else folder, rows, template,
-                                decoding)
+            model_folder = Path(base_path) if name == "base" else folder
+            value = fingerprint(model_folder, rows, template, decoding)
             records = None if args.force else cached_records(folder, value)
-            if records is not None:
+            probe_value = None if probe is None else probe.fingerprint(model_folder)
+            probed = (probe is None or not args.force
+                      and forgetting.cached_record(folder / runpaths.PROBE, probe_value))
+            if records is not None and probed:
                 print(f"{folder.name:>14}: unchanged since it was last scored; predictions reused")
-            elif name not in rescore:
-                print(f"warning: {folder} changed since it was last scored and is not in "
-                      f"--methods; left out of the comparison (run evaluate.py --methods {name})")
+                compared.setdefault(name, []).append((folder, metrics))
                 continue
-            else:
-                model = load_for_eval(name, folder, base_path, metrics, device,
-                                      args.trust_remote_code, precision)
+            if name not in rescore:
+                if records is None:
+                    print(f"warning: {folder} changed since it was last scored and is not in "
+                          f"--methods; left out of the comparison (run evaluate.py --methods "
+                          f"{name})")
+                    continue
+                # its model is unchanged (its predictions are current), so a probe.json here
+                # was made on another probe or cut, which compare.py does not read
+                print(f"warning: {folder}'s probe scores are missing or stale and it is not in "
+                      f"--methods: its forgetting is not measured (run evaluate.py --methods "
+                      f"{name})")
+                compared.setdefault(name, []).append((folder, metrics))
+                continue
+            model = load_for_eval(name, folder, base_path, metrics, device,
+                                  args.trust_remote_code, precision)
+            folder.mkdir(parents=True, exist_ok=True)
+            if records is None:
                 records = evaluate_model(folder.name, model, tokenizer, rows, examples, max_new,
                                          stop, args, device, precision)
-                del model
-                folder.mkdir(parents=True, exist_ok=True)
                 save_records(folder, records, value)
                 summary = scoring.summarise(records)
                 print(f"{folder.name:>14}: answer PPL {scoring.run_perplexity(records):8.2f}  exact "
                       f"{summary['exact_match']:5.1f}%  key {fmt(summary['key_accuracy'])}%  "
                       f"F1 {summary['token_f1']:5.1f}%")
+            else:
+                print(f"{folder.name:>14}: predictions reused; scoring the probe")
+            if not probed:
+                record = probe.score(model, folder.name, probe_value, tokenizer.pad_token_id,
+                                     device)
+                save_probe(folder, record)
+                print(f"{folder.name:>14}: probe NLL {forgetting.nats_per_token(record):.4f} "
+                      f"nats/token on {len(record['ids'])} documents")
+            del model
             compared.setdefault(name, []).append((folder, metrics))
     trained = [runs for name, runs in compared.items() if name != "base"]
     if not trained:
@@ -343,6 +423,7 @@ def main(args):
     common.write_json(runpaths.evaluation_file(output_dir), {
         "model": trained[0][0][1]["model"], "base_model_path": base_path,
         "questions": len(rows), "max_new_tokens": max_new, "stop": stop, "precision": precision,
+        "probe": None if probe is None else probe.info,
         "runs": {name: [folder.name for folder, _ in runs] for name, runs in compared.items()}})
     compare_and_render(output_dir, args.alpha, args.margin)
 

@@ -9,8 +9,9 @@ compared run's per-question records (read by compare.compared_runs), each
 method's training_metrics.png where the folder has it, and search/<method>.json;
 computes nothing that decides anything.  Writes
 comparison.md, comparison.csv, comparison.png, quality_vs_cost.png,
-lr_search.png (when a learning-rate search ran) and report.html, a page that
-embeds every chart and opens from disk with no network.
+learned_vs_forgot.png (when forgetting was measured), lr_search.png (when a
+learning-rate search ran) and report.html, a page that embeds every chart and
+opens from disk with no network.
 
 The markdown table, the CSV and the HTML table are all built from COLUMNS, so
 they show the same measures in the same order.
@@ -42,6 +43,7 @@ COLOURS = {"base": "#7f7f7f", "full": "#1f77b4", "lora": "#2ca02c", "qlora": "#9
 # Past this many methods a chart names them in a legend or in panels of its own, not beside
 # each point, where the names would overlap.
 CROWDED = 5
+LEARNED_VS_FORGOT = "learned_vs_forgot.png"
 MEASURES = (("answer_perplexity", "answer perplexity (lower is better)"),
             ("exact_match", "exact match %"), ("key_accuracy", "key-answer accuracy %"),
             ("token_f1", "token F1 %"), ("train_seconds", "training time (s)"),
@@ -90,6 +92,8 @@ COLUMNS = (
     Column("exact_match", "exact match % [95% CI]", 1, interval=True),
     Column("key_accuracy", "key acc. % [95% CI]", 1, interval=True),
     Column("token_f1", "F1 % [95% CI]", 1, interval=True),
+    Column("forgetting", "forgetting, nats/token [95% CI]", 3, interval=True),
+    Column("probe_ppl_ratio", "probe PPL ratio [95% CI]", 3, interval=True),
     Column("train_loss", "train loss", 3),
     Column("train_seconds", "train time (s) (seed range)", spread=True),
     Column("train_tokens_per_s", "tokens/s"),
@@ -233,6 +237,20 @@ def breakdown_rows(comparison: dict, field: str) -> tuple[list[str], list[tuple[
 BREAKDOWNS = (("eval_kind", "eval kind"), ("category", "category"))
 
 
+def forgetting_note(comparison: dict) -> str:
+    """One paragraph on what the forgetting columns measure, or why they are empty."""
+    found = comparison.get("forgetting") or {}
+    if not found.get("measured"):
+        return f"Forgetting: not measured; {found.get('note', compare.NO_PROBE)}."
+    probe = found["probe"]
+    return (f"Forgetting: each model's mean NLL per token on {probe['documents']} documents of "
+            f"general English prose ({probe['file']}, {probe['tokens']:,} tokens, at most "
+            f"{probe['max_tokens']} a document) minus the base's "
+            f"({found['base_nats_per_token']:.3f} nats); positive means it forgot. Intervals "
+            "clustered by document, with the seed-to-seed variation; the PPL ratio is "
+            "exp(change). It does not change the recommendation.")
+
+
 # --- comparison.md -------------------------------------------------------------
 
 
@@ -249,6 +267,7 @@ def markdown_table(comparison: dict) -> str:
     for row in rows:
         out.write("| " + " | ".join(" ".join(filter(None, cell(row, c))) for c in SHOWN)
                   + " |\n")
+    out.write(f"\n{forgetting_note(comparison)}\n")
     out.write(f"\n## Comparisons with the best ({label})\n\n"
               f"{verdict.procedure_text(comparison['procedure'])}\n\n"
               + markdown_grid(*best_rows(comparison))
@@ -355,6 +374,43 @@ def plot_quality_vs_cost(comparison: dict, path: Path) -> None:
     if len(trained) > CROWDED:
         fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize=9)
     fig.suptitle("Quality against cost: up and to the left is better (bars: 95% intervals)")
+    save_figure(fig, path)
+
+
+def plot_learned_vs_forgot(comparison: dict, path: Path) -> None:
+    """What each method learned (headline gain over the base) against what it forgot (its NLL
+    change on the general-text probe), 95% intervals on both axes, one model at a time."""
+    plt = common.pyplot()
+    found, label = comparison["forgetting"], comparison["headline_label"]
+    fig, ax = plt.subplots(figsize=(9 if len(found["methods"]) > CROWDED else 7.5, 5),
+                           layout="constrained")
+    for name, entry in found["methods"].items():
+        learned = entry.get("learned")
+        if learned is None:
+            continue
+        x, y = entry["change"], learned["gain"]
+        xerr = ([[x - entry["interval"][0]], [entry["interval"][1] - x]]
+                if entry["interval"] else None)
+        yerr = ([[y - learned["interval"][0]], [learned["interval"][1] - y]]
+                if None not in learned["interval"] else None)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", ms=9, capsize=4,
+                    color=COLOURS.get(name, "#333333"), zorder=3, label=name)
+        if len(found["methods"]) <= CROWDED:
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(8, 6))
+    ax.axvline(0, color=COLOURS["base"], ls="--", label="untuned base (no change)")
+    ax.set(xlabel=f"forgot: NLL change on {found['probe']['file']} (nats per token; "
+                  "right is worse)",
+           ylabel=f"learned: {label} gain over the base (points)",
+           title="What each method learned against what it forgot: up and to the left is "
+                 "better\n(bars: 95% intervals, "
+                 "clustered by fact group and by probe document)")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if len(found["methods"]) > CROWDED:  # the names in a legend beside the chart
+        fig.legend(handles, labels, loc="outside right upper", fontsize=9)
+    else:
+        ax.legend([h for h, t in zip(handles, labels) if t.startswith("untuned")],
+                  [t for t in labels if t.startswith("untuned")], loc="lower right")
     save_figure(fig, path)
 
 
@@ -633,6 +689,9 @@ Means over seeds; intervals: {html.escape(comparison['intervals'])}.
 <h2>Learning rates</h2>{search_table(comparison, output_dir)}{lr_chart}
 <h2>Charts</h2>{image(output_dir / 'comparison.png', 'comparison')}
 {image(output_dir / 'quality_vs_cost.png', 'quality against cost')}
+<h2>What each method learned and what it forgot</h2>
+<p class=muted>{html.escape(forgetting_note(comparison))}</p>
+{image(output_dir / LEARNED_VS_FORGOT, 'learned against forgot')}
 <h2>By kind of held-out question</h2>{breakdown_table(comparison, 'eval_kind')}
 <h2>By category</h2>{breakdown_table(comparison, 'category')}
 <h2>Training curves</h2>{curves}
@@ -656,6 +715,11 @@ def render(output_dir: str | Path) -> list[Path]:
     common.write_text_atomic(written[1], csv_text(comparison["rows"]))
     plot_comparison(comparison["rows"], written[2])
     plot_quality_vs_cost(comparison, written[3])
+    if (comparison.get("forgetting") or {}).get("measured"):
+        plot_learned_vs_forgot(comparison, output_dir / LEARNED_VS_FORGOT)
+        written.append(output_dir / LEARNED_VS_FORGOT)
+    else:
+        (output_dir / LEARNED_VS_FORGOT).unlink(missing_ok=True)  # never show a stale chart
     if searches:
         plot_lr_search(searches, output_dir / "lr_search.png")
         written.append(output_dir / "lr_search.png")

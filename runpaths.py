@@ -32,6 +32,7 @@ SEARCHES = "search"  # <output>/search/<method>.json: each method's learning-rat
 CHECKPOINTS = "checkpoints"  # <output>/checkpoints/<method>/step-N/
 PREDICTIONS = "predictions.jsonl"
 FINGERPRINT = "predictions.fingerprint.json"
+PROBE = "probe.json"  # the run's NLL per document of the general-text probe (forgetting.py)
 EVALUATION = "evaluation.json"  # which runs were compared, and the decoding they were scored with
 COMPARISON = "comparison.json"  # the numbers every table, chart and the report are drawn from
 
@@ -106,6 +107,10 @@ class RunPaths:
     @property
     def fingerprint(self) -> Path:
         return self.run / FINGERPRINT
+
+    @property
+    def probe(self) -> Path:
+        return self.run / PROBE
 
     @property
     def metrics(self) -> Path:

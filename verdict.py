@@ -83,6 +83,11 @@ SE on the log scale, with the seed parts, then exp.  Bonferroni and Holm both
 have simultaneous intervals (Holm's step-down ones are Strassburger & Bretz 2008);
 the gap to the best is reported because it answers the question asked: "how far
 from the best could this method be?"
+
+Forgetting (nll_difference and after): a model's mean NLL per token on the
+general-text probe minus the base's is one ratio of sums over documents,
+linearised and estimated as above with the document as the cluster.  It is
+stated and flagged, never used to choose (FORGETTING_RULE).
 """
 
 from __future__ import annotations
@@ -571,6 +576,151 @@ def settle_plan(found: Estimates, best: dict, cost_order: list[str]) -> dict | N
                        "promise"}
 
 
+# --- Forgetting: the NLL change on the general-text probe ------------------------------
+
+FORGETTING_RULE = ("forgetting does not change the recommendation, which answers quality, "
+                   "speed and memory on the user's data; a method that helps and forgets "
+                   "significantly more than another that helps and ties with it on the "
+                   "headline (neither shown worse) is flagged in the recommendation's text")
+
+
+def nll_difference(a: np.ndarray, b: np.ndarray, tokens: np.ndarray, codes=None) -> dict:
+    """Mean NLL per token of a minus that of b, in nats, with its standard error and df.
+
+    a, b: seeds x documents matrices of summed NLL over the same tokens (tokens: per
+    document).  Each side is a ratio, summed NLL / summed tokens, so the difference is
+    one ratio, sum_d (mean_s a_sd - mean_s b_sd) / sum_d tokens_d, linearised per
+    document (linearised_ratio) and given perplexity_interval's standard error: CR1 over
+    clusters (codes; default, each document its own), plus each side's between-seed
+    variance of its per-seed ratios (a side with one seed adds none).
+    """
+    tokens = np.asarray(tokens, dtype=float)
+    codes = np.arange(len(tokens)) if codes is None else group_codes(codes)
+    a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
+    _, linear = linearised_ratio(a.mean(axis=0) - b.mean(axis=0), tokens)
+    return _estimate(linear, codes, [a / tokens.mean(), b / tokens.mean()])
+
+
+def forgetting_intervals(nll: dict[str, np.ndarray], tokens: np.ndarray, base: str = "base",
+                         level: float = INTERVAL_LEVEL, codes=None) -> dict[str, dict]:
+    """Per trained model: its NLL change against the base (nats per token) and its interval.
+
+    Also as a perplexity ratio, exp(change), with the interval's ends exponentiated.
+    Positive: the model finds the probe's text less likely than the base did (forgot).
+    """
+    out = {}
+    for name, matrix in nll.items():
+        if name == base:
+            continue
+        found = nll_difference(matrix, nll[base], tokens, codes)
+        low, high = _t_interval(found, level)
+        known = bool(np.isfinite(found["se"]))  # else None: too few documents to estimate
+        out[name] = {"change": found["mean"], "interval": [low, high] if known else None,
+                     "ratio": float(np.exp(found["mean"])),
+                     "ratio_interval": [float(np.exp(low)), float(np.exp(high))] if known
+                     else None,
+                     "se": _finite(found["se"]), "df": _finite(found["df"]),
+                     "documents": found["n_groups"]}
+    return out
+
+
+def forgetting_pairs(nll: dict[str, np.ndarray], tokens: np.ndarray, best: dict,
+                     base: str = "base", codes=None) -> list[dict]:
+    """Every pair of measured trained methods: a - b in nats per token, bounds at the verdict's
+    pair level (Bonferroni over the verdict's pairs, at its alpha_best), and which forgets more.
+    """
+    trained = [n for n in best["methods"] if n in nll and n != base]
+    level = pair_level(best["alpha_best"], len(best["methods"]))
+    rows = []
+    for a, b in itertools.combinations(trained, 2):
+        found = nll_difference(nll[a], nll[b], tokens, codes)
+        if np.isfinite(found["se"]):
+            half = _t(found["df"], level) * found["se"] if found["se"] else 0.0
+            low, high = found["mean"] - half, found["mean"] + half
+        else:
+            low, high = float("-inf"), float("inf")
+        rows.append({"a": a, "b": b, "difference": found["mean"], "se": _finite(found["se"]),
+                     "df": _finite(found["df"]), "lower": _finite(low), "upper": _finite(high),
+                     "forgets_more": a if low > 0 else b if high < 0 else None})
+    return rows
+
+
+def forgetting_flags(pairs: list[dict], best: dict) -> list[dict]:
+    """The pairs where one candidate forgets significantly more than another it ties with.
+
+    Candidates are the methods that help (or every method, with no base); two tie when
+    neither is shown worse than the other on the headline.  Each flag names the method
+    that forgets more ("method"), the one it ties with ("than") and the pair's bounds
+    oriented as method - than.
+    """
+    methods = best["methods"]
+
+    def helps(name: str) -> bool:
+        return methods[name]["base"] is None or methods[name]["base"]["helps"]
+
+    flags = []
+    for pair in pairs:
+        more = pair["forgets_more"]
+        if more is None:
+            continue
+        other = pair["b"] if more == pair["a"] else pair["a"]
+        ties = (other not in methods[more]["shown_worse_than"]
+                and more not in methods[other]["shown_worse_than"])
+        if ties and helps(more) and helps(other):
+            sign = 1 if more == pair["a"] else -1
+            ends = sorted(sign * v for v in (pair["lower"], pair["upper"]))
+            flags.append({"method": more, "than": other, "difference": sign * pair["difference"],
+                          "lower": ends[0], "upper": ends[1]})
+    return flags
+
+
+def forgetting_lines(found: dict, label: str, alpha: float) -> list[str]:
+    """The recommendation's sentences on forgetting: each method's change, then any flag."""
+    if not found.get("measured"):
+        return [f"Forgetting was not measured: {found.get('note', 'no probe scores')}."]
+    probe = found["probe"]
+    level = f"simultaneous {100 * (1 - alpha):g}%"
+    lines = [f"Forgetting (change in NLL per token on {probe['documents']} documents of "
+             f"general English prose, {probe['file']}, against the base; 95%; it does not "
+             "change the choice): " + "; ".join(
+                 f"{name} {_nats(entry['change'])} "
+                 f"[{', '.join(_nats(v) for v in entry['interval'] or (None, None))}] nats, "
+                 f"perplexity x{entry['ratio']:.3f}"
+                 for name, entry in found["methods"].items()) + "."]
+    missing = found.get("not_measured") or []
+    if missing:
+        lines.append(f"Forgetting not measured for {', '.join(missing)} (no probe scores "
+                     "matching the base's).")
+    if found["flags"]:
+        lines.extend(f"Flag: {f['method']} forgets more than {f['than']}, which it ties with "
+                     f"on {label}: {_nats(f['difference'])} nats per token "
+                     f"[{_nats(f['lower'])}, {_nats(f['upper'])}] ({level})."
+                     for f in found["flags"])
+    elif len(found["methods"]) > 1:
+        lines.append(f"No method is shown to forget more than another it ties with on {label} "
+                     f"({level}).")
+    return lines
+
+
+def _nats(value: float | None) -> str:
+    """A change in nats for text: '+0.012', or 'unknown'."""
+    return "unknown" if value is None else f"{value:+.3f}"
+
+
+def gain_intervals(found: Estimates, level: float = INTERVAL_LEVEL) -> dict[str, dict]:
+    """Per trained method, its headline gain over the base in points, with a level t interval
+    (one method at a time, as the per-model intervals): what it learned."""
+    out = {}
+    for name in found.trained:
+        pair = found.pairs.get((name, found.base))
+        if pair is None:
+            continue
+        low, high = _t_interval(pair, level)
+        out[name] = {"gain": 100 * pair["mean"], "interval": [_finite(100 * low),
+                                                              _finite(100 * high)]}
+    return out
+
+
 # --- The recommendation -----------------------------------------------------------
 
 
@@ -582,12 +732,14 @@ def cost_order(rows: list[dict]) -> list[str]:
 
 
 def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
-              rates: str = "") -> dict:
+              rates: str = "", forgetting: list[str] | None = None) -> dict:
     """The decision that follows from the bounds: recommend, inconclusive or none.
 
     rows: one per model (base first) with train_seconds, peak_memory_mb and their
     per-seed ranges ("train_seconds_range", "peak_memory_mb_range") and lr_source.
-    rates: rate_text()'s sentence, appended.  Returns {"outcome", "method", "text",
+    rates: rate_text()'s sentence, appended.  forgetting: forgetting_lines()'s sentences,
+    placed before it; they are text only, so the decision never depends on them
+    (FORGETTING_RULE).  Returns {"outcome", "method", "text",
     "lines"}: the text is the lines (one statement each) joined.  A method is
     recommended only when its simultaneous lower bound against the best clears
     -margin; a test that fails to reject never counts as evidence of anything.
@@ -596,7 +748,7 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
     order = cost_order(rows)
     methods, margin = best["methods"], best["margin"]
     level = f"simultaneous {100 * (1 - best['alpha']):g}%"
-    lines = []
+    lines, after = [], (forgetting or []) + [rates]
     helps = [a for a in order if methods[a]["base"] is None or methods[a]["base"]["helps"]]
     if "base" not in by_name:
         lines.append("The untuned base was not evaluated, so no method is shown to help.")
@@ -610,7 +762,7 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
         lines.insert(0, "Recommendation: none. No method is shown better than the untuned base "
                      "model on this data; train longer (--epochs), tune the rate (--tune-lr) "
                      "or add data, then compare again.")
-        return _decision("none", None, lines + [rates], rows)
+        return _decision("none", None, lines + after, rows)
     lines.append(f"Best set by {label} ({level}): " + ", ".join(best["best_set"]) + "; "
                  + "; ".join(_gap_text(a, methods[a]) for a in best["best_set"]) + ".")
     worse = [a for a in order if not methods[a]["in_best_set"]]
@@ -633,13 +785,13 @@ def recommend(rows: list[dict], best: dict, plan: dict | None, label: str,
         costs = _cost_text(by_name, chosen, [a for a in best["best_set"] if a != chosen])
         if costs:
             lines.append(costs)
-        return _decision("recommend", chosen, lines + [rates], rows)
+        return _decision("recommend", chosen, lines + after, rows)
     lines.insert(0, f"Verdict: inconclusive at a margin of {margin:g} points. No method that "
                  f"helps is shown within {margin:g} points of the best ({level}); the data "
                  "cannot yet tell the best set apart, so none of them is recommended over "
                  "the others.")
     lines.extend(_plan_lines(plan, margin))
-    return _decision("inconclusive", None, lines + [rates], rows)
+    return _decision("inconclusive", None, lines + after, rows)
 
 
 def _decision(outcome: str, method: str | None, lines: list[str], rows: list[dict]) -> dict:

@@ -1,12 +1,15 @@
 """The everyday loop: re-run one method, re-score only it, see everything in report.html."""
 
 import json
+import math
 import re
 
 import pytest
 
+import common
 import compare
 import evaluate
+import forgetting
 import finetune_lora
 from helpers import write_split
 from helpers import FOUR
@@ -125,8 +128,10 @@ def test_report_is_one_self_contained_page_with_everything(scored):
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     # nothing is fetched: no external source, stylesheet or script
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
-    # the charts and each method's training curves are embedded
-    assert page.count("data:image/png;base64,") == 2 + 4
+    # the charts (comparison, quality against cost, learned against forgot) and each
+    # method's training curves are embedded
+    assert page.count("data:image/png;base64,") == 3 + 4
+    assert "What each method learned and what it forgot" in page
     assert report["recommendation"].split(".")[0] in page
     for row in report["rows"]:
         assert f"<td>{row['method']}</td>" in page
@@ -154,6 +159,70 @@ def test_report_lists_exactly_the_questions_where_methods_disagree(scored):
     assert f"{len(expected)} of 12 questions get different verdicts" in page
 
 
+# --- forgetting: the general-text probe ----------------------------------------------
+
+
+def probe_files(out) -> dict:
+    """Every run's probe.json: its bytes and modification time."""
+    return {path.parent.name: (path.read_bytes(), path.stat().st_mtime_ns)
+            for path in sorted(out.glob("*/probe.json"))}
+
+
+def test_every_model_is_scored_on_the_probe_and_compared_with_the_base(scored):
+    data, out = scored
+    report = run_evaluate(data, out)
+    assert sorted(probe_files(out)) == ["base", "bitfit", "full", "lora", "qlora"]
+    found = report["forgetting"]
+    assert found["measured"] and found["probe"]["documents"] == 200
+    assert found["probe"]["max_tokens"] == forgetting.MAX_TOKENS  # under half of 256
+    assert found["probe"]["sha256"] == common.file_sha256(forgetting.PROBE)
+    assert set(found["methods"]) == {"full", "lora", "qlora", "bitfit"}
+    assert len(found["pairs"]) == 6 and found["not_measured"] == []
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["base"]["forgetting"] is None
+    for name, entry in found["methods"].items():
+        assert rows[name]["forgetting"] == entry["change"]
+        assert rows[name]["probe_ppl_ratio"] == pytest.approx(math.exp(entry["change"]))
+        low, high = rows[name]["forgetting_interval"]
+        assert low < entry["change"] < high
+        assert entry["learned"]["gain"] == pytest.approx(
+            rows[name]["key_accuracy"] - rows["base"]["key_accuracy"])
+    assert "Forgetting (change in NLL per token on 200 documents" in report["recommendation"]
+    assert (out / "learned_vs_forgot.png").stat().st_size > 0
+
+
+def test_another_probe_rescores_the_probe_alone(scored, tmp_path, capsys):
+    data, out = scored
+    predictions, probes = snapshot(out), probe_files(out)
+    shorter = tmp_path / "probe.jsonl"
+    shorter.write_text("".join(forgetting.PROBE.read_text().splitlines(True)[:30]))
+    capsys.readouterr()
+    report = run_evaluate(data, out, "--probe", str(shorter))
+    assert capsys.readouterr().out.count("predictions reused; scoring the probe") == 5
+    assert snapshot(out) == predictions  # the answers were not scored again
+    assert all(probe_files(out)[n][1] != probes[n][1] for n in probes)
+    assert report["forgetting"]["probe"]["documents"] == 30
+    run_evaluate(data, out)  # back to the shipped probe: scored again, not mixed with 30
+    assert json.loads((out / "lora" / "probe.json").read_text())["probe"]["documents"] == 200
+
+
+def test_no_probe_shows_forgetting_as_not_measured_and_keeps_the_verdict(scored, capsys):
+    data, out = scored
+    measured = run_evaluate(data, out)
+    probes = probe_files(out)
+    report = run_evaluate(data, out, "--no-probe")
+    assert not report["forgetting"]["measured"] and report["outcome"] == measured["outcome"]
+    assert all(r["forgetting"] is None for r in report["rows"])
+    assert "Forgetting was not measured" in report["recommendation"]
+    assert not (out / "learned_vs_forgot.png").exists()
+    assert "Forgetting: not measured" in (out / "comparison.md").read_text()
+    assert probe_files(out) == probes  # kept for the next evaluation with the probe
+    capsys.readouterr()
+    again = run_evaluate(data, out)
+    assert again["forgetting"] == measured["forgetting"]
+    assert "scoring the probe" not in capsys.readouterr().out
+
+
 def without_paths(comparison: dict) -> dict:
     """comparison.json minus what names the folder it was written in."""
     return {k: v for k, v in comparison.items() if k != "base_model_path"}
@@ -171,6 +240,9 @@ def test_published_scores_rebuild_the_same_verdict_without_models(scored, tmp_pa
     evaluate.main(evaluate.parse_args(["--output-dir", str(published), "--compare-only"]))
     rebuilt = json.loads((published / "comparison.json").read_text())
     assert without_paths(rebuilt) == without_paths(report)
+    assert rebuilt["forgetting"]["measured"]  # the probe's figures travel in the packed file
+    assert not list(published.rglob("probe.json"))
+    assert (published / "learned_vs_forgot.png").exists()
     assert (published / "comparison.md").read_text() == (out / "comparison.md").read_text()
     page = (published / "report.html").read_text()
     curves = page.split("<h2>Training curves</h2>")[1].split("<h2>")[0]

@@ -135,3 +135,14 @@ def test_the_plan_commands_add_seeds_where_the_runs_were_trained():
             + info["questions"])
     assert commands["questions"] == (f"make all MODEL={info['model']} SIZE={2 * rows} SEEDS=4 "
                                      "TUNE=1 DATA=data/larger OUT=outputs/larger")
+
+
+def test_a_folder_published_before_the_probe_shows_forgetting_as_not_measured():
+    """results/smollm2-135m/ holds no probe scores: its verdict is rebuilt as before, and the
+    forgetting columns say not measured instead of inventing a figure."""
+    published = json.loads((RESULTS / "comparison.json").read_text())
+    assert published["forgetting"]["measured"] is False
+    assert compare.read_published_probes(RESULTS) is None
+    assert all(row["forgetting"] is None for row in published["rows"])
+    assert "Forgetting was not measured" in published["recommendation"]
+    assert "Forgetting: not measured" in (RESULTS / "comparison.md").read_text()
