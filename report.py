@@ -400,14 +400,13 @@ def plot_learned_vs_forgot(comparison: dict, path: Path) -> None:
     ax.axvline(0, color=COLOURS["base"], ls="--", label="untuned base (no change)")
     ax.set(xlabel=f"forgot: NLL change on {found['probe']['file']} (nats per token; "
                   "right is worse)",
-           ylabel=f"learned: {label} gain over the base (points)",
-           title="What each method learned against what it forgot: up and to the left is "
-                 "better\n(bars: 95% intervals, "
-                 "clustered by fact group and by probe document)")
+           ylabel=f"learned: {label} gain over the base (points)")
+    fig.suptitle("What each method learned against what it forgot: up and to the left is "
+                 "better\n(bars: 95% intervals, clustered by fact group and by probe document)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if len(found["methods"]) > CROWDED:  # the names in a legend beside the chart
-        fig.legend(handles, labels, loc="outside right upper", fontsize=9)
+        fig.legend(handles, labels, loc="outside right center", fontsize=9)
     else:
         ax.legend([h for h, t in zip(handles, labels) if t.startswith("untuned")],
                   [t for t in labels if t.startswith("untuned")], loc="lower right")
