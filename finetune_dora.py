@@ -26,7 +26,7 @@ def parse_args(argv=None):
     """Command-line options: finetune_lora.py's adapter shape (rank, alpha, targets)."""
     parser = finetune_lora.build_parser(
         __doc__, DEFAULT_LR,
-        "learning rate (default 1.8e-3: LoRA's, as DoRA's authors use; the search's choice, "
+        "learning rate (default 1.8e-3: the search's choice, the same as LoRA's; "
         "results/defaults.md)")
     return parser.parse_args(argv)
 

@@ -20,12 +20,12 @@ import models
 import tuning
 from settings import TrainSettings, training_parser
 
-DEFAULT_LR = 1e-2
+DEFAULT_LR = 3e-2
 
 
 def parse_args(argv=None):
     """Command-line options: the shared ones (settings.TrainSettings)."""
-    parser = training_parser(__doc__, DEFAULT_LR, "learning rate (default 1e-2: scaling vectors "
+    parser = training_parser(__doc__, DEFAULT_LR, "learning rate (default 3e-2: scaling vectors "
                                                   "that start at one need a large rate; the "
                                                   "search's choice, results/defaults.md)")
     return parser.parse_args(argv)
