@@ -55,8 +55,8 @@ def build_parser(description: str = __doc__, lr: float = DEFAULT_LR, lr_help: st
     return parser
 
 
-# The variants' default rates: each searched like LoRA's (results/defaults.md).
-VARIANT_LR = {"rslora": 6e-4, "pissa": 6e-4, "loraplus": 6e-4}
+# The variants' default rates: each its own search's choice, as LoRA's (results/defaults.md).
+VARIANT_LR = {"rslora": 6e-4, "pissa": 6e-4, "loraplus": 1.8e-4}
 
 
 def parse_args(argv=None):
