@@ -220,6 +220,24 @@ def test_a_fractional_search_budget_trains_that_share_of_an_epoch_and_search_onl
     assert full >= 2 and half == max(1, round(full / 2))
 
 
+def test_resume_after_search_only_trains_the_seeds_at_the_reused_rate(data_dir, tmp_path,
+                                                                      capsys):
+    """--search-only, then the same command with --resume: the search is reused (not trained
+    again) and the seeds start afresh at its rate, recorded as searched."""
+    out = tmp_path / "o"
+    grid = ("--tune-lr", "--lr-grid", "1e-4,1e-3")
+    finetune_lora.main(lora_args(data_dir, out, *grid, "--search-only"))
+    capsys.readouterr()
+    finetune_lora.main(lora_args(data_dir, out, *grid, "--resume", "--seeds", "2"))
+    printed = capsys.readouterr().out
+    assert "using the finished learning-rate search" in printed
+    assert "learning-rate search 1/" not in printed
+    chosen = json.loads((out / "search" / "lora.json").read_text())["chosen_lr"]
+    for folder in ("lora", "lora-seed43"):
+        metrics = json.loads((out / folder / "metrics.json").read_text())
+        assert metrics["args"]["lr"] == chosen and metrics["lr_search"]["chosen_lr"] == chosen
+
+
 def test_search_only_without_a_search_is_refused(data_dir, tmp_path):
     with pytest.raises(common.PipelineError, match="--search-only needs --tune-lr"):
         finetune_lora.main(lora_args(data_dir, tmp_path / "o", "--search-only"))
