@@ -33,6 +33,8 @@ from settings import TrainSettings, positive_float, positive_int, training_parse
 DEFAULT_LR = 1.8e-3
 LR_HELP = ("learning rate (default 1.8e-3: adapters start at zero and need about 10x full "
            "fine-tuning's rate; the search's choice, results/defaults.md)")
+# The variants' default rates: each its own search's choice, as LoRA's (results/defaults.md).
+VARIANT_LR = {"rslora": 6e-4, "pissa": 6e-4, "loraplus": 1.8e-4}
 
 
 def build_parser(description: str = __doc__, lr: float = DEFAULT_LR, lr_help: str = LR_HELP):
@@ -53,10 +55,6 @@ def build_parser(description: str = __doc__, lr: float = DEFAULT_LR, lr_help: st
                              "found necessary to match full fine-tuning; for GPT-2 that is "
                              "c_attn,c_proj,c_fc, for Llama q/k/v/o_proj and gate/up/down_proj")
     return parser
-
-
-# The variants' default rates: each its own search's choice, as LoRA's (results/defaults.md).
-VARIANT_LR = {"rslora": 6e-4, "pissa": 6e-4, "loraplus": 1.8e-4}
 
 
 def parse_args(argv=None):
