@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from common import PipelineError, is_write_failure, write_failed, write_json
+from models import unwrapped
 from runpaths import RunPaths
 from settings import TrainSettings
 
@@ -48,14 +49,9 @@ def listed(paths: RunPaths) -> list[Path]:
     return sorted(p for p in paths.checkpoints.glob("step-*") if (p / "state.json").exists())
 
 
-def unwrapped(model):
-    """The model inside a DDP wrapper, PEFT's wrapper kept: prompt tuning's trainable prompt
-    lives in PEFT's wrapper, outside the transformer that causal_lm returns."""
-    return getattr(model, "module", model)
-
-
 def trainable_state(model) -> dict:
-    """The tensors that training changes, by parameter name (what a checkpoint must hold)."""
+    """The tensors that training changes, by parameter name (what a checkpoint must hold); read
+    from PEFT's wrapper, not causal_lm, so that prompt tuning's prompt is among them."""
     return {name: param.detach().cpu().contiguous().clone()
             for name, param in unwrapped(model).named_parameters() if param.requires_grad}
 

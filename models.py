@@ -444,16 +444,20 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
+def unwrapped(model):
+    """The model inside a DDP wrapper, PEFT's wrapper kept (prompt tuning's prompt lives there)."""
+    return getattr(model, "module", model)
+
+
 def causal_lm(model):
     """The transformers model inside DDP and PEFT wrappers."""
-    model = getattr(model, "module", model)
+    model = unwrapped(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def virtual_tokens(model) -> int:
     """How many learned virtual tokens (prompt tuning) stand before every sequence; 0 for others."""
-    peft = getattr(model, "module", model)
-    config = getattr(peft, "active_peft_config", None)
+    config = getattr(unwrapped(model), "active_peft_config", None)
     return config.num_virtual_tokens if getattr(config, "is_prompt_learning", False) else 0
 
 
@@ -467,7 +471,7 @@ def virtual_prefix(model, batch_size: int):
     """
     if not virtual_tokens(model):
         return None
-    return getattr(model, "module", model).get_prompt(batch_size=batch_size)
+    return unwrapped(model).get_prompt(batch_size=batch_size)
 
 
 def enable_gradient_checkpointing(model) -> None:
