@@ -235,9 +235,10 @@ def folder_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model_folder: Path, rows: list[dict], template: dict, decoding: dict) -> str:
-    """What a run's predictions depend on: model files, eval rows, template, decoding, scorer."""
-    blob = json.dumps({"model": folder_digest(model_folder), "rows": rows, "template": template,
+def fingerprint(model_digest: str, rows: list[dict], template: dict, decoding: dict) -> str:
+    """What a run's predictions depend on: model files (folder_digest), eval rows, template,
+    decoding, scorer."""
+    blob = json.dumps({"model": model_digest, "rows": rows, "template": template,
                        "decoding": decoding, "scoring": SCORING_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -279,9 +280,8 @@ def save_probe(folder: Path, record: dict) -> None:
 class Probe:
     """The general-text probe as evaluate.py scores it: documents, tokens, what fingerprints it."""
 
-    def __init__(self, path: Path, documents: list[dict], examples: list[dict], info: dict,
-                 precision: str):
-        self.path, self.documents, self.examples = path, documents, examples
+    def __init__(self, documents: list[dict], examples: list[dict], info: dict, precision: str):
+        self.documents, self.examples = documents, examples
         self.info, self.precision = info, precision
 
     @classmethod
@@ -294,11 +294,11 @@ class Probe:
         info = forgetting.probe_info(path, documents, examples, cut)
         print(f"probe: {info['documents']} documents, {info['tokens']:,} tokens scored (at most "
               f"{cut} a document) from {path}")
-        return cls(Path(path), documents, examples, info, precision)
+        return cls(documents, examples, info, precision)
 
-    def fingerprint(self, model_folder: Path) -> str:
+    def fingerprint(self, model_digest: str) -> str:
         """What a model's probe scores depend on (forgetting.fingerprint)."""
-        return forgetting.fingerprint(folder_digest(model_folder), self.info, self.precision)
+        return forgetting.fingerprint(model_digest, self.info, self.precision)
 
     def score(self, model, name: str, value: str, pad_id: int, device) -> dict:
         """A model's probe record: its NLL on each document."""
@@ -371,10 +371,11 @@ def main(args):
     compared: dict[str, list[tuple[Path, dict]]] = {}  # per model: its up-to-date runs
     for name, runs in {"base": [(output_dir / "base", None)], **methods}.items():
         for folder, metrics in runs:
-            model_folder = Path(base_path) if name == "base" else folder
-            value = fingerprint(model_folder, rows, template, decoding)
+            # the model's files hashed once, for its predictions and its probe scores alike
+            digest = folder_digest(Path(base_path) if name == "base" else folder)
+            value = fingerprint(digest, rows, template, decoding)
             records = None if args.force else cached_records(folder, value)
-            probe_value = None if probe is None else probe.fingerprint(model_folder)
+            probe_value = None if probe is None else probe.fingerprint(digest)
             probed = (probe is None or not args.force
                       and forgetting.cached_record(folder / runpaths.PROBE, probe_value))
             if records is not None and probed:
