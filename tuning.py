@@ -394,14 +394,15 @@ def train_method(settings: TrainSettings, method: str, prepare, callbacks: tuple
         if main_process:
             remove_stale_seeds(Path(settings.output_dir), method, {p.name for p in seed_paths})
         identity = run_id(settings, method)
-        # A search reused under --resume is work resumed: the first seed may then start afresh
-        reused = settings.resume and search is not None
+        # Under --resume a search (reused, or run now) is work done: with no checkpoint the
+        # first seed starts afresh instead of stopping with "nothing to resume"
+        searched = settings.resume and search is not None
         finished = []
         for number, (paths, seed) in enumerate(zip(seed_paths, seeds), start=1):
             if settings.seeds > 1:
                 print(f"{method}: seed {seed} ({number} of {len(seeds)}) -> {paths.run}/")
             seed_settings = settings.replace(seed=seed)
-            action = resume_action(seed_settings, paths, identity, bool(finished) or reused)
+            action = resume_action(seed_settings, paths, identity, bool(finished) or searched)
             if action == "skip":
                 print(f"{method}: {paths.run}/ is already complete; skipped")
                 finished.append(common.read_json(paths.metrics))
