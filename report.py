@@ -304,6 +304,15 @@ def save_figure(fig, path: Path) -> None:
         common.pyplot().close(fig)
 
 
+def base_legend(ax) -> None:
+    """A legend for the untuned base's line alone, where the methods are named beside their
+    points; none when the chart has no base line."""
+    handles, labels = ax.get_legend_handles_labels()
+    kept = [(h, t) for h, t in zip(handles, labels) if t.startswith("untuned")]
+    if kept:
+        ax.legend(*zip(*kept), loc="lower right")
+
+
 def plot_comparison(rows: list[dict], path: Path) -> None:
     """One bar panel per measure, methods in the same order and colour; 95% intervals as bars."""
     plt = common.pyplot()
@@ -362,12 +371,11 @@ def plot_quality_vs_cost(comparison: dict, path: Path) -> None:
         if base is not None:
             ax.axhline(base[key], color=COLOURS["base"], ls="--",
                        label=f"untuned base ({base[key]:.1f}%)")
-        handles, labels = ax.get_legend_handles_labels()
         if len(trained) > CROWDED:  # names in one legend beside both panels, not on the points
+            handles, labels = ax.get_legend_handles_labels()
             legend = dict(zip(labels, handles))
-        elif base is not None:
-            ax.legend([h for h, t in zip(handles, labels) if t.startswith("untuned")],
-                      [t for t in labels if t.startswith("untuned")], loc="lower right")
+        else:
+            base_legend(ax)
         ax.set(xlabel=xlabel, ylabel=f"{label} %",
                title=f"{label} vs {xlabel.split(' (')[0]}")
         ax.grid(alpha=0.3)
@@ -404,12 +412,10 @@ def plot_learned_vs_forgot(comparison: dict, path: Path) -> None:
     fig.suptitle("What each method learned against what it forgot: up and to the left is "
                  "better\n(bars: 95% intervals, clustered by fact group and by probe document)")
     ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
     if len(found["methods"]) > CROWDED:  # the names in a legend beside the chart
-        fig.legend(handles, labels, loc="outside right center", fontsize=9)
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right center", fontsize=9)
     else:
-        ax.legend([h for h, t in zip(handles, labels) if t.startswith("untuned")],
-                  [t for t in labels if t.startswith("untuned")], loc="lower right")
+        base_legend(ax)
     save_figure(fig, path)
 
 
