@@ -19,6 +19,7 @@ them is compared as before, forgetting shown as not measured.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import math
@@ -177,10 +178,21 @@ def unpack_probes(table: dict) -> dict[str, dict]:
 
 
 def _published_table(output_dir: Path) -> dict | None:
-    """A published folder's PUBLISHED file, parsed; None when there is none."""
+    """A published folder's PUBLISHED file, parsed; None when there is none.
+
+    The records and the probe scores are both read from it, so the parsed table is kept
+    for as long as the file is unchanged (same inode, size and modification time: the file
+    is always replaced whole, so a rewrite comes with a new inode)."""
     path = Path(output_dir) / PUBLISHED
     if not path.exists():
         return None
+    stat = path.stat()
+    return _parse_published(str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _parse_published(path: str, inode: int, mtime_ns: int, size: int) -> dict:
+    """The gzipped JSON table at path (the file's stamp is part of the cache key only)."""
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         return json.load(handle)
 

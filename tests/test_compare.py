@@ -40,6 +40,22 @@ def test_the_published_file_is_the_same_bytes_each_time(tmp_path):
     assert compare.read_published(tmp_path / "missing") is None
 
 
+def test_a_published_file_is_parsed_once_for_records_and_probes_and_again_when_rewritten(
+        tmp_path):
+    runs = {"base": records(["a", "b"]), "full": records(["a", "c"])}
+    probes = {"base": {"probe": "p", "nll": [1.0]}, "full": {"probe": "p", "nll": [1.5]}}
+    path = tmp_path / compare.PUBLISHED
+    compare.write_published(path, runs, probes)
+    before = compare._parse_published.cache_info().misses
+    assert compare.read_published(tmp_path) == runs
+    assert compare.read_published_probes(tmp_path) == probes
+    assert compare._parse_published.cache_info().misses == before + 1
+    other = {"base": records(["z", "b"]), "full": records(["a", "y"])}
+    compare.write_published(path, other)
+    assert compare.read_published(tmp_path) == other
+    assert compare.read_published_probes(tmp_path) is None
+
+
 def test_script_for_names_each_method_script():
     assert compare.script_for("full") == "python finetune.py"
     assert compare.script_for("qlora") == "python finetune_qlora.py"
