@@ -24,12 +24,19 @@ DEFAULT_LR = 5.4e-3
 
 
 def parse_args(argv=None):
-    """Command-line options: finetune_lora.py's rank, alpha and targets (dropout unused)."""
+    """Command-line options: finetune_lora.py's rank, alpha and targets.
+
+    LoRA's --dropout (on the adapter's input) has no counterpart in LoKr, so a non-zero
+    value is refused rather than ignored."""
     parser = finetune_lora.build_parser(
         __doc__, DEFAULT_LR,
         "learning rate (default 5.4e-3: an additive update from zero, at 3x LoRA's rate; the "
         "search's choice, results/defaults.md)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dropout:
+        parser.error("--dropout is LoRA's dropout on the adapter input, which LoKr does not "
+                     "have; leave it at 0")
+    return args
 
 
 def prepare(model, settings: TrainSettings):

@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from common import (file_sha256, is_write_failure, plot_training, staged_dir, write_failed,
@@ -93,8 +94,13 @@ def save_model(model, folder: Path, state_dict: dict | None = None) -> None:
         start = Path(scratch) / "initial"
         start.mkdir()
         save_file(initial, start / "adapter_model.safetensors")
-        model.save_pretrained(folder, state_dict=state_dict,
-                              path_initial_model_for_weight_conversion=str(start))
+        with warnings.catch_warnings():
+            # the conversion loads the starting adapter beside the trained one, which makes
+            # PEFT warn that PiSSA "should not be used with other adapters" and advise the
+            # very conversion being done here
+            warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+            model.save_pretrained(folder, state_dict=state_dict,
+                                  path_initial_model_for_weight_conversion=str(start))
 
 
 def write_outputs(run, model, tokenizer, metrics: dict, state_dict: dict | None = None) -> dict:

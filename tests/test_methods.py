@@ -9,6 +9,7 @@ exactly as PEFT's own forward and generate() compute them.
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ import finetune_lora
 import finetune_prompt
 import generation
 import models
+import record
 import settings
 import steps
 from helpers import ROOT, SCRIPTS, VARIANTS, run_and_expect_exit, run_script, train_args
@@ -83,6 +85,13 @@ def test_lokr_refuses_gpt2_style_layers_in_one_line(data_dir, tmp_path, capsys):
                                   train_args(SCRIPTS["lokr"], data_dir, out), capsys)
     assert "Conv1D" in message and "LoKr" in message and "\n" not in message.strip()
     assert not (out / "lokr").exists()
+
+
+def test_lokr_refuses_loras_dropout_instead_of_ignoring_it(capsys):
+    assert SCRIPTS["lokr"].parse_args(["--dropout", "0"]).dropout == 0
+    with pytest.raises(SystemExit):
+        SCRIPTS["lokr"].parse_args(["--dropout", "0.05"])
+    assert "LoKr does not have" in capsys.readouterr().err
 
 
 def test_the_methods_train_only_their_own_parameters(data_dir, tmp_path):
@@ -194,6 +203,11 @@ def test_pissa_starts_at_the_base_model_with_its_weights_moved_into_the_adapter(
     torch.testing.assert_close(our_logits(model.eval()), before, atol=1e-4, rtol=1e-4)
     b = next(p for n, p in model.named_parameters() if "lora_B" in n)
     assert b.abs().sum() > 0  # unlike LoRA's B, which starts at zero
+    with warnings.catch_warnings(record=True) as caught:  # saving is the conversion PEFT
+        warnings.simplefilter("always")                   # advises, so it does not warn
+        record.save_model(model, tmp_path / "saved")
+    assert (tmp_path / "saved" / "adapter_config.json").exists()
+    assert not [w for w in caught if "PiSSA" in str(w.message)]
 
 
 def test_variants_choose_their_name_and_rate_and_one_at_a_time(capsys):
