@@ -199,14 +199,24 @@ def verdict_lines(comparison: dict) -> list[str]:
 
 
 def plan_commands(comparison: dict) -> list[tuple[str, str]]:
-    """(what it settles, command) for each option of an inconclusive verdict's plan."""
+    """(what it settles, command) for each option of an inconclusive verdict's plan that
+    settles its target, the method with the cheapest option (the verdict's text points
+    here); every other method's commands stay in comparison.json, which with eleven
+    methods would otherwise print nine pairs of commands a screen long each."""
     plan = comparison.get("plan") or {}
     if comparison.get("outcome") != "inconclusive":
         return []
     words = {"seeds": "more seeds, keeping those trained", "questions": "a larger data set"}
+    commands = plan.get("commands") or {}
+    chosen = [plan["target"]] if plan.get("target") in commands else list(commands)
     return [(f"{method}: {words[kind]}", command)
-            for method, found in (plan.get("commands") or {}).items()
-            for kind, command in found.items()]
+            for method in chosen for kind, command in commands[method].items()]
+
+
+def verdict_paragraph(index: int, line: str) -> str:
+    """One statement of the verdict as HTML, the first labelled unless it names itself."""
+    label = index == 0 and not line.startswith(("Verdict", "Recommendation"))
+    return f"<p>{'<b>Verdict.</b> ' if label else ''}{html.escape(line)}</p>"
 
 
 def markdown_grid(headers: list[str], rows: list[list[str]]) -> str:
@@ -682,7 +692,7 @@ headline: {html.escape(comparison['headline_label'])}; base model
 <code>{html.escape(comparison['model'])}</code>.
 Means over seeds; intervals: {html.escape(comparison['intervals'])}.
 {html.escape(note[0].upper() + note[1:])}.</p>
-<div class="verdict">{''.join(f"<p>{'<b>Verdict.</b> ' if i == 0 else ''}{html.escape(line)}</p>"
+<div class="verdict">{''.join(verdict_paragraph(i, line)
                               for i, line in enumerate(verdict_lines(comparison)))}</div>
 {''.join(f"<p class=muted>Plan, {html.escape(what)}:</p><pre>{html.escape(command)}</pre>"
          for what, command in plan_commands(comparison))}

@@ -115,3 +115,19 @@ def test_help_names_both_ways_to_run_it():
     assert done.returncode == 0
     assert "python report.py outputs/" in done.stdout
     assert "python report.py results/smollm2-135m" in done.stdout
+
+
+def test_the_page_prints_the_plan_of_its_target_only_and_labels_an_unnamed_verdict():
+    plan = {"target": "lora", "commands": {
+        "full": {"seeds": "python finetune.py --seeds 9", "questions": "make all SIZE=1800"},
+        "lora": {"seeds": "python finetune_lora.py --seeds 7", "questions": "make all SIZE=900"}}}
+    comparison = {"outcome": "inconclusive", "plan": plan}
+    assert report.plan_commands(comparison) == [
+        ("lora: more seeds, keeping those trained", "python finetune_lora.py --seeds 7"),
+        ("lora: a larger data set", "make all SIZE=900")]
+    assert report.plan_commands({**comparison, "outcome": "recommend"}) == []
+    assert report.verdict_paragraph(0, "Verdict: inconclusive.") == "<p>Verdict: inconclusive.</p>"
+    assert report.verdict_paragraph(0, "Recommendation: lora & co") == (
+        "<p>Recommendation: lora &amp; co</p>")
+    assert report.verdict_paragraph(0, "full and lora tie").startswith("<p><b>Verdict.</b> ")
+    assert report.verdict_paragraph(1, "Plan: more seeds") == "<p>Plan: more seeds</p>"
